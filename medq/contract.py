@@ -1,0 +1,61 @@
+"""The job contract: what producers and workers agree on.
+
+Both sides import this module, never each other. A producer in another service
+that cannot install medq can still enqueue by following it: store the payload
+under ``payload_key(job_id)``, write the job hash, add the id to the batch set
+and send the task named ``TASK_EXTRACT`` with ``args=[job_id]``.
+
+Only ids travel through the broker. Record text lives in the payload key and
+nowhere else (STYLE.md, Celery's own advice on large or sensitive arguments).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import Enum
+
+TASK_EXTRACT = "medq.extract"
+QUEUE = "medq"
+
+KEY_PREFIX = "medq"
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+def job_key(job_id: str) -> str:
+    """Hash with the job's PHI-free state: batch, record id, schema, status, attempts, error."""
+    return f"{KEY_PREFIX}:job:{job_id}"
+
+
+def payload_key(job_id: str) -> str:
+    """String with the record payload (JSON ``{"text": ...}``): the only place record text lives."""
+    return f"{KEY_PREFIX}:payload:{job_id}"
+
+
+def batch_key(batch: str) -> str:
+    """Set of the job ids in a batch."""
+    return f"{KEY_PREFIX}:batch:{batch}"
+
+
+def result_key(job_id: str) -> str:
+    """String with the result document when results are kept in Redis."""
+    return f"{KEY_PREFIX}:result:{job_id}"
+
+
+BATCHES_KEY = f"{KEY_PREFIX}:batches"  # sorted set: batch id -> first enqueue time
+
+
+def make_job_id(batch: str, record_id: str, schema: str, schema_version: int) -> str:
+    """Deterministic job id, so enqueuing the same records twice runs nothing twice."""
+    raw = "\x1f".join((batch, record_id, schema, str(schema_version)))
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:32]

@@ -1,0 +1,217 @@
+"""Extraction schemas: ``configs/schemas/NAME.yaml`` -> JSON Schema + pydantic model.
+
+The YAML format is CONTRACT.md's. Each file is checked when it is loaded, so a
+typo fails at worker start with the file and field named, not at the first job.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, create_model
+
+from medq.errors import SchemaError, UnknownSchema
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_SCALARS: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": bool}
+_KNOWN_TYPES = (*_SCALARS, "null", "array", "object")
+
+
+@dataclass(frozen=True)
+class ExtractionSchema:
+    name: str
+    version: int
+    description: str
+    instructions: str
+    fields: dict[str, dict[str, Any]]
+    json_schema: dict[str, Any]
+    model: type[BaseModel]
+    path: Path | None = None
+    field_names: tuple[str, ...] = field(default=())
+
+    def validate_json(self, raw: str | bytes) -> BaseModel:
+        """Parse and validate a model answer; raises pydantic's ValidationError."""
+        return self.model.model_validate_json(raw)
+
+
+class SchemaLoader:
+    """Loads every ``*.yaml`` in ``dirs`` once; later folders override earlier ones."""
+
+    def __init__(self, dirs: Iterable[Path | str] | None = None) -> None:
+        if dirs is None:
+            from medq.settings import get_settings
+
+            dirs = get_settings().schema_dirs
+        self.dirs = [Path(d) for d in dirs]
+        self._schemas: dict[str, ExtractionSchema] = {}
+        for d in self.dirs:
+            if not d.is_dir():
+                continue
+            for path in sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")):
+                schema = load_schema_file(path)
+                self._schemas[schema.name] = schema
+
+    def names(self) -> list[str]:
+        return sorted(self._schemas)
+
+    def all(self) -> list[ExtractionSchema]:
+        return [self._schemas[n] for n in self.names()]
+
+    def get(self, name: str) -> ExtractionSchema:
+        try:
+            return self._schemas[name]
+        except KeyError:
+            known = ", ".join(self.names()) or "none (check configs/schemas and MEDQ_SCHEMAS_DIRS)"
+            raise UnknownSchema(f"unknown schema {name!r}; known schemas: {known}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._schemas
+
+
+def load_schema_file(path: Path) -> ExtractionSchema:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SchemaError(f"{path}: cannot read schema file: {exc}") from exc
+    return build_schema(doc, source=path)
+
+
+def build_schema(doc: Any, source: Path | str = "<schema>") -> ExtractionSchema:
+    """Check a schema document and build its JSON Schema and pydantic model."""
+    where = str(source)
+    if not isinstance(doc, dict):
+        raise SchemaError(f"{where}: expected a mapping with name, version and fields")
+    name = doc.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise SchemaError(f"{where}: 'name' must be lower_snake_case, got {name!r}")
+    version = doc.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise SchemaError(f"{where}: 'version' must be a positive integer, got {version!r}")
+    fields = doc.get("fields")
+    if not isinstance(fields, dict) or not fields:
+        raise SchemaError(f"{where}: 'fields' must be a non-empty mapping of field name -> property")
+    for key in ("description", "instructions"):
+        if doc.get(key) is not None and not isinstance(doc.get(key), str):
+            raise SchemaError(f"{where}: {key!r} must be text")
+
+    annotations: dict[str, Any] = {}
+    properties: dict[str, Any] = {}
+    for fname, prop in fields.items():
+        if not isinstance(fname, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", fname):
+            raise SchemaError(f"{where}: field name {fname!r} must be an identifier")
+        path = f"{where}: field {fname!r}"
+        py_type = _python_type(prop, path, model_name=f"{_camel(name)}_{fname}")
+        annotations[fname] = (py_type, ...)
+        properties[fname] = _clean_property(prop)
+
+    model = create_model(  # type: ignore[call-overload]
+        _camel(name),
+        __config__=ConfigDict(extra="ignore"),
+        **annotations,
+    )
+    json_schema = {
+        "type": "object",
+        "properties": properties,
+        "required": list(fields),
+        "additionalProperties": False,
+    }
+    return ExtractionSchema(
+        name=name,
+        version=version,
+        description=(doc.get("description") or "").strip(),
+        instructions=(doc.get("instructions") or "").strip(),
+        fields=properties,
+        json_schema=json_schema,
+        model=model,
+        path=Path(source) if isinstance(source, Path) else None,
+        field_names=tuple(fields),
+    )
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_")) or "Schema"
+
+
+def _types_of(prop: dict[str, Any], path: str) -> list[str]:
+    t = prop.get("type")
+    if t is None and "enum" in prop:
+        return []
+    types = t if isinstance(t, list) else [t]
+    for one in types:
+        if one not in _KNOWN_TYPES:
+            raise SchemaError(f"{path}: unknown type {one!r} (use one of {', '.join(_KNOWN_TYPES)})")
+    return types
+
+
+def _python_type(prop: Any, path: str, model_name: str) -> Any:
+    if not isinstance(prop, dict):
+        raise SchemaError(f"{path}: expected a mapping like {{type: string}}, got {prop!r}")
+    types = _types_of(prop, path)
+    nullable = "null" in types
+    if "enum" in prop:
+        values = prop["enum"]
+        if not isinstance(values, list) or not values:
+            raise SchemaError(f"{path}: 'enum' must be a non-empty list")
+        if None in values:
+            nullable = True
+        literals = tuple(v for v in values if v is not None)
+        if not literals:
+            raise SchemaError(f"{path}: 'enum' needs at least one non-null value")
+        base: Any = Literal[literals]  # type: ignore[valid-type]
+    else:
+        non_null = [t for t in types if t != "null"]
+        if not non_null:
+            raise SchemaError(f"{path}: needs a type other than null")
+        parts = [_one_type(t, prop, path, model_name) for t in non_null]
+        base = parts[0] if len(parts) == 1 else Union[tuple(parts)]  # type: ignore[valid-type]
+    return Optional[base] if nullable else base
+
+
+def _one_type(t: str, prop: dict[str, Any], path: str, model_name: str) -> Any:
+    if t in _SCALARS:
+        return _SCALARS[t]
+    if t == "array":
+        items = prop.get("items")
+        if items is None:
+            raise SchemaError(f"{path}: an array needs 'items'")
+        return list[_python_type(items, f"{path}[items]", model_name + "_item")]  # type: ignore[misc]
+    # object
+    props = prop.get("properties")
+    if not isinstance(props, dict) or not props:
+        raise SchemaError(f"{path}: an object needs 'properties'")
+    required = prop.get("required", list(props))
+    if not isinstance(required, list) or any(r not in props for r in required):
+        raise SchemaError(f"{path}: 'required' must list names from 'properties'")
+    sub: dict[str, Any] = {}
+    for pname, pprop in props.items():
+        ptype = _python_type(pprop, f"{path}.{pname}", f"{model_name}_{pname}")
+        sub[pname] = (ptype, ...) if pname in required else (Optional[ptype], None)
+    return create_model(model_name, __config__=ConfigDict(extra="ignore"), **sub)  # type: ignore[call-overload]
+
+
+def _clean_property(prop: dict[str, Any]) -> dict[str, Any]:
+    """The property as JSON Schema: objects get ``additionalProperties: false`` and
+    all their keys required, which constrained decoders need to terminate."""
+    out = json.loads(json.dumps(prop))  # deep copy, and proof it is JSON-able
+    _close_objects(out)
+    return out
+
+
+def _close_objects(node: Any) -> None:
+    if isinstance(node, dict):
+        t = node.get("type")
+        types = t if isinstance(t, list) else [t]
+        if "object" in types and "properties" in node:
+            node.setdefault("additionalProperties", False)
+            node.setdefault("required", list(node["properties"]))
+        for v in node.values():
+            _close_objects(v)
+    elif isinstance(node, list):
+        for v in node:
+            _close_objects(v)
