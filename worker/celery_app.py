@@ -1,0 +1,65 @@
+"""The one Celery app. ``celery -A worker.celery_app worker`` and ``medq worker`` run it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_process_init
+
+from medq.contract import QUEUE
+from medq.settings import get_settings
+
+settings = get_settings()
+
+app = Celery("medq", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
+app.conf.update(
+    # JSON only: a pickle payload from the broker is code execution.
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    task_default_queue=QUEUE,
+    # A job is acknowledged only when it has finished, and put back if its worker dies,
+    # so a crash never loses one. One message at a time per slot: jobs are long.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # Redis redelivers an unacknowledged message after the visibility timeout; it must
+    # outlast the longest run plus the longest retry delay, or a job runs twice.
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    task_time_limit=settings.worker.task_time_limit_s,
+    task_soft_time_limit=max(settings.worker.task_time_limit_s - 30, 1),
+    result_expires=settings.results_ttl_s,
+    broker_connection_retry_on_startup=True,
+    # Flower lives on events; they carry ids and PHI-free summaries only.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+)
+
+
+@worker_init.connect
+def _check_config(**_: Any) -> None:
+    """Fail at start, not at the first job: schemas must load."""
+    from medq.schemas import SchemaLoader
+
+    SchemaLoader(settings.schema_dirs)
+
+
+@worker_process_init.connect
+def _init_process(**_: Any) -> None:
+    # One processor (HTTP client, compiled schemas) per worker process, made at start.
+    from worker.jobs import get_runner
+
+    get_runner()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _quiet_sdk_loggers(**_: Any) -> None:
+    # The openai SDK logs whole request bodies, i.e. the note, at DEBUG.
+    for name in ("openai", "openai._base_client"):
+        logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.INFO))

@@ -1,0 +1,188 @@
+"""The OpenAI-compatible client, and the one place its errors become ours.
+
+Every local server medq targets (Ollama, vLLM, TGI, llama.cpp) speaks the
+OpenAI chat-completions protocol, so the official SDK is the client. Its own
+retries are switched off (``max_retries=0``): retries are the task's job, and
+two retry loops would multiply (3 SDK tries x 6 task tries = 18 calls).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+from medq.errors import (
+    EndpointTimeout,
+    EndpointUnavailable,
+    MedqError,
+    RateLimited,
+    RequestRejected,
+    ServerError,
+)
+
+# How a request asks for schema-constrained output, from most to least constrained.
+# "json_schema": OpenAI, vLLM, Ollama; "json_object_schema": llama-cpp-python's server,
+# which rejects json_schema but turns {"type": "json_object", "schema": ...} into a grammar.
+RESPONSE_FORMATS = ("json_schema", "json_object_schema", "json_object", "none")
+
+_QUOTE_WINDOW = 16  # a server message sharing this many characters with the request is not repeated
+
+
+@dataclass
+class Completion:
+    content: str
+    finish_reason: str | None
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    details: dict[str, int] = field(default_factory=dict)
+
+    def add(self, c: Completion) -> None:
+        self.prompt_tokens += c.prompt_tokens
+        self.completion_tokens += c.completion_tokens
+        self.calls += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "calls": self.calls,
+        }
+
+
+class FormatRejected(RequestRejected):
+    """The endpoint refused the response_format; the caller may try a looser one."""
+
+    kind = "request_rejected"
+
+
+def response_format_for(mode: str, name: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+    if mode == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    if mode == "json_object_schema":
+        return {"type": "json_object", "schema": schema}
+    if mode == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+class LLMClient:
+    """One endpoint, one model; thread-safe (the SDK's httpx client is)."""
+
+    def __init__(self, base_url: str, api_key: str, model: str, timeout_s: float = 120.0) -> None:
+        self.base_url = base_url
+        self.model = model
+        self._client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
+
+    def complete(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        response_format: dict[str, Any] | None,
+        max_tokens: int,
+        temperature: float,
+    ) -> Completion:
+        kwargs: dict[str, Any] = {}
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        started = time.perf_counter()
+        try:
+            resp = self._client.chat.completions.create(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=temperature,
+                **kwargs,
+            )
+        except openai.APIError as exc:
+            raise self._translate(exc, messages) from _cause(exc)
+        latency_ms = (time.perf_counter() - started) * 1000
+        if not resp.choices:
+            raise ServerError(f"{self.base_url} answered with no choices")
+        choice = resp.choices[0]
+        usage = resp.usage
+        return Completion(
+            content=choice.message.content or "",
+            finish_reason=choice.finish_reason,
+            model=resp.model or self.model,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            latency_ms=latency_ms,
+        )
+
+    def _translate(self, exc: openai.APIError, messages: list[dict[str, str]]) -> MedqError:
+        where = self.base_url
+        # APITimeoutError subclasses APIConnectionError: test it first.
+        if isinstance(exc, openai.APITimeoutError):
+            return EndpointTimeout(f"no answer from {where} within the timeout")
+        if isinstance(exc, openai.APIConnectionError):
+            return EndpointUnavailable(f"cannot connect to {where}")
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            retry_after_s = _retry_after_s(exc.response.headers)
+            said = _server_message(exc, messages)
+            text = f"HTTP {status} from {where}" + (f": {said}" if said else "")
+            if status == 429:
+                return RateLimited(text, retry_after_s=retry_after_s)
+            if status >= 500 or status == 408:
+                return ServerError(text, retry_after_s=retry_after_s)
+            lowered = said.lower()
+            if status in (400, 422) and ("response_format" in lowered or "schema" in lowered):
+                return FormatRejected(text)
+            return RequestRejected(text)
+        return ServerError(f"unexpected answer from {where}: {type(exc).__name__}")
+
+
+def _cause(exc: openai.APIError) -> BaseException | None:
+    # A status error's text is the server's body, which may quote the request and so
+    # the note; Celery logs the whole chain, so only body-free errors are chained.
+    return None if isinstance(exc, openai.APIStatusError) else exc
+
+
+def _retry_after_s(headers: Any) -> float | None:
+    try:
+        if "retry-after-ms" in headers:
+            return float(headers["retry-after-ms"]) / 1000
+        if "retry-after" in headers:
+            return float(headers["retry-after"])
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+def _server_message(exc: openai.APIStatusError, messages: list[dict[str, str]]) -> str:
+    """The server's error text, short, and withheld if it quotes the request."""
+    body = exc.body
+    msg: Any = None
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        msg = err.get("message") or err.get("detail") if isinstance(err, dict) else err
+    if msg is None:
+        msg = body if body is not None else ""
+    text = msg if isinstance(msg, str) else json.dumps(msg, ensure_ascii=False, default=str)
+    text = " ".join(text.split())[:300]
+    if _quotes_request(text, messages):
+        return "(server message withheld: it quotes the request)"
+    return text
+
+
+def _quotes_request(text: str, messages: list[dict[str, str]]) -> bool:
+    contents = [m.get("content") or "" for m in messages if m.get("role") != "system"]
+    for i in range(0, max(len(text) - _QUOTE_WINDOW + 1, 0)):
+        window = text[i : i + _QUOTE_WINDOW]
+        if any(window in c for c in contents):
+            return True
+    return False

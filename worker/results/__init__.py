@@ -1,0 +1,36 @@
+"""Result stores: one file per backend, chosen by the URL's scheme.
+
+A store keeps one document per job id (CONTRACT.md "Results"); ``put`` is an
+idempotent upsert, so a redelivered job can never leave two results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+
+class ResultStore(Protocol):
+    def put(self, doc: dict[str, Any]) -> None:
+        """Insert or replace the result whose ``job_id`` is ``doc["job_id"]``."""
+
+    def get(self, job_id: str) -> dict[str, Any] | None: ...
+
+    def get_many(self, job_ids: Iterable[str]) -> Iterator[dict[str, Any]]:
+        """The stored results among ``job_ids``; ids without a result are skipped."""
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str, *, redis_url: str | None = None, ttl_s: int | None = None) -> ResultStore:
+    """``redis://`` / ``rediss://`` / ``unix://`` -> Redis; ``postgresql://`` -> PostgreSQL."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("redis", "rediss", "unix"):
+        from worker.results.redis_store import RedisResultStore
+
+        return RedisResultStore(url, ttl_s=ttl_s)
+    if scheme.startswith("postgres"):
+        from worker.results.postgres_store import PostgresResultStore
+
+        return PostgresResultStore(url)
+    raise ValueError(f"MEDQ_RESULTS_URL: unsupported scheme {scheme!r} (use redis:// or postgresql://)")

@@ -1,0 +1,69 @@
+"""Results in PostgreSQL (durable): one row per job, upserted by job id."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, insert
+
+metadata = sa.MetaData()
+results = sa.Table(
+    "medq_results",
+    metadata,
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("batch", sa.Text, nullable=False, index=True),
+    sa.Column("record_id", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("doc", JSONB, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+)
+
+_CHUNK = 1000
+
+
+def _driver_url(url: str) -> str:
+    # SQLAlchemy reads plain postgresql:// as psycopg2; medq ships psycopg 3.
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+class PostgresResultStore:
+    def __init__(self, url: str) -> None:
+        self._engine = sa.create_engine(_driver_url(url), pool_pre_ping=True)
+        metadata.create_all(self._engine, checkfirst=True)
+
+    def put(self, doc: dict[str, Any]) -> None:
+        stmt = insert(results).values(
+            job_id=doc["job_id"], batch=doc["batch"], record_id=doc["id"], status=doc["status"], doc=doc
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[results.c.job_id],
+            set_={"status": stmt.excluded.status, "doc": stmt.excluded.doc, "updated_at": sa.func.now()},
+        )
+        with self._engine.begin() as conn:
+            conn.execute(stmt)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._engine.connect() as conn:
+            doc = conn.execute(sa.select(results.c.doc).where(results.c.job_id == job_id)).scalar()
+        return _doc(doc) if doc is not None else None
+
+    def get_many(self, job_ids: Iterable[str]) -> Iterator[dict[str, Any]]:
+        ids = list(job_ids)
+        with self._engine.connect() as conn:
+            for i in range(0, len(ids), _CHUNK):
+                rows = conn.execute(sa.select(results.c.doc).where(results.c.job_id.in_(ids[i : i + _CHUNK])))
+                for (doc,) in rows:
+                    yield _doc(doc)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+def _doc(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else json.loads(value)
