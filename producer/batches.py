@@ -1,0 +1,113 @@
+"""What a batch is doing: counts per state, dead letters, and running jobs again."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from medq.contract import JobStatus, batch_key, job_key, payload_key
+from medq.errors import RetryableError
+
+_CHUNK = 1000
+_FIELDS = ("record_id", "status", "attempts", "error_kind", "error_message", "schema", "schema_version", "updated_at", "batch", "seq")
+
+# Error kinds that a later run may not hit again (the endpoint was down, slow, busy).
+TRANSIENT_KINDS = frozenset(cls.kind for cls in (RetryableError, *RetryableError.__subclasses__()))
+
+
+@dataclass(frozen=True)
+class JobState:
+    job_id: str
+    record_id: str
+    status: str
+    attempts: int
+    error_kind: str | None
+    error_message: str | None
+    schema: str
+    schema_version: int
+    updated_at: str | None
+    batch: str
+    seq: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def job_ids(r: redis.Redis, batch: str) -> list[str]:
+    return [_s(x) for x in r.smembers(batch_key(batch))]
+
+
+def iter_states(r: redis.Redis, batch: str) -> Iterator[JobState]:
+    """Every job's state in the batch, in input order (pipelined reads in chunks)."""
+    states: list[JobState] = []
+    ids = job_ids(r, batch)
+    for i in range(0, len(ids), _CHUNK):
+        chunk = ids[i : i + _CHUNK]
+        pipe = r.pipeline(transaction=False)
+        for job_id in chunk:
+            pipe.hmget(job_key(job_id), _FIELDS)
+        for job_id, vals in zip(chunk, pipe.execute()):
+            v = [_s(x) if x is not None else None for x in vals]
+            if v[1] is None:
+                continue  # state expired or purged
+            states.append(JobState(
+                job_id=job_id,
+                record_id=v[0] or "",
+                status=v[1],
+                attempts=int(v[2] or 0),
+                error_kind=v[3],
+                error_message=v[4],
+                schema=v[5] or "",
+                schema_version=int(v[6] or 1),
+                updated_at=v[7],
+                batch=v[8] or batch,
+                seq=int(v[9] or 0),
+            ))
+    states.sort(key=lambda st: st.seq)
+    yield from states
+
+
+def counts(r: redis.Redis, batch: str) -> Counter[str]:
+    """Jobs per state; every state is present, zero or not."""
+    c: Counter[str] = Counter({s.value: 0 for s in JobStatus})
+    for st in iter_states(r, batch):
+        c[st.status] += 1
+    return c
+
+
+def failed(r: redis.Redis, batch: str) -> list[JobState]:
+    return [st for st in iter_states(r, batch) if st.status == JobStatus.FAILED.value]
+
+
+@dataclass
+class RequeueReport:
+    requeued: list[str]
+    payload_missing: list[str]  # record ids that cannot run again: their record expired
+
+
+def requeue(producer: Any, batch: str, all_failed: bool = False) -> RequeueReport:
+    """Send failed jobs again: by default those whose error was transient; with
+    ``all_failed`` every failed job. A job whose stored record is gone is reported."""
+    r = producer.r
+    chosen = [st for st in failed(r, batch) if all_failed or st.error_kind in TRANSIENT_KINDS]
+    pipe = r.pipeline(transaction=False)
+    for st in chosen:
+        pipe.exists(payload_key(st.job_id))
+    present = pipe.execute() if chosen else []
+    ready = [st for st, ok in zip(chosen, present) if ok]
+    missing = [st.record_id for st, ok in zip(chosen, present) if not ok]
+    pipe = r.pipeline(transaction=False)
+    for st in ready:
+        pipe.hset(job_key(st.job_id), mapping={"status": JobStatus.QUEUED.value})
+        pipe.hdel(job_key(st.job_id), "sent")
+    pipe.execute()
+    producer.send([st.job_id for st in ready])
+    return RequeueReport([st.job_id for st in ready], missing)
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)

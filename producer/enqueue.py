@@ -1,0 +1,165 @@
+"""Enqueue records: store each payload under its job id, send only the id.
+
+Needs celery, redis and pydantic only; never imports ``worker`` (another service
+must be able to enqueue without the worker's dependencies).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from celery import Celery
+
+from medq.contract import BATCHES_KEY, QUEUE, TASK_EXTRACT, batch_key, job_key, make_job_id, payload_key
+from medq.schemas import SchemaLoader
+from medq.settings import Settings, get_settings
+from producer.records import CheckedRecords, InputError, Record, check, from_objects
+
+# Create a job only if it does not exist, all at once, so a crash cannot leave half a job.
+# KEYS[1] job hash, KEYS[2] payload string, KEYS[3] batch set, KEYS[4] batches zset
+# ARGV[1] batch, ARGV[2] record id, ARGV[3] schema, ARGV[4] schema version,
+# ARGV[5] now (iso), ARGV[6] payload JSON, ARGV[7] payload TTL seconds, ARGV[8] now (unix s),
+# ARGV[9] job id, ARGV[10] position in the input (results are exported in input order)
+# Returns 1 if created, 2 if it exists but its message may never have been sent, 0 otherwise.
+CREATE_JOB_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'sent') then return 0 end
+  return 2
+end
+redis.call('HSET', KEYS[1], 'batch', ARGV[1], 'record_id', ARGV[2], 'schema', ARGV[3],
+           'schema_version', ARGV[4], 'status', 'queued', 'attempts', 0, 'enqueued_at', ARGV[5],
+           'updated_at', ARGV[5], 'seq', ARGV[10])
+redis.call('SET', KEYS[2], ARGV[6], 'EX', ARGV[7])
+redis.call('SADD', KEYS[3], ARGV[9])
+redis.call('ZADD', KEYS[4], 'NX', ARGV[8], ARGV[1])
+return 1
+"""
+
+_CHUNK = 500
+
+
+class EnqueueResult(list[str]):
+    """The job ids, in input order, with what happened to them."""
+
+    def __init__(self, batch: str, job_ids: list[str], created: int, sent: int) -> None:
+        super().__init__(job_ids)
+        self.batch = batch
+        self.created = created  # new jobs
+        self.sent = sent  # messages sent (new jobs, and old ones whose message was never sent)
+
+    @property
+    def existing(self) -> int:
+        return len(self) - self.created
+
+
+class Producer:
+    """Holds the connections; reuse one for many ``enqueue`` calls."""
+
+    def __init__(self, settings: Settings | None = None, schema_loader: SchemaLoader | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.schema_loader = schema_loader or SchemaLoader(self.settings.schema_dirs)
+        self.r = redis.Redis.from_url(self.settings.redis_url)
+        self._create = self.r.register_script(CREATE_JOB_LUA)
+        self.celery = Celery("medq-producer", broker=self.settings.redis_url)
+        self.celery.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            broker_transport_options={"visibility_timeout": self.settings.visibility_timeout_s},
+            broker_connection_retry_on_startup=True,
+        )
+
+    def check(self, records: Iterable[Any] | CheckedRecords) -> CheckedRecords:
+        if isinstance(records, CheckedRecords):
+            return records
+        return check(from_objects(records), self.settings.max_record_bytes)
+
+    def enqueue(
+        self,
+        records: Iterable[Any] | CheckedRecords,
+        schema: str,
+        batch: str | None = None,
+        *,
+        skip_invalid: bool = False,
+    ) -> EnqueueResult:
+        """Validate ``records`` and enqueue one job per record. Raises ``UnknownSchema``,
+        or ``InputError`` (nothing enqueued) when a record is bad and ``skip_invalid`` is off."""
+        sch = self.schema_loader.get(schema)
+        checked = self.check(records)
+        if checked.problems and not skip_invalid:
+            raise InputError(checked.problems)
+        batch = batch or default_batch_id(checked.records, sch.name, sch.version)
+        job_ids: list[str] = []
+        created = 0
+        to_send: list[str] = []
+        now_iso = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+        for i in range(0, len(checked.records), _CHUNK):
+            chunk = checked.records[i : i + _CHUNK]
+            ids = [make_job_id(batch, rec.id, sch.name, sch.version) for rec in chunk]
+            pipe = self.r.pipeline(transaction=False)
+            for seq, (rec, job_id) in enumerate(zip(chunk, ids), start=i):
+                self._create(
+                    keys=[job_key(job_id), payload_key(job_id), batch_key(batch), BATCHES_KEY],
+                    args=[batch, rec.id, sch.name, sch.version, now_iso, _payload(rec),
+                          self.settings.payload_ttl_s, time.time(), job_id, seq],
+                    client=pipe,
+                )
+            for job_id, outcome in zip(ids, pipe.execute()):
+                created += outcome == 1
+                if outcome:
+                    to_send.append(job_id)
+            job_ids += ids
+        self.send(to_send)
+        return EnqueueResult(batch, job_ids, created, len(to_send))
+
+    def send(self, job_ids: list[str]) -> None:
+        """Send the task messages, then mark the jobs as sent (so a re-run resends the rest)."""
+        if not job_ids:
+            return
+        with self.celery.producer_or_acquire() as producer:
+            for i in range(0, len(job_ids), _CHUNK):
+                chunk = job_ids[i : i + _CHUNK]
+                for job_id in chunk:
+                    self.celery.send_task(TASK_EXTRACT, args=[job_id], task_id=job_id, queue=QUEUE, producer=producer)
+                pipe = self.r.pipeline(transaction=False)
+                for job_id in chunk:
+                    pipe.hset(job_key(job_id), "sent", 1)
+                pipe.execute()
+
+    def close(self) -> None:
+        self.r.close()
+
+
+def _payload(rec: Record) -> str:
+    return json.dumps({"text": rec.text, "metadata": rec.metadata}, ensure_ascii=False)
+
+
+def default_batch_id(records: list[Record], schema: str, version: int) -> str:
+    """Derived from the content, so enqueuing the same file twice lands in the same batch."""
+    h = hashlib.sha256(f"{schema}\x1f{version}".encode())
+    for rec in records:
+        h.update(b"\x1e" + rec.id.encode() + b"\x1f" + rec.text.encode())
+    return "b-" + h.hexdigest()[:12]
+
+
+def enqueue(
+    records: Iterable[Any],
+    schema: str,
+    batch: str | None = None,
+    *,
+    skip_invalid: bool = False,
+    settings: Settings | None = None,
+) -> EnqueueResult:
+    """Enqueue records (dicts with ``id``, ``text``, optional ``metadata``) -> job ids.
+
+    The returned list also has ``.batch``, ``.created`` and ``.existing``.
+    """
+    producer = Producer(settings)
+    try:
+        return producer.enqueue(records, schema, batch, skip_invalid=skip_invalid)
+    finally:
+        producer.close()
