@@ -1,0 +1,359 @@
+"""The ``medq`` command line (CONTRACT.md lists every command).
+
+Exit codes: 0 done; 1 some jobs failed; 2 bad input or usage; 3 timed out waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="medq: extract structured data from clinical notes with a local LLM, through Redis and Celery workers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+llm_app = typer.Typer(help="Local OpenAI-compatible endpoints: the embedded model and the simulator.", no_args_is_help=True)
+schemas_app = typer.Typer(help="The extraction schemas medq has loaded.", no_args_is_help=True)
+app.add_typer(llm_app, name="llm")
+app.add_typer(schemas_app, name="schemas")
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_FAILED_JOBS = 1
+EXIT_BAD_INPUT = 2
+EXIT_TIMEOUT = 3
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _settings():  # noqa: ANN202 - imported lazily so `medq --help` stays fast
+    from medq.settings import get_settings
+
+    return get_settings()
+
+
+def _redis():  # noqa: ANN202
+    import redis
+
+    s = _settings()
+    r = redis.Redis.from_url(s.redis_url)
+    try:
+        r.ping()
+    except redis.ConnectionError:
+        raise _fail(f"cannot reach Redis at {_safe_url(s.redis_url)} (MEDQ_REDIS_URL)") from None
+    return r
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+# ---------------------------------------------------------------- enqueue / status
+
+
+@app.command()
+def enqueue(
+    path: str = typer.Argument(..., help="JSONL or CSV file, a folder of .txt files, or - for JSONL on stdin."),
+    schema: str = typer.Option(..., "--schema", "-s", help="Extraction schema name (see `medq schemas list`)."),
+    batch: Optional[str] = typer.Option(None, help="Batch id. Default: derived from the content, so re-running enqueues nothing twice."),
+    wait: bool = typer.Option(False, "--wait", help="Show progress until every job has finished."),
+    timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="With --wait: give up after this many seconds (exit 3)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Enqueue the good records even if some are bad."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="jsonl or csv; default: from the file extension."),
+) -> None:
+    """Enqueue records for extraction; prints the batch id."""
+    from medq.errors import UnknownSchema
+    from producer.enqueue import Producer
+    from producer.records import check, read_path
+
+    _redis()
+    producer = Producer(_settings())
+    try:
+        producer.schema_loader.get(schema)
+    except UnknownSchema as exc:
+        raise _fail(exc.message) from None
+    try:
+        checked = check(read_path(path, fmt), producer.settings.max_record_bytes)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
+    if checked.problems:
+        for p in checked.problems[:50]:
+            err.print(f"[red]invalid[/red] {p}", highlight=False, soft_wrap=True)
+        if len(checked.problems) > 50:
+            err.print(f"... and {len(checked.problems) - 50} more", highlight=False)
+        if not skip_invalid:
+            raise _fail(f"{len(checked.problems)} invalid record(s); nothing was enqueued (use --skip-invalid to enqueue the rest)")
+        err.print(f"skipping {len(checked.problems)} invalid record(s)", highlight=False)
+    if not checked.records:
+        raise _fail("no valid records to enqueue")
+    result = producer.enqueue(checked, schema, batch)
+    err.print(
+        f"batch {result.batch}: {len(result)} jobs ({result.created} new, {result.existing} already enqueued)",
+        highlight=False,
+    )
+    print(result.batch)
+    if wait:
+        _wait(producer.r, result.batch, timeout_s)
+
+
+def _wait(r, batch: str, timeout_s: float | None) -> None:  # noqa: ANN001
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from producer.batches import counts
+
+    started = time.monotonic()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[green]{task.fields[ok]} ok[/green] [red]{task.fields[failed]} failed[/red]"),
+        TextColumn("{task.fields[rate]:.1f} jobs/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    ) as progress:
+        c = counts(r, batch)
+        total = sum(c.values())
+        first_done = c["succeeded"] + c["failed"]
+        task = progress.add_task(batch, total=total, ok=0, failed=0, rate=0.0)
+        while True:
+            c = counts(r, batch)
+            done = c["succeeded"] + c["failed"]
+            elapsed = time.monotonic() - started
+            rate = (done - first_done) / elapsed if elapsed > 0 else 0.0
+            progress.update(task, completed=done, ok=c["succeeded"], failed=c["failed"], rate=rate)
+            if done >= total:
+                break
+            if timeout_s is not None and elapsed > timeout_s:
+                progress.stop()
+                raise _fail(f"timed out after {timeout_s:g}s with {total - done} job(s) unfinished", EXIT_TIMEOUT)
+            time.sleep(0.5)
+    if c["failed"]:
+        raise _fail(f"{c['failed']} job(s) failed; see `medq failed {batch}`", EXIT_FAILED_JOBS)
+
+
+@app.command()
+def status(
+    batch: str = typer.Argument(..., help="Batch id printed by `medq enqueue`."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Counts of jobs per state in a batch."""
+    from producer.batches import counts
+
+    c = counts(_redis(), batch)
+    total = sum(c.values())
+    if total == 0:
+        raise _fail(f"no jobs in batch {batch!r}")
+    if as_json:
+        print(json.dumps({"batch": batch, "total": total, **c}))
+        return
+    table = Table(title=f"batch {batch}")
+    table.add_column("state")
+    table.add_column("jobs", justify="right")
+    for state, n in c.items():
+        table.add_row(state, str(n))
+    table.add_row("[bold]total", f"[bold]{total}")
+    out.print(table)
+
+
+@app.command()
+def results(
+    batch: str = typer.Argument(..., help="Batch id."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to this file instead of stdout."),
+) -> None:
+    """Export a batch's results (CONTRACT format): one document per job."""
+    from worker.results import open_store
+    from worker.results.export import csv_header, iter_results, to_csv, to_jsonl
+
+    if fmt not in ("jsonl", "csv"):
+        raise _fail("--format must be jsonl or csv")
+    r = _redis()
+    s = _settings()
+    store = open_store(s.effective_results_url, ttl_s=s.results_ttl_s)
+    fh = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+    n = 0
+    try:
+        if fmt == "csv":
+            fh.write(csv_header() + "\n")
+        for doc in iter_results(r, store, batch):
+            fh.write((to_csv(doc) if fmt == "csv" else to_jsonl(doc)) + "\n")
+            n += 1
+    finally:
+        if output:
+            fh.close()
+        store.close()
+    if n == 0:
+        raise _fail(f"no jobs in batch {batch!r}")
+    if output:
+        err.print(f"wrote {n} results to {output}", highlight=False)
+
+
+@app.command()
+def failed(
+    batch: str = typer.Argument(..., help="Batch id."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
+) -> None:
+    """Dead letters: the batch's failed jobs with their reason."""
+    from producer.batches import failed as failed_jobs
+
+    rows = failed_jobs(_redis(), batch)
+    if as_json:
+        for st in rows:
+            print(json.dumps({k: st.as_dict()[k] for k in ("record_id", "job_id", "error_kind", "error_message", "attempts")}))
+        return
+    if not rows:
+        out.print(f"no failed jobs in batch {batch}")
+        return
+    table = Table(title=f"failed jobs in batch {batch}")
+    for col in ("record", "kind", "attempts", "reason"):
+        table.add_column(col)
+    for st in rows:
+        table.add_row(st.record_id, st.error_kind or "", str(st.attempts), st.error_message or "")
+    out.print(table)
+
+
+@app.command()
+def requeue(
+    batch: str = typer.Argument(..., help="Batch id."),
+    all_failed: bool = typer.Option(
+        False, "--all-failed", help="Every failed job; default: only those that failed on endpoint errors."
+    ),
+) -> None:
+    """Run failed jobs again."""
+    from producer.batches import requeue as requeue_jobs
+    from producer.enqueue import Producer
+
+    _redis()
+    producer = Producer(_settings())
+    report = requeue_jobs(producer, batch, all_failed=all_failed)
+    err.print(f"requeued {len(report.requeued)} job(s)", highlight=False)
+    if report.payload_missing:
+        raise _fail(
+            f"{len(report.payload_missing)} job(s) cannot run again, their stored record expired: "
+            + ", ".join(report.payload_missing[:20])
+        )
+
+
+# ---------------------------------------------------------------- schemas
+
+
+@schemas_app.command("list")
+def schemas_list() -> None:
+    """The schemas found in configs/schemas and MEDQ_SCHEMAS_DIRS."""
+    from medq.errors import SchemaError
+    from medq.schemas import SchemaLoader
+
+    try:
+        loader = SchemaLoader(_settings().schema_dirs)
+    except SchemaError as exc:
+        raise _fail(exc.message) from None
+    table = Table()
+    for col in ("name", "version", "fields", "description"):
+        table.add_column(col)
+    for sch in loader.all():
+        table.add_row(sch.name, str(sch.version), ", ".join(sch.field_names), sch.description)
+    out.print(table)
+
+
+@schemas_app.command("show")
+def schemas_show(name: str = typer.Argument(..., help="Schema name.")) -> None:
+    """A schema as the JSON Schema sent to the model."""
+    from medq.errors import SchemaError, UnknownSchema
+    from medq.schemas import SchemaLoader
+
+    try:
+        sch = SchemaLoader(_settings().schema_dirs).get(name)
+    except (SchemaError, UnknownSchema) as exc:
+        raise _fail(exc.message) from None
+    print(json.dumps(
+        {"name": sch.name, "version": sch.version, "description": sch.description,
+         "instructions": sch.instructions, "json_schema": sch.json_schema},
+        indent=2, ensure_ascii=False,
+    ))
+
+
+# ---------------------------------------------------------------- worker
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    concurrency: Optional[int] = typer.Option(None, "-c", "--concurrency", help="Jobs at once (default MEDQ_WORKER__CONCURRENCY)."),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="Log level."),
+    pool: Optional[str] = typer.Option(None, "--pool", "-P", help="threads (default), prefork or solo."),
+) -> None:
+    """A Celery worker bound to the configured endpoint. Options after -- go to `celery worker`."""
+    s = _settings()
+    args = [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "-Q", "medq",
+        "-P", pool or s.worker.pool,
+        "-c", str(concurrency or s.worker.concurrency),
+        "--loglevel", loglevel,
+        # Unique per process, so several workers on one host do not collide.
+        "-n", f"medq-{os.getpid()}@%h",
+        *ctx.args,
+    ]
+    sys.stdout.flush()
+    os.execv(sys.executable, args)
+
+
+# ---------------------------------------------------------------- llm
+
+
+@llm_app.command("simulate")
+def llm_simulate(
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(8090, help="Port to listen on."),
+    latency_ms: float = typer.Option(0.0, "--latency-ms", help="Time each request takes once it is served."),
+    parallel: int = typer.Option(64, help="Requests served at once; the rest wait, as in a batching server."),
+    fault: str = typer.Option("", help="Faults as KIND:RATE,... Kinds: 429, 500, 503, timeout, malformed, truncated, invalid."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for reproducible faults."),
+    reject_json_schema: bool = typer.Option(
+        False, help="Answer 400 to response_format json_schema, as llama-cpp-python's server does."
+    ),
+) -> None:
+    """An OpenAI-compatible endpoint that answers schema-valid JSON without a model (load and fault tests)."""
+    from medq.simulator import serve
+
+    serve(
+        host=host,
+        port=port,
+        latency_ms=latency_ms,
+        parallel=parallel,
+        faults=fault,
+        seed=seed,
+        reject_json_schema=reject_json_schema,
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

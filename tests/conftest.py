@@ -1,0 +1,134 @@
+"""Shared fixtures: real Redis (a database of the tests' own, flushed per test),
+real simulator and worker processes started as subprocesses and stopped after."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_REDIS_URL = os.environ.get("MEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+MEDQ = str(Path(sys.executable).with_name("medq"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        # Like dramatiq's check_redis: skip on a laptop without Redis, fail in CI.
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is not reachable at {TEST_REDIS_URL}")
+        pytest.skip(f"Redis is not reachable at {TEST_REDIS_URL}")
+    return TEST_REDIS_URL
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def medq_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for medq subprocesses: the test Redis, nothing from the developer's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQ_")}
+    env.update(
+        MEDQ_REDIS_URL=redis_url,
+        PYTHONUNBUFFERED="1",
+        MEDQ_LLM__TIMEOUT_S="10",
+        MEDQ_WORKER__RETRY_BACKOFF_S="0.2",
+        MEDQ_WORKER__RETRY_BACKOFF_MAX_S="2",
+    )
+    return env
+
+
+class Proc:
+    def __init__(self, popen: subprocess.Popen, log_path: Path) -> None:
+        self.popen = popen
+        self.log_path = log_path
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 15) -> None:
+        if self.popen.poll() is not None:
+            return
+        os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+
+@pytest.fixture
+def start_process(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """Factory: start a command in its own process group, output to a log file; all stopped at teardown."""
+    procs: list[Proc] = []
+
+    def start(args: list[str], env: dict[str, str], name: str = "proc") -> Proc:
+        log_path = tmp_path / f"{name}-{len(procs)}.log"
+        fh = open(log_path, "wb")
+        popen = subprocess.Popen(
+            args, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )
+        proc = Proc(popen, log_path)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(procs):
+        proc.stop()
+
+
+def wait_http(url: str, proc: Proc | None = None, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"process exited early:\n{proc.log[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
+
+
+@pytest.fixture
+def simulator(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Callable[..., str]:
+    """Factory: start ``medq llm simulate`` with extra flags; returns its base URL (…/v1)."""
+
+    def start(*flags: str) -> str:
+        port = free_port()
+        proc = start_process(
+            [MEDQ, "llm", "simulate", "--host", "127.0.0.1", "--port", str(port), *flags],
+            medq_env,
+            name="simulator",
+        )
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+        return f"http://127.0.0.1:{port}/v1"
+
+    return start
