@@ -107,7 +107,7 @@ def enqueue(
         err.print(f"skipping {len(checked.problems)} invalid record(s)", highlight=False)
     if not checked.records:
         raise _fail("no valid records to enqueue")
-    result = producer.enqueue(checked, schema, batch)
+    result = producer.enqueue(checked, schema, batch, skip_invalid=True)  # problems were reported above
     err.print(
         f"batch {result.batch}: {len(result)} jobs ({result.created} new, {result.existing} already enqueued)",
         highlight=False,

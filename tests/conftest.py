@@ -132,3 +132,34 @@ def simulator(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> C
         return f"http://127.0.0.1:{port}/v1"
 
     return start
+
+
+def wait_log(proc: Proc, needle: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if needle in proc.log:
+            return
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"process exited early:\n{proc.log[-3000:]}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{needle!r} not in log after {timeout_s}s:\n{proc.log[-3000:]}")
+
+
+@pytest.fixture
+def worker(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Callable[..., Proc]:
+    """Factory: start a real ``medq worker`` process against ``base_url``; waits until it is ready."""
+
+    def start(base_url: str, *flags: str, env: dict[str, str] | None = None) -> Proc:
+        proc = start_process(
+            [MEDQ, "worker", "-c", "4", *flags],
+            {**medq_env, "MEDQ_LLM__BASE_URL": base_url, **(env or {})},
+            name="worker",
+        )
+        wait_log(proc, " ready.")
+        return proc
+
+    return start
+
+
+def run_cli(args: list[str], env: dict[str, str], stdin: str | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MEDQ, *args], env=env, input=stdin, capture_output=True, text=True, timeout=timeout_s)

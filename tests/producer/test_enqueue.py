@@ -1,0 +1,196 @@
+"""Producer: input validation (one case per bad input), ids only on the broker, idempotency."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+
+from medq.contract import QUEUE, batch_key, job_key, payload_key
+from medq.errors import UnknownSchema
+from medq.settings import Settings
+from producer import InputError, Producer, enqueue
+from producer.records import check, read_path
+from tests.conftest import MEDQ
+
+
+@pytest.fixture
+def settings(r: redis.Redis, redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url)
+
+
+def _write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("\n".join(json.dumps(x) for x in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def _queued_messages(r: redis.Redis) -> list[dict]:
+    return [json.loads(m) for m in r.lrange(QUEUE, 0, -1)]
+
+
+def test_enqueue_stores_payload_and_sends_only_the_id(r: redis.Redis, settings: Settings) -> None:
+    ids = enqueue([{"id": "a", "text": "CANARY-7f3 seventy-year-old", "metadata": {"ward": "3B"}}],
+                  schema="clinical_note", batch="b1", settings=settings)
+    assert len(ids) == 1 and ids.batch == "b1" and ids.created == 1
+    job_id = ids[0]
+    payload = json.loads(r.get(payload_key(job_id)))
+    assert payload == {"text": "CANARY-7f3 seventy-year-old", "metadata": {"ward": "3B"}}
+    assert 0 < r.ttl(payload_key(job_id)) <= settings.payload_ttl_s
+    state = {k.decode(): v.decode() for k, v in r.hgetall(job_key(job_id)).items()}
+    assert state["status"] == "queued" and state["record_id"] == "a" and state["schema"] == "clinical_note"
+    assert "CANARY" not in json.dumps(state)
+    [msg] = _queued_messages(r)
+    assert json.loads(base64.b64decode(msg["body"]))[0] == [job_id]
+    assert "CANARY" not in json.dumps(msg) and "CANARY" not in base64.b64decode(msg["body"]).decode()
+
+
+def test_same_records_twice_runs_nothing_twice(r: redis.Redis, settings: Settings) -> None:
+    recs = [{"id": f"r{i}", "text": f"note {i}"} for i in range(5)]
+    first = enqueue(recs, schema="clinical_note", settings=settings)
+    second = enqueue(recs, schema="clinical_note", settings=settings)
+    assert first.batch == second.batch  # the default batch id comes from the content
+    assert list(first) == list(second)
+    assert second.created == 0 and second.sent == 0
+    assert len(_queued_messages(r)) == 5
+    assert r.scard(batch_key(first.batch)) == 5
+
+
+def test_job_whose_message_was_never_sent_is_sent_on_rerun(r: redis.Redis, settings: Settings) -> None:
+    recs = [{"id": "a", "text": "note"}]
+    first = enqueue(recs, schema="clinical_note", batch="b", settings=settings)
+    # as if the producer died between writing the job and sending its message
+    r.delete(QUEUE)
+    r.hdel(job_key(first[0]), "sent")
+    second = enqueue(recs, schema="clinical_note", batch="b", settings=settings)
+    assert second.created == 0 and second.sent == 1
+    assert len(_queued_messages(r)) == 1
+
+
+def test_different_schema_or_batch_is_a_different_job(r: redis.Redis, settings: Settings) -> None:
+    recs = [{"id": "a", "text": "note"}]
+    a = enqueue(recs, schema="clinical_note", batch="b", settings=settings)
+    b = enqueue(recs, schema="discharge_summary", batch="b", settings=settings)
+    c = enqueue(recs, schema="clinical_note", batch="other", settings=settings)
+    assert len({a[0], b[0], c[0]}) == 3
+
+
+def test_unknown_schema_enqueues_nothing(r: redis.Redis, settings: Settings) -> None:
+    with pytest.raises(UnknownSchema, match="clinical_note"):
+        enqueue([{"id": "a", "text": "x"}], schema="nope", settings=settings)
+    assert r.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"text": "no id here"}, 'missing "id"'),
+        ({"id": "", "text": "x"}, 'missing "id"'),
+        ({"id": "e", "text": "   "}, "text is empty"),
+        ({"id": "e"}, 'missing "text"'),
+        ({"id": "e", "text": "x", "metadata": "ward 3"}, '"metadata" must be an object'),
+        ({"id": "e", "text": "\udc80 lone surrogate"}, "not valid UTF-8"),
+        ("not an object", "expected a JSON object"),
+    ],
+)
+def test_each_bad_record_is_named_with_its_line(tmp_path: Path, line: object, message: str) -> None:
+    path = _write_jsonl(tmp_path / "in.jsonl", [{"id": "ok", "text": "fine"}, line])
+    checked = check(read_path(path))
+    [problem] = checked.problems
+    assert problem.where == "in.jsonl:2"
+    assert message in problem.message
+    assert [rec.id for rec in checked.records] == ["ok"]
+
+
+def test_duplicate_id_names_both_lines(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}])
+    [problem] = check(read_path(path)).problems
+    assert str(problem) == "in.jsonl:3: duplicate id 'a' (first at in.jsonl:1)"
+
+
+def test_oversized_text_and_invalid_json_and_bad_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(
+        json.dumps({"id": "big", "text": "x" * 300}).encode() + b"\n"
+        + b'{"id": "broken", "text": \n'
+        + b'{"id": "latin1", "text": "caf\xe9"}\n'
+    )
+    problems = check(read_path(path), max_record_bytes=100).problems
+    assert [p.where for p in problems] == ["in.jsonl:1", "in.jsonl:2", "in.jsonl:3"]
+    assert "300 bytes, over the limit of 100" in problems[0].message
+    assert "not valid JSON" in problems[1].message
+    assert "not valid UTF-8" in problems[2].message
+
+
+def test_problem_messages_never_quote_the_text(tmp_path: Path) -> None:
+    canary = "CANARY-TEXT-91"
+    path = _write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": canary * 20}, {"id": "a", "text": canary}])
+    problems = check(read_path(path), max_record_bytes=50).problems
+    assert problems and all(canary not in str(p) for p in problems)
+
+
+def test_csv_and_folder_inputs(tmp_path: Path) -> None:
+    csv_path = tmp_path / "in.csv"
+    csv_path.write_text('id,text,ward\n1,"BP 120/80, HR 70",3B\n2,"multi\nline note",4A\n3,,5C\n', encoding="utf-8")
+    checked = check(read_path(csv_path))
+    assert [(r.id, r.metadata) for r in checked.records] == [("1", {"ward": "3B"}), ("2", {"ward": "4A"})]
+    [problem] = checked.problems
+    assert problem.where == "in.csv:5" and "text is empty" in problem.message
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "p1.txt").write_text("患者男，65岁。", encoding="utf-8")
+    (folder / "p2.txt").write_bytes(b"ok line\nbad \xff byte\n")
+    checked = check(read_path(folder))
+    assert [r.id for r in checked.records] == ["p1"]
+    assert checked.problems[0].where == "notes/p2.txt" and "line 2" in checked.problems[0].message
+
+
+def test_python_api_rejects_bad_records_and_enqueues_nothing(r: redis.Redis, settings: Settings) -> None:
+    with pytest.raises(InputError) as exc:
+        enqueue([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], schema="clinical_note", settings=settings)
+    assert "record 2: duplicate id 'a'" in str(exc.value)
+    assert r.dbsize() == 0
+    ids = enqueue([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], schema="clinical_note",
+                  settings=settings, skip_invalid=True)
+    assert len(ids) == 1
+
+
+def _cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MEDQ, *args], env=env, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_reports_line_numbers_and_enqueues_nothing(r: redis.Redis, medq_env: dict[str, str], tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "notes.jsonl", [{"id": "a", "text": "x"}, {"id": "b", "text": ""}, {"id": "a", "text": "y"}])
+    res = _cli(["enqueue", str(path), "--schema", "clinical_note"], medq_env)
+    assert res.returncode == 2
+    assert "notes.jsonl:2: record 'b': text is empty" in res.stderr
+    assert "notes.jsonl:3: duplicate id 'a'" in res.stderr
+    assert "nothing was enqueued" in res.stderr
+    assert r.dbsize() == 0
+
+    res = _cli(["enqueue", str(path), "--schema", "clinical_note", "--skip-invalid", "--batch", "b7"], medq_env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "b7"
+    assert r.scard(batch_key("b7")) == 1
+
+
+def test_cli_unknown_schema_and_stdin(r: redis.Redis, medq_env: dict[str, str]) -> None:
+    res = _cli(["enqueue", "-", "--schema", "radiology"], medq_env, stdin='{"id": "a", "text": "x"}\n')
+    assert res.returncode == 2 and "unknown schema 'radiology'" in res.stderr and "clinical_note" in res.stderr
+    assert r.dbsize() == 0
+    res = _cli(["enqueue", "-", "--schema", "clinical_note"], medq_env, stdin='{"id": "a", "text": "x"}\n')
+    assert res.returncode == 0, res.stderr
+    assert r.scard(batch_key(res.stdout.strip())) == 1
+
+
+def test_producer_does_not_import_the_worker_stack() -> None:
+    code = (
+        "import sys, producer, producer.batches\n"
+        "bad = [m for m in ('worker', 'openai', 'llama_cpp', 'sqlalchemy', 'fastapi') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([str(Path(MEDQ).with_name("python")), "-c", code], check=True, timeout=60)

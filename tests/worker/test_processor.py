@@ -1,0 +1,124 @@
+"""MedicalDataProcessor against the simulator over real HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from medq.errors import (
+    EndpointTimeout,
+    EndpointUnavailable,
+    OutputInvalid,
+    OutputTruncated,
+    RateLimited,
+    ServerError,
+)
+from medq.schemas import SchemaLoader
+from tests.conftest import free_port
+from worker.processor import MedicalDataProcessor
+
+NOTE = "CANARY-P1 Mr Lee is a 72-year-old male with hypertension. Metformin 500 mg twice daily. Never smoker."
+
+
+def _processor(base_url: str, **kw: object) -> MedicalDataProcessor:
+    return MedicalDataProcessor("sim-model", "sk-test", base_url, SchemaLoader(), **kw)  # type: ignore[arg-type]
+
+
+def _script(base_url: str, *outcomes: str) -> None:
+    httpx.post(base_url.removesuffix("/v1") + "/sim/script", json={"outcomes": list(outcomes)}).raise_for_status()
+
+
+def _stats(base_url: str) -> dict:
+    return httpx.get(base_url.removesuffix("/v1") + "/stats").json()
+
+
+@pytest.fixture
+def sim(simulator: Callable[..., str]) -> str:
+    return simulator()
+
+
+def test_valid_output_with_provenance(sim: str) -> None:
+    ex = _processor(sim).process(NOTE, "clinical_note", record_id="r1")
+    assert ex.data.age == 72  # the simulator reads the age from the text
+    prov = ex.provenance
+    assert prov.endpoint == sim and prov.model == "sim-model"
+    assert prov.response_format == "json_schema" and prov.llm_calls == 1 and prov.finish_reason == "stop"
+    assert prov.usage["prompt_tokens"] > 0 and prov.usage["completion_tokens"] > 0
+    assert prov.latency_ms > 0
+
+
+def test_steps_down_to_json_object_schema_for_llama_cpp_and_remembers(simulator: Callable[..., str]) -> None:
+    sim = simulator("--reject-json-schema")
+    proc = _processor(sim)
+    first = proc.process(NOTE, "clinical_note")
+    assert first.provenance.response_format == "json_object_schema"
+    assert _stats(sim)["requests"] == 2  # one refused json_schema, one json_object+schema
+    proc.process(NOTE, "clinical_note")
+    assert _stats(sim)["requests"] == 3  # the refused form is not tried again
+
+
+def test_fixed_response_format_does_not_step_down(simulator: Callable[..., str]) -> None:
+    sim = simulator("--reject-json-schema")
+    with pytest.raises(Exception) as exc:
+        _processor(sim, response_format="json_schema").process(NOTE, "clinical_note", record_id="r9")
+    assert "HTTP 400" in str(exc.value)
+
+
+def test_reasks_after_an_invalid_answer(sim: str) -> None:
+    _script(sim, "invalid", "ok")
+    ex = _processor(sim).process(NOTE, "clinical_note")
+    assert ex.provenance.reasks == 1 and ex.provenance.llm_calls == 2
+    assert ex.data.age == 72
+
+
+def test_malformed_json_is_reasked(sim: str) -> None:
+    _script(sim, "malformed", "ok")
+    assert _processor(sim).process(NOTE, "clinical_note").provenance.reasks == 1
+
+
+def test_gives_up_after_the_reasks_without_quoting_the_answer(sim: str) -> None:
+    _script(sim, "invalid", "invalid", "invalid")
+    with pytest.raises(OutputInvalid) as exc:
+        _processor(sim, reasks=2).process(NOTE, "clinical_note", record_id="r7")
+    msg = str(exc.value)
+    assert "record r7" in msg and "after 2 re-asks" in msg
+    assert "CANARY" not in msg and "Lee" not in msg
+
+
+def test_truncation_asks_again_with_more_tokens(sim: str) -> None:
+    _script(sim, "truncated", "ok")
+    ex = _processor(sim, max_tokens=256, max_tokens_cap=1024).process(NOTE, "clinical_note")
+    assert ex.provenance.truncations == 1 and ex.provenance.reasks == 0
+    assert _stats(sim)["max_tokens"] == [256, 512]
+
+
+def test_truncation_is_bounded(sim: str) -> None:
+    _script(sim, "truncated", "truncated", "truncated", "truncated")
+    with pytest.raises(OutputTruncated, match="MAX_TOKENS_CAP"):
+        _processor(sim, max_tokens=256, max_tokens_cap=512).process(NOTE, "clinical_note")
+    assert _stats(sim)["max_tokens"] == [256, 512]
+
+
+@pytest.mark.parametrize(("outcome", "error"), [("429", RateLimited), ("500", ServerError), ("503", ServerError)])
+def test_endpoint_errors_are_retryable(sim: str, outcome: str, error: type) -> None:
+    _script(sim, outcome)
+    with pytest.raises(error) as exc:
+        _processor(sim).process(NOTE, "clinical_note", record_id="r2")
+    assert f"HTTP {outcome}" in str(exc.value)
+    assert "CANARY" not in str(exc.value)
+    if outcome == "429":
+        assert exc.value.retry_after_s == 1.0
+    assert _stats(sim)["requests"] == 1  # the SDK's own retries are off
+
+
+def test_timeout_is_retryable(sim: str) -> None:
+    _script(sim, "timeout")
+    with pytest.raises(EndpointTimeout):
+        _processor(sim, timeout_s=1).process(NOTE, "clinical_note")
+
+
+def test_connection_refused_is_retryable() -> None:
+    with pytest.raises(EndpointUnavailable, match="cannot connect"):
+        _processor(f"http://127.0.0.1:{free_port()}/v1").process(NOTE, "clinical_note")
