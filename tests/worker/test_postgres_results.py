@@ -1,0 +1,80 @@
+"""Durable results in the real PostgreSQL on 127.0.0.1:5432."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from tests.conftest import run_cli
+from worker.results.postgres_store import PostgresResultStore
+
+ADMIN_URL = os.environ.get("MEDQ_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+TEST_DB = "medq_test"
+PG_URL = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + f"/{TEST_DB}"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    try:
+        engine = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            if not conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": TEST_DB}).scalar():
+                conn.execute(sa.text(f'CREATE DATABASE "{TEST_DB}"'))
+        engine.dispose()
+    except sa.exc.OperationalError:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432")
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    return PG_URL
+
+
+@pytest.fixture
+def store(pg_url: str) -> Iterator[PostgresResultStore]:
+    s = PostgresResultStore(pg_url)
+    with s._engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE medq_results"))
+    yield s
+    s.close()
+
+
+def _doc(job_id: str, status: str = "succeeded", **kw: object) -> dict:
+    return {"id": f"rec-{job_id}", "job_id": job_id, "batch": "b", "status": status, "data": {"age": 1}, **kw}
+
+
+def test_upsert_keeps_one_row_per_job(store: PostgresResultStore) -> None:
+    store.put(_doc("j1", status="failed", data=None, error={"kind": "timeout", "message": "m"}))
+    store.put(_doc("j1"))
+    store.put(_doc("j2"))
+    assert store.get("j1") == _doc("j1")
+    assert store.get("missing") is None
+    assert sorted(d["job_id"] for d in store.get_many(["j1", "j2", "j3"])) == ["j1", "j2"]
+    with store._engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM medq_results")).scalar() == 2
+
+
+def test_worker_writes_results_to_postgres(
+    r: redis.Redis, store: PostgresResultStore, pg_url: str, medq_env: dict[str, str],
+    simulator: Callable[..., str], worker: Callable[..., object], tmp_path: Path,
+) -> None:
+    env = {**medq_env, "MEDQ_RESULTS_URL": pg_url}
+    worker(simulator(), env={"MEDQ_RESULTS_URL": pg_url})
+    notes = tmp_path / "n.jsonl"
+    notes.write_text("".join(json.dumps({"id": f"p{i}", "text": f"{40 + i}-year-old man, cough."}) + "\n" for i in range(10)))
+    res = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "pg", "--wait", "--timeout-s", "60"], env)
+    assert res.returncode == 0, res.stderr
+
+    with store._engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT record_id, status, doc FROM medq_results WHERE batch = 'pg' ORDER BY record_id")).all()
+    assert [row.record_id for row in rows] == [f"p{i}" for i in range(10)]
+    assert all(row.status == "succeeded" and row.doc["data"]["age"] == 40 + int(row.record_id[1:]) for row in rows)
+    assert not r.keys("medq:result:*")  # nothing in the Redis result store
+
+    exported = [json.loads(line) for line in run_cli(["results", "pg"], env).stdout.splitlines()]
+    assert [d["id"] for d in exported] == [f"p{i}" for i in range(10)]
+    assert all(d["data"] is not None for d in exported)
