@@ -325,6 +325,32 @@ def worker(
 # ---------------------------------------------------------------- llm
 
 
+@llm_app.command("serve")
+def llm_serve(
+    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2, gemma3-270m, or a path to a .gguf file."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (keep it on loopback or a private network)."),
+    port: int = typer.Option(8080, help="Port to listen on."),
+    n_ctx: int = typer.Option(4096, "--n-ctx", help="Context window in tokens."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
+) -> None:
+    """The embedded local model: llama.cpp's OpenAI-compatible server over a GGUF from a PyPI package."""
+    from medq.local_model import LocalModelError, check_server_installed, resolve, server_command
+
+    try:
+        check_server_installed()
+        local = resolve(model)
+    except LocalModelError as exc:
+        raise _fail(str(exc)) from None
+    err.print(
+        f"serving {local.name} ({local.path}) at http://{host}:{port}/v1\n"
+        f"point workers at it: MEDQ_LLM__BASE_URL=http://{host}:{port}/v1 MEDQ_LLM__MODEL={local.name}",
+        highlight=False,
+    )
+    cmd = server_command(local, host, port, n_ctx=n_ctx, n_threads=threads)
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)
+
+
 @llm_app.command("simulate")
 def llm_simulate(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
@@ -334,7 +360,7 @@ def llm_simulate(
     fault: str = typer.Option("", help="Faults as KIND:RATE,... Kinds: 429, 500, 503, timeout, malformed, truncated, invalid."),
     seed: Optional[int] = typer.Option(None, help="Random seed for reproducible faults."),
     reject_json_schema: bool = typer.Option(
-        False, help="Answer 400 to response_format json_schema, as llama-cpp-python's server does."
+        False, help="Refuse response_format json_schema (HTTP 500, as llama-cpp-python's server does)."
     ),
 ) -> None:
     """An OpenAI-compatible endpoint that answers schema-valid JSON without a model (load and fault tests)."""

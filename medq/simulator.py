@@ -404,6 +404,13 @@ def _estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
+LLAMA_CPP_JSON_SCHEMA_REFUSAL = (
+    "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+    "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema', "
+    "'ctx': {'expected': \"'text' or 'json_object'\"}}"
+)
+
+
 def _error(status: int, message: str, type_: str, code: str | None = None, **headers: str) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers or None)
@@ -473,7 +480,9 @@ class _Simulator:
             return _error(400, "stream is not supported by the simulator", "invalid_request_error")
         fmt = body.get("response_format")
         if self.config.reject_json_schema and isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-            return _error(400, "response_format type json_schema is not supported", "invalid_request_error")
+            # What llama-cpp-python's server (0.3.x) answers: a 500 carrying pydantic's
+            # validation error, not a 400, so clients must read the message, not the status.
+            return _error(500, LLAMA_CPP_JSON_SCHEMA_REFUSAL, "internal_server_error")
         return None
 
     async def _hold(self, request: Request) -> Response:

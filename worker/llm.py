@@ -135,12 +135,16 @@ class LLMClient:
             retry_after_s = _retry_after_s(exc.response.headers)
             said = _server_message(exc, messages)
             text = f"HTTP {status} from {where}" + (f": {said}" if said else "")
+            lowered = said.lower()
+            # llama-cpp-python's server refuses json_schema with a 500 (pydantic's error
+            # about response_format), others with 400/422: the message decides, not the status.
+            if status in (400, 422, 500) and "response_format" in lowered:
+                return FormatRejected(text)
             if status == 429:
                 return RateLimited(text, retry_after_s=retry_after_s)
             if status >= 500 or status == 408:
                 return ServerError(text, retry_after_s=retry_after_s)
-            lowered = said.lower()
-            if status in (400, 422) and ("response_format" in lowered or "schema" in lowered):
+            if status in (400, 422) and "schema" in lowered:
                 return FormatRejected(text)
             return RequestRejected(text)
         return ServerError(f"unexpected answer from {where}: {type(exc).__name__}")
