@@ -118,39 +118,12 @@ def enqueue(
 
 
 def _wait(r, batch: str, timeout_s: float | None) -> None:  # noqa: ANN001
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from medq.progress import WaitTimeout, wait_for_batch
 
-    from producer.batches import counts
-
-    started = time.monotonic()
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("[green]{task.fields[ok]} ok[/green] [red]{task.fields[failed]} failed[/red]"),
-        TextColumn("{task.fields[rate]:.1f} jobs/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    ) as progress:
-        c = counts(r, batch)
-        total = sum(c.values())
-        first_done = c["succeeded"] + c["failed"]
-        task = progress.add_task(batch, total=total, ok=0, failed=0, rate=0.0)
-        while True:
-            c = counts(r, batch)
-            done = c["succeeded"] + c["failed"]
-            elapsed = time.monotonic() - started
-            rate = (done - first_done) / elapsed if elapsed > 0 else 0.0
-            progress.update(task, completed=done, ok=c["succeeded"], failed=c["failed"], rate=rate)
-            if done >= total:
-                break
-            if timeout_s is not None and elapsed > timeout_s:
-                progress.stop()
-                raise _fail(f"timed out after {timeout_s:g}s with {total - done} job(s) unfinished", EXIT_TIMEOUT)
-            time.sleep(0.5)
+    try:
+        c = wait_for_batch(r, batch, err, timeout_s)
+    except WaitTimeout as exc:
+        raise _fail(f"timed out after {timeout_s:g}s with {exc.unfinished} job(s) unfinished", EXIT_TIMEOUT) from None
     if c["failed"]:
         raise _fail(f"{c['failed']} job(s) failed; see `medq failed {batch}`", EXIT_FAILED_JOBS)
 
@@ -258,6 +231,85 @@ def requeue(
         )
 
 
+@app.command("eval")
+def eval_(
+    batch: str = typer.Argument(..., help="Batch id."),
+    gold: Path = typer.Option(..., "--gold", help='Gold labels: JSONL of {"id", "data"} per record.'),
+    schema: Optional[str] = typer.Option(None, "--schema", help="Default: the batch's schema."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Per-field scores of a batch against gold labels: accuracy, precision / recall / F1, macro."""
+    from medq.errors import UnknownSchema
+    from medq.evaluate import evaluate, records_by_id
+    from medq.report import score_table
+    from medq.schemas import SchemaLoader
+    from worker.results import open_store
+    from worker.results.export import iter_results
+
+    r = _redis()
+    s = _settings()
+    store = open_store(s.effective_results_url, ttl_s=s.results_ttl_s)
+    try:
+        docs = list(iter_results(r, store, batch))
+    finally:
+        store.close()
+    if not docs:
+        raise _fail(f"no jobs in batch {batch!r}")
+    try:
+        golds = records_by_id(gold.read_text(encoding="utf-8").splitlines())
+    except OSError as exc:
+        raise _fail(f"cannot read {gold}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise _fail(f"{gold}: {exc}") from None
+    try:
+        sch = SchemaLoader(s.schema_dirs).get(schema or docs[0]["schema"])
+    except UnknownSchema as exc:
+        raise _fail(exc.message) from None
+    unfinished = sum(d["status"] not in ("succeeded", "failed") for d in docs)
+    report = evaluate(sch, {d["id"]: d["data"] for d in docs}, {k: v for k, v in golds.items() if v is not None})
+    if as_json:
+        print(json.dumps(report.as_dict(), ensure_ascii=False))
+    else:
+        out.print(score_table(report))
+    if unfinished:
+        err.print(f"note: {unfinished} job(s) have not finished; they count as failed", highlight=False)
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("smollm2", "--model", "-m", help="Embedded model: smollm2, gemma3-270m, or a .gguf path."),
+    schema: str = typer.Option("clinical_note", "--schema", help="Which bundled samples: clinical_note or discharge_summary."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N sample records."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Use this running OpenAI-compatible server (…/v1) instead of starting the embedded one."),
+    endpoint_model: Optional[str] = typer.Option(None, "--endpoint-model", help="Model name to send with --endpoint (default MEDQ_LLM__MODEL)."),
+    concurrency: int = typer.Option(2, "-c", "--concurrency", help="Worker concurrency."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="single or fields (default: what scored best for the model)."),
+    grounding: Optional[str] = typer.Option(None, "--grounding", help="flag or drop values not found in the note."),
+    few_shot: Optional[bool] = typer.Option(None, "--few-shot/--no-few-shot", help="Show the schema's examples to the model."),
+    timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="Give up after this many seconds."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
+) -> None:
+    """The main job on the embedded model: start what is missing, extract the bundled samples, score them, stop."""
+    from medq.demo import DemoError, DemoOptions, run_demo
+
+    if strategy not in (None, "single", "fields"):
+        raise _fail("--strategy must be single or fields")
+    if grounding not in (None, "flag", "drop"):
+        raise _fail("--grounding must be flag or drop")
+    opts = DemoOptions(model=model, schema=schema, limit=limit, endpoint=endpoint, endpoint_model=endpoint_model,
+                       concurrency=concurrency, strategy=strategy, grounding=grounding, few_shot=few_shot,
+                       timeout_s=timeout_s, as_json=as_json)
+    try:
+        # Jobs that fail (a tiny model's answer may never validate) are shown in the
+        # tables and scored as wrong; the demo itself succeeded if it got that far.
+        run_demo(opts, err if as_json else out)
+    except DemoError as exc:
+        raise _fail(str(exc), 1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; everything the demo started has been stopped", highlight=False)
+        raise typer.Exit(130) from None
+
+
 # ---------------------------------------------------------------- schemas
 
 
@@ -357,7 +409,7 @@ def llm_simulate(
     port: int = typer.Option(8090, help="Port to listen on."),
     latency_ms: float = typer.Option(0.0, "--latency-ms", help="Time each request takes once it is served."),
     parallel: int = typer.Option(64, help="Requests served at once; the rest wait, as in a batching server."),
-    fault: str = typer.Option("", help="Faults as KIND:RATE,... Kinds: 429, 500, 503, timeout, malformed, truncated, invalid."),
+    fault: str = typer.Option("", help="Faults as KIND:RATE,... Kinds: 429, 500, 503, timeout, malformed, truncated, invalid, invented."),
     seed: Optional[int] = typer.Option(None, help="Random seed for reproducible faults."),
     reject_json_schema: bool = typer.Option(
         False, help="Refuse response_format json_schema (HTTP 500, as llama-cpp-python's server does)."

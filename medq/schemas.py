@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from medq.errors import SchemaError, UnknownSchema
 
@@ -34,6 +34,7 @@ class ExtractionSchema:
     model: type[BaseModel]
     path: Path | None = None
     field_names: tuple[str, ...] = field(default=())
+    examples: tuple[dict[str, Any], ...] = ()  # few-shot pairs {"text", "data"}, checked against the model
 
     def validate_json(self, raw: str | bytes) -> BaseModel:
         """Parse and validate a model answer; raises pydantic's ValidationError."""
@@ -121,6 +122,7 @@ def build_schema(doc: Any, source: Path | str = "<schema>") -> ExtractionSchema:
         "required": list(fields),
         "additionalProperties": False,
     }
+    examples = _check_examples(doc.get("examples"), model, where)
     return ExtractionSchema(
         name=name,
         version=version,
@@ -131,7 +133,26 @@ def build_schema(doc: Any, source: Path | str = "<schema>") -> ExtractionSchema:
         model=model,
         path=Path(source) if isinstance(source, Path) else None,
         field_names=tuple(fields),
+        examples=examples,
     )
+
+
+def _check_examples(raw: Any, model: type[BaseModel], where: str) -> tuple[dict[str, Any], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise SchemaError(f"{where}: 'examples' must be a list of {{text, data}}")
+    out = []
+    for i, ex in enumerate(raw, start=1):
+        if not isinstance(ex, dict) or not isinstance(ex.get("text"), str) or not isinstance(ex.get("data"), dict):
+            raise SchemaError(f"{where}: example {i} needs 'text' (the note) and 'data' (the answer)")
+        try:
+            data = model.model_validate(ex["data"]).model_dump(mode="json")
+        except ValidationError as exc:
+            locs = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors(include_input=False))
+            raise SchemaError(f"{where}: example {i}: 'data' does not follow the fields ({locs})") from None
+        out.append({"text": ex["text"], "data": data})
+    return tuple(out)
 
 
 def _camel(name: str) -> str:

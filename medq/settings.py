@@ -44,6 +44,11 @@ class LLMSettings(BaseModel):
     max_tokens: int = 1024
     max_tokens_cap: int = 4096  # truncated answers are re-asked with doubled max_tokens up to this
     reasks: int = 2  # extra calls that show the model its validation errors
+    # "single": the whole schema in one call; "fields": one small call per field, merged.
+    # Measure which suits your model (README, "Extraction quality").
+    strategy: Literal["single", "fields"] = "single"
+    few_shot: bool = True  # show the schema's examples as prior turns
+    grounding: Literal["flag", "drop"] = "flag"  # values not found in the note: list them, or drop them
     requests_per_min: int | None = None
     tokens_per_min: int | None = None
     max_in_flight: int = 8

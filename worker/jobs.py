@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from medq.contract import JobStatus, job_key, payload_key
+from medq.contract import JobStatus, batch_key, job_key, payload_key
 from medq.errors import MedqError, PayloadMissing, PermanentError, RetryableError
 from medq.settings import Settings, get_settings
 from worker.processor import Extraction, MedicalDataProcessor
@@ -165,6 +165,7 @@ class JobRunner:
         pipe = self.r.pipeline()
         pipe.hset(job_key(job.job_id), mapping={"status": JobStatus.SUCCEEDED.value, "updated_at": _now()})
         pipe.hdel(job_key(job.job_id), "error_kind", "error_message")
+        self._expire_state(pipe, job)
         # The note is not needed once its result is stored: shorter life, smaller exposure.
         pipe.delete(payload_key(job.job_id))
         pipe.execute()
@@ -174,7 +175,8 @@ class JobRunner:
         doc["error"] = {"kind": exc.kind, "message": exc.message}
         self.store.put(doc)
         # The payload stays, so `medq requeue` can run the job again.
-        self.r.hset(
+        pipe = self.r.pipeline()
+        pipe.hset(
             job_key(job.job_id),
             mapping={
                 "status": JobStatus.FAILED.value,
@@ -183,7 +185,14 @@ class JobRunner:
                 "updated_at": _now(),
             },
         )
+        self._expire_state(pipe, job)
+        pipe.execute()
         log.warning("job %s record %s failed: %s", job.job_id, job.record_id, exc.kind)
+
+    def _expire_state(self, pipe: Any, job: Job) -> None:
+        # A finished job's state lives as long as results do, then goes with its batch.
+        pipe.expire(job_key(job.job_id), self.settings.results_ttl_s)
+        pipe.expire(batch_key(job.batch), self.settings.results_ttl_s)
 
     @staticmethod
     def _summary(job: Job, status: JobStatus, attempts: int | None = None, latency_ms: float | None = None) -> dict[str, Any]:

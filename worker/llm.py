@@ -73,10 +73,42 @@ def response_format_for(mode: str, name: str, schema: dict[str, Any]) -> dict[st
     if mode == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
     if mode == "json_object_schema":
-        return {"type": "json_object", "schema": schema}
+        return {"type": "json_object", "schema": grammar_schema(schema)}
     if mode == "json_object":
         return {"type": "json_object"}
     return None
+
+
+# Bounds a grammar puts on a value the schema leaves open. A tiny model can loop inside
+# an unterminated string or an endless list until max_tokens, and then again with the
+# doubled budget; the grammar makes it close the value instead.
+GRAMMAR_MAX_STRING_CHARS = 120
+GRAMMAR_MAX_ITEMS = 12
+
+
+def grammar_schema(schema: Any) -> Any:
+    """The schema as llama.cpp's grammar converter needs it.
+
+    Seen with llama-cpp-python 0.3.36: ``{"type": ["string", "null"], "enum": [...]}``
+    becomes ``string | null`` and the enum is lost, while an ``enum`` alone becomes
+    the exact alternatives (the enum already lists null where null is allowed).
+    Strings and arrays get upper bounds unless the schema sets its own.
+    """
+    if isinstance(schema, list):
+        return [grammar_schema(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: grammar_schema(v) for k, v in schema.items()}
+    if "enum" in out:
+        out.pop("type", None)
+        return out
+    t = out.get("type")
+    types = t if isinstance(t, list) else [t]
+    if "string" in types:
+        out.setdefault("maxLength", GRAMMAR_MAX_STRING_CHARS)
+    if "array" in types:
+        out.setdefault("maxItems", GRAMMAR_MAX_ITEMS)
+    return out
 
 
 class LLMClient:

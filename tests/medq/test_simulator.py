@@ -287,15 +287,17 @@ def test_schema_in_the_system_prompt(http: httpx.Client, sims: dict[str, str], s
     )
     messages = [
         {"role": "system", "content": system},
+        {"role": "user", "content": "A few-shot example: 30-year-old."},
+        {"role": "assistant", "content": "{}"},
         {"role": "user", "content": NOTE},
         {"role": "assistant", "content": "{}"},
-        {"role": "user", "content": "That answer is wrong for a 30-year-old. Try again."},
+        {"role": "user", "content": "That answer does not follow the JSON Schema: age is 30."},
     ]
     data = json.loads(
         content_of(chat(http, sims["plain"], messages=messages, response_format={"type": "json_object"}))
     )
     jsonschema.validate(data, schema)
-    assert data["age"] == 72, "the record is the first user message; later ones are re-asks"
+    assert data["age"] == 72, "the record is the last user turn that is not a re-ask"
     assert json.loads(content_of(chat(http, sims["plain"]))) == {}, "no schema anywhere: an empty object"
 
 
@@ -436,3 +438,10 @@ def test_bad_fault_spec_stops_the_command_with_a_message(spec: str, named: str) 
     assert named in output
     assert "--fault" in output
     assert "Traceback" not in output
+
+
+def test_reask_prefix_matches_the_processor() -> None:
+    from medq.simulator import REASK_PREFIX
+    from worker.processor import REASK_PROMPT
+
+    assert REASK_PROMPT.startswith(REASK_PREFIX)

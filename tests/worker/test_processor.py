@@ -122,3 +122,49 @@ def test_timeout_is_retryable(sim: str) -> None:
 def test_connection_refused_is_retryable() -> None:
     with pytest.raises(EndpointUnavailable, match="cannot connect"):
         _processor(f"http://127.0.0.1:{free_port()}/v1").process(NOTE, "clinical_note")
+
+
+def test_enum_survives_the_llama_cpp_grammar_conversion() -> None:
+    llama_grammar = pytest.importorskip("llama_cpp.llama_grammar")
+    import json
+
+    from worker.llm import grammar_schema
+
+    schema = SchemaLoader().get("clinical_note").json_schema
+    gbnf = llama_grammar.json_schema_to_gbnf(json.dumps(grammar_schema(schema)))
+    assert '"\\"male\\"" | "\\"female\\"" | "null"' in gbnf
+
+
+def test_grammar_bounds_open_strings_and_lists() -> None:
+    from worker.llm import GRAMMAR_MAX_ITEMS, GRAMMAR_MAX_STRING_CHARS, grammar_schema
+
+    meds = grammar_schema(SchemaLoader().get("clinical_note").json_schema)["properties"]["medications"]
+    assert meds["maxItems"] == GRAMMAR_MAX_ITEMS
+    assert meds["items"]["properties"]["name"]["maxLength"] == GRAMMAR_MAX_STRING_CHARS
+    assert grammar_schema({"type": "string", "maxLength": 5}) == {"type": "string", "maxLength": 5}
+
+
+def test_fields_strategy_asks_once_per_field_and_merges(sim: str) -> None:
+    proc = _processor(sim, strategy="fields")
+    ex = proc.process(NOTE, "clinical_note", record_id="f1")
+    fields = SchemaLoader().get("clinical_note").field_names
+    assert ex.provenance.strategy == "fields" and ex.provenance.llm_calls == len(fields)
+    assert _stats(sim)["requests"] == len(fields)
+    assert ex.data.age == 72
+    # every call of a record starts with the same system turn and the note, so a
+    # server's prefix cache evaluates the note once per record, not once per field
+    parts = proc._parts_for(SchemaLoader().get("clinical_note"))
+    assert len({p.system for p in parts}) == 1
+
+
+def test_invented_values_are_flagged_or_dropped(sim: str) -> None:
+    _script(sim, "invented")
+    flagged = _processor(sim).process(NOTE, "clinical_note")
+    assert "age" in flagged.provenance.ungrounded_fields  # 131 is not in the note
+    assert "diagnoses[0]" in flagged.provenance.ungrounded_fields
+    assert flagged.data.age == 131 and flagged.provenance.dropped_fields == []
+
+    _script(sim, "invented")
+    dropped = _processor(sim, grounding="drop").process(NOTE, "clinical_note")
+    assert dropped.provenance.dropped_fields == flagged.provenance.ungrounded_fields
+    assert dropped.data.age is None and dropped.data.diagnoses == [] and dropped.data.medications == []

@@ -1,0 +1,302 @@
+"""``medq demo``: the whole pipeline on the embedded model, in one command.
+
+Starts what is missing (Redis, if ``redis-server`` is on PATH and none answers;
+the llama.cpp model server; one worker), enqueues the bundled sample records,
+shows progress, prints the extractions and their score against the gold labels,
+and stops exactly what it started, on success, error, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import redis
+from rich.console import Console
+
+from medq.local_model import LocalModelError, check_server_installed, resolve, server_command
+
+# What measured best per embedded model (README, "Extraction quality"; reproduce with
+# `medq demo --model M --strategy S --grounding G`).
+MODEL_PROFILES: dict[str, dict[str, str]] = {
+    "smollm2": {"strategy": "single", "grounding": "drop", "few_shot": "true"},
+    "gemma3-270m": {"strategy": "single", "grounding": "drop", "few_shot": "true"},
+}
+
+
+class DemoError(RuntimeError):
+    """Something the demo needs is missing; the message says what to do."""
+
+
+@dataclass
+class Started:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class Supervisor:
+    """Starts helpers in their own process groups and stops all of them, whatever happens."""
+
+    log_dir: Path
+    started: list[Started] = field(default_factory=list)
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> Started:
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "wb") as fh:
+            popen = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        proc = Started(name, popen, log_path)
+        self.started.append(proc)
+        return proc
+
+    def check(self) -> None:
+        """Fail fast if a helper died."""
+        for proc in self.started:
+            code = proc.popen.poll()
+            if code is not None:
+                raise DemoError(f"{proc.name} exited with code {code}; its log: {proc.log_path}\n{_tail(proc.log_path)}")
+
+    def stop_all(self, timeout_s: float = 15) -> None:
+        for proc in reversed(self.started):
+            _signal_group(proc.popen, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in reversed(self.started):
+            try:
+                proc.popen.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            # the group may still hold children (a worker's pool) after its leader left
+            _signal_group(proc.popen, signal.SIGKILL)
+            try:
+                proc.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.started.clear()
+
+
+def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(popen.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_until(ready: Any, what: str, sup: Supervisor, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sup.check()
+        if ready():
+            return
+        time.sleep(0.2)
+    raise DemoError(f"{what} was not ready after {timeout_s:.0f}s")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM takes the same way out as Ctrl-C, so the helpers are stopped."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def ensure_redis(url: str, sup: Supervisor, console: Console) -> None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+        return
+    except redis.ConnectionError:
+        pass
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise DemoError(f"Redis does not answer at {host}:{port} (MEDQ_REDIS_URL), and the demo starts Redis only on this machine")
+    server = shutil.which("redis-server")
+    if server is None:
+        raise DemoError(
+            f"Redis does not answer at {host}:{port} and redis-server is not on PATH: "
+            "install Redis (apt-get install redis-server) or set MEDQ_REDIS_URL"
+        )
+    console.print(f"starting redis-server on {host}:{port} (nothing saved to disk)", highlight=False)
+    sup.start("redis", [server, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
+                        "--dir", str(sup.log_dir)], dict(os.environ))
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    _wait_until(up, "redis-server", sup, 20)
+
+
+def start_model_server(model: str, sup: Supervisor, console: Console, n_ctx: int = 4096) -> tuple[str, str]:
+    """Start llama.cpp's server on a free port; (base URL, model name for requests)."""
+    try:
+        check_server_installed()
+        local = resolve(model)
+    except LocalModelError as exc:
+        raise DemoError(str(exc)) from None
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}/v1"
+    console.print(f"starting the embedded model {local.name} ({local.path.name}) at {base_url}", highlight=False)
+    sup.start("model-server", server_command(local, "127.0.0.1", port, n_ctx=n_ctx), dict(os.environ))
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base_url}/models", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _wait_until(up, "the model server", sup, 180)
+    return base_url, local.name
+
+
+@dataclass
+class DemoOptions:
+    model: str = "smollm2"
+    schema: str = "clinical_note"
+    limit: int | None = None
+    endpoint: str | None = None  # use a running OpenAI-compatible server instead of starting one
+    endpoint_model: str | None = None
+    concurrency: int = 2
+    strategy: str | None = None
+    grounding: str | None = None
+    few_shot: bool | None = None
+    timeout_s: float | None = None
+    as_json: bool = False
+
+
+def run_demo(opts: DemoOptions, console: Console) -> dict[str, Any]:
+    """Run the demo; returns a summary (score, timings). Raises ``DemoError``."""
+    from medq.evaluate import evaluate, records_by_id
+    from medq.progress import WaitTimeout, wait_for_batch
+    from medq.report import results_table, score_table
+    from medq.samples import gold_path, sample_path
+    from medq.settings import get_settings
+    from producer.enqueue import Producer
+    from producer.records import check, read_path
+    from worker.results import open_store
+    from worker.results.export import iter_results
+
+    settings = get_settings()
+    try:
+        records_file, gold_file = sample_path(opts.schema), gold_path(opts.schema)
+    except FileNotFoundError as exc:
+        raise DemoError(str(exc)) from None
+    log_dir = Path(tempfile.mkdtemp(prefix="medq-demo-"))
+    sup = Supervisor(log_dir)
+    finished = False
+    with _sigterm_as_interrupt():
+        try:
+            ensure_redis(settings.redis_url, sup, console)
+            own_redis = any(p.name == "redis" for p in sup.started)
+            if opts.endpoint:
+                base_url, model_name = opts.endpoint, opts.endpoint_model or settings.llm.model
+                profile: dict[str, str] = {}
+            else:
+                base_url, model_name = start_model_server(opts.model, sup, console)
+                profile = dict(MODEL_PROFILES.get(model_name, {}))
+            if opts.strategy:
+                profile["strategy"] = opts.strategy
+            if opts.grounding:
+                profile["grounding"] = opts.grounding
+            if opts.few_shot is not None:
+                profile["few_shot"] = "true" if opts.few_shot else "false"
+            env = {
+                **os.environ,
+                "MEDQ_LLM__BASE_URL": base_url,
+                "MEDQ_LLM__MODEL": model_name,
+                **{f"MEDQ_LLM__{k.upper()}": v for k, v in profile.items()},
+            }
+            sup.start("worker", [sys.executable, "-m", "medq.cli", "worker", "-c", str(opts.concurrency),
+                                 "--loglevel", "WARNING"], env)
+
+            checked = check(read_path(records_file), settings.max_record_bytes)
+            if opts.limit:
+                checked.records = checked.records[: opts.limit]
+            producer = Producer(settings)
+            batch = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            started = time.monotonic()
+            ids = producer.enqueue(checked, opts.schema, batch)
+            console.print(f"batch {batch}: {len(ids)} sample records ({records_file.name}), "
+                          f"model {model_name}, strategy {profile.get('strategy', settings.llm.strategy)}", highlight=False)
+            try:
+                wait_for_batch(producer.r, batch, console, opts.timeout_s, check=sup.check)
+            except WaitTimeout as exc:
+                raise DemoError(f"timed out after {opts.timeout_s:g}s with {exc.unfinished} job(s) unfinished") from None
+            elapsed_s = time.monotonic() - started
+
+            store = open_store(settings.effective_results_url, ttl_s=settings.results_ttl_s)
+            docs = list(iter_results(producer.r, store, batch))
+            store.close()
+            sch = producer.schema_loader.get(opts.schema)
+            golds_all = records_by_id(gold_file.read_text(encoding="utf-8").splitlines())
+            wanted = {rec.id for rec in checked.records}
+            golds = {k: v for k, v in golds_all.items() if k in wanted and v is not None}
+            report = evaluate(sch, {d["id"]: d["data"] for d in docs}, golds)
+            summary = {
+                "batch": batch,
+                "model": model_name,
+                "endpoint": base_url,
+                "profile": profile,
+                "records": len(docs),
+                "succeeded": sum(d["status"] == "succeeded" for d in docs),
+                "failed": sum(d["status"] == "failed" for d in docs),
+                "elapsed_s": round(elapsed_s, 1),
+                "s_per_record": round(elapsed_s / max(len(docs), 1), 2),
+                "macro": report.macro,
+                "report": report.as_dict(),
+            }
+            if opts.as_json:
+                print(json.dumps(summary, ensure_ascii=False))
+            else:
+                console.print(results_table(docs, list(sch.field_names)))
+                console.print(score_table(report))
+                console.print(
+                    f"{summary['succeeded']}/{len(docs)} succeeded in {elapsed_s:.0f}s "
+                    f"({summary['s_per_record']}s per record); macro score "
+                    f"{report.macro * 100 if report.macro is not None else 0:.0f}%."
+                    + ("" if own_redis else f" Export: medq results {batch}"),
+                    highlight=False,
+                )
+            finished = True
+            return summary
+        finally:
+            sup.stop_all()
+            if finished:
+                shutil.rmtree(log_dir, ignore_errors=True)  # on failure the logs stay for the message
