@@ -104,6 +104,7 @@ def requeue(producer: Any, batch: str, all_failed: bool = False) -> RequeueRepor
     for st in ready:
         pipe.hset(job_key(st.job_id), mapping={"status": JobStatus.QUEUED.value})
         pipe.hdel(job_key(st.job_id), "sent")
+        pipe.persist(job_key(st.job_id))  # finished jobs' state expires; a queued one's must not
     pipe.execute()
     producer.send([st.job_id for st in ready])
     return RequeueReport([st.job_id for st in ready], missing)
