@@ -282,7 +282,7 @@ def demo(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N sample records."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Use this running OpenAI-compatible server (…/v1) instead of starting the embedded one."),
     endpoint_model: Optional[str] = typer.Option(None, "--endpoint-model", help="Model name to send with --endpoint (default MEDQ_LLM__MODEL)."),
-    concurrency: int = typer.Option(2, "-c", "--concurrency", help="Worker concurrency."),
+    concurrency: int = typer.Option(1, "-c", "--concurrency", help="Worker concurrency (the embedded server answers one request at a time)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="single or fields (default: what scored best for the model)."),
     grounding: Optional[str] = typer.Option(None, "--grounding", help="flag or drop values not found in the note."),
     few_shot: Optional[bool] = typer.Option(None, "--few-shot/--no-few-shot", help="Show the schema's examples to the model."),

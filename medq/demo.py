@@ -193,7 +193,7 @@ class DemoOptions:
     limit: int | None = None
     endpoint: str | None = None  # use a running OpenAI-compatible server instead of starting one
     endpoint_model: str | None = None
-    concurrency: int = 2
+    concurrency: int = 1
     strategy: str | None = None
     grounding: str | None = None
     few_shot: bool | None = None
