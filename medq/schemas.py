@@ -167,7 +167,7 @@ def _types_of(prop: dict[str, Any], path: str) -> list[str]:
     for one in types:
         if one not in _KNOWN_TYPES:
             raise SchemaError(f"{path}: unknown type {one!r} (use one of {', '.join(_KNOWN_TYPES)})")
-    return types
+    return [str(one) for one in types]
 
 
 def _python_type(prop: Any, path: str, model_name: str) -> Any:

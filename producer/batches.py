@@ -16,7 +16,9 @@ _CHUNK = 1000
 _FIELDS = ("record_id", "status", "attempts", "error_kind", "error_message", "schema", "schema_version", "updated_at", "batch", "seq")
 
 # Error kinds that a later run may not hit again (the endpoint was down, slow, busy).
-TRANSIENT_KINDS = frozenset(cls.kind for cls in (RetryableError, *RetryableError.__subclasses__()))
+TRANSIENT_KINDS: frozenset[str] = frozenset(
+    cls.kind for cls in (RetryableError, *RetryableError.__subclasses__())  # type: ignore[attr-defined]
+)
 
 
 @dataclass(frozen=True)

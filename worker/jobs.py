@@ -80,7 +80,7 @@ class JobRunner:
     def run(self, job_id: str, retries: int = 0) -> dict[str, Any] | RetryLater:
         """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
         after recording the failure, so Celery and Flower show it as failed."""
-        h = self.r.hgetall(job_key(job_id))
+        h: dict[str, str] = self.r.hgetall(job_key(job_id))  # type: ignore[assignment]  # decode_responses
         if not h:
             # Nothing to record the failure in: the job was purged or never written.
             log.warning("job %s: no job state in Redis (purged, expired or foreign); dropped", job_id)
