@@ -30,6 +30,9 @@ app.add_typer(schemas_app, name="schemas")
 out = Console()
 err = Console(stderr=True)
 
+# the embedded default, without importing medq.local_model's dependencies for --help
+DEFAULT_LOCAL_MODEL = "gemma3-270m"
+
 EXIT_FAILED_JOBS = 1
 EXIT_BAD_INPUT = 2
 EXIT_TIMEOUT = 3
@@ -277,7 +280,7 @@ def eval_(
 
 @app.command()
 def demo(
-    model: str = typer.Option("smollm2", "--model", "-m", help="Embedded model: smollm2, gemma3-270m, or a .gguf path."),
+    model: str = typer.Option(DEFAULT_LOCAL_MODEL, "--model", "-m", help="Embedded model: gemma3-270m, smollm2 (faster, lower score), or a .gguf path."),
     schema: str = typer.Option("clinical_note", "--schema", help="Which bundled samples: clinical_note or discharge_summary."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N sample records."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Use this running OpenAI-compatible server (…/v1) instead of starting the embedded one."),
@@ -379,7 +382,7 @@ def worker(
 
 @llm_app.command("serve")
 def llm_serve(
-    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2, gemma3-270m, or a path to a .gguf file."),
+    model: str = typer.Option(DEFAULT_LOCAL_MODEL, "--model", "-m", help="gemma3-270m, smollm2, or a path to a .gguf file."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (keep it on loopback or a private network)."),
     port: int = typer.Option(8080, help="Port to listen on."),
     n_ctx: int = typer.Option(4096, "--n-ctx", help="Context window in tokens."),

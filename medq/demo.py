@@ -28,7 +28,7 @@ import httpx
 import redis
 from rich.console import Console
 
-from medq.local_model import LocalModelError, check_server_installed, resolve, server_command
+from medq.local_model import DEFAULT_MODEL, LocalModelError, check_server_installed, resolve, server_command
 
 # What measured best per embedded model (README, "Extraction quality"; reproduce with
 # `medq demo --model M --strategy S --grounding G`).
@@ -188,7 +188,7 @@ def start_model_server(model: str, sup: Supervisor, console: Console, n_ctx: int
 
 @dataclass
 class DemoOptions:
-    model: str = "smollm2"
+    model: str = DEFAULT_MODEL
     schema: str = "clinical_note"
     limit: int | None = None
     endpoint: str | None = None  # use a running OpenAI-compatible server instead of starting one

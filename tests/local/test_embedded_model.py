@@ -74,3 +74,10 @@ def test_extraction_through_a_real_worker(
     assert doc["model"] == "smollm2" and doc["endpoint"] == llama_server
     assert doc["provenance"]["strategy"] == "single"
     assert doc["provenance"]["dropped_fields"] == doc["provenance"]["ungrounded_fields"]
+
+
+def test_cli_default_is_the_local_models_default() -> None:
+    from medq.cli import DEFAULT_LOCAL_MODEL
+    from medq.local_model import DEFAULT_MODEL, MODELS
+
+    assert DEFAULT_LOCAL_MODEL == DEFAULT_MODEL and DEFAULT_MODEL in MODELS
