@@ -89,10 +89,14 @@ class JobRunner:
         if job.status is JobStatus.SUCCEEDED:
             # Redelivered after it finished (worker lost before the ack): one result only.
             return self._summary(job, job.status)
-        attempts = int(self.r.hincrby(job_key(job_id), "attempts", 1))
-        self.r.hset(job_key(job_id), mapping={"status": JobStatus.RUNNING.value, "updated_at": _now()})
+        # One round trip: count the attempt, mark it running, fetch the record.
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hincrby(job_key(job_id), "attempts", 1)
+        pipe.hset(job_key(job_id), mapping={"status": JobStatus.RUNNING.value, "updated_at": _now()})
+        pipe.get(payload_key(job_id))
+        attempts, _, raw_payload = pipe.execute()
         try:
-            text, metadata = self._load_payload(job)
+            text, metadata = self._load_payload(job, raw_payload)
             extraction = self.processor.process(text, job.schema, record_id=job.record_id)
         except RetryableError as exc:
             if retries >= self.policy.max_retries:
@@ -120,11 +124,11 @@ class JobRunner:
         self._succeed(job, attempts, extraction, metadata)
         return self._summary(job, JobStatus.SUCCEEDED, attempts, extraction.provenance.latency_ms)
 
-    def _load_payload(self, job: Job) -> tuple[str, dict[str, Any]]:
-        raw = self.r.get(payload_key(job.job_id))
+    @staticmethod
+    def _load_payload(job: Job, raw: str | None) -> tuple[str, dict[str, Any]]:
         if raw is None:
             raise PayloadMissing(
-                f"record {job.record_id}: stored record is gone (expired after MEDQ_PAYLOAD_TTL_S or purged); enqueue it again"
+                f"record {job.record_id}: stored record is gone (expired after MEDQ_PAYLOAD_TTL_S or purged); enqueue it again under a new --batch"
             )
         payload = json.loads(raw)
         return payload["text"], payload.get("metadata") or {}

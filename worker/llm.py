@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -47,7 +47,6 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     calls: int = 0
-    details: dict[str, int] = field(default_factory=dict)
 
     def add(self, c: Completion) -> None:
         self.prompt_tokens += c.prompt_tokens

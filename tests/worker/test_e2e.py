@@ -117,3 +117,22 @@ def test_transient_errors_are_retried_and_permanent_ones_are_dead_letters(
     assert res.returncode == 0, res.stderr
     [doc] = _results(medq_env, "p")
     assert doc["status"] == "succeeded" and doc["attempts"] == 2 and doc["error"] is None
+
+
+def test_expired_record_fails_with_a_reason_and_is_not_lost(
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., object], tmp_path: Path
+) -> None:
+    notes = _records(tmp_path / "two.jsonl", 2)
+    res = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "gone"], medq_env)
+    assert res.returncode == 0, res.stderr
+    [payload] = [k for k in r.keys("medq:payload:*")][:1]
+    r.delete(payload)  # as if MEDQ_PAYLOAD_TTL_S ran out before a worker got to it
+    worker(simulator())
+    res = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "gone", "--wait", "--timeout-s", "60"], medq_env)
+    assert res.returncode == 1
+    docs = {d["id"]: d for d in _results(medq_env, "gone")}
+    failed = [d for d in docs.values() if d["status"] == "failed"]
+    assert len(docs) == 2 and len(failed) == 1
+    assert failed[0]["error"]["kind"] == "payload_missing"
+    assert f"record {failed[0]['id']}" in failed[0]["error"]["message"] and "new --batch" in failed[0]["error"]["message"]
+    assert "cannot run again" in run_cli(["requeue", "gone", "--all-failed"], medq_env).stderr
