@@ -52,9 +52,6 @@ def result_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:result:{job_id}"
 
 
-BATCHES_KEY = f"{KEY_PREFIX}:batches"  # sorted set: batch id -> first enqueue time
-
-
 def make_job_id(batch: str, record_id: str, schema: str, schema_version: int) -> str:
     """Deterministic job id, so enqueuing the same records twice runs nothing twice."""
     raw = "\x1f".join((batch, record_id, schema, str(schema_version)))

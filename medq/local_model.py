@@ -19,7 +19,6 @@ from pathlib import Path
 # Picked by the measured score on the bundled samples (README, "Extraction quality"):
 # Gemma 3 270M scored higher than SmolLM2-135M, at about 2.5 times the time per record.
 DEFAULT_MODEL = "gemma3-270m"
-DEFAULT_PORT = 8080
 INSTALL_HINT = (
     'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install -e ".[local]"'
 )

@@ -15,16 +15,16 @@ from typing import Any
 import redis
 from celery import Celery
 
-from medq.contract import BATCHES_KEY, QUEUE, TASK_EXTRACT, batch_key, job_key, make_job_id, payload_key
+from medq.contract import QUEUE, TASK_EXTRACT, batch_key, job_key, make_job_id, payload_key
 from medq.schemas import SchemaLoader
 from medq.settings import Settings, get_settings
 from producer.records import CheckedRecords, InputError, Record, check, from_objects
 
 # Create a job only if it does not exist, all at once, so a crash cannot leave half a job.
-# KEYS[1] job hash, KEYS[2] payload string, KEYS[3] batch set, KEYS[4] batches zset
+# KEYS[1] job hash, KEYS[2] payload string, KEYS[3] batch set
 # ARGV[1] batch, ARGV[2] record id, ARGV[3] schema, ARGV[4] schema version,
-# ARGV[5] now (iso), ARGV[6] payload JSON, ARGV[7] payload TTL seconds, ARGV[8] now (unix s),
-# ARGV[9] job id, ARGV[10] position in the input (results are exported in input order)
+# ARGV[5] now (iso), ARGV[6] payload JSON, ARGV[7] payload TTL seconds, ARGV[8] job id,
+# ARGV[9] position in the input (results are exported in input order)
 # Returns 1 if created, 2 if it exists but its message may never have been sent, 0 otherwise.
 CREATE_JOB_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -33,10 +33,9 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 redis.call('HSET', KEYS[1], 'batch', ARGV[1], 'record_id', ARGV[2], 'schema', ARGV[3],
            'schema_version', ARGV[4], 'status', 'queued', 'attempts', 0, 'enqueued_at', ARGV[5],
-           'updated_at', ARGV[5], 'seq', ARGV[10])
+           'updated_at', ARGV[5], 'seq', ARGV[9])
 redis.call('SET', KEYS[2], ARGV[6], 'EX', ARGV[7])
-redis.call('SADD', KEYS[3], ARGV[9])
-redis.call('ZADD', KEYS[4], 'NX', ARGV[8], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[8])
 return 1
 """
 
@@ -103,9 +102,9 @@ class Producer:
             pipe = self.r.pipeline(transaction=False)
             for seq, (rec, job_id) in enumerate(zip(chunk, ids), start=i):
                 self._create(
-                    keys=[job_key(job_id), payload_key(job_id), batch_key(batch), BATCHES_KEY],
+                    keys=[job_key(job_id), payload_key(job_id), batch_key(batch)],
                     args=[batch, rec.id, sch.name, sch.version, now_iso, _payload(rec),
-                          self.settings.payload_ttl_s, time.time(), job_id, seq],
+                          self.settings.payload_ttl_s, job_id, seq],
                     client=pipe,
                 )
             for job_id, outcome in zip(ids, pipe.execute()):

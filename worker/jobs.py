@@ -118,9 +118,6 @@ class JobRunner:
         except PermanentError as exc:
             self._fail(job, attempts, exc)
             raise
-        except MedqError as exc:  # pragma: no cover - every MedqError is one of the two
-            self._fail(job, attempts, exc)
-            raise
         self._succeed(job, attempts, extraction, metadata)
         return self._summary(job, JobStatus.SUCCEEDED, attempts, extraction.provenance.latency_ms)
 

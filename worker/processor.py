@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
@@ -89,20 +89,7 @@ class Provenance:
     dropped_fields: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "endpoint": self.endpoint,
-            "response_format": self.response_format,
-            "strategy": self.strategy,
-            "llm_calls": self.llm_calls,
-            "reasks": self.reasks,
-            "truncations": self.truncations,
-            "finish_reason": self.finish_reason,
-            "latency_ms": round(self.latency_ms, 1),
-            "usage": self.usage,
-            "ungrounded_fields": self.ungrounded_fields,
-            "dropped_fields": self.dropped_fields,
-        }
+        return {**asdict(self), "latency_ms": round(self.latency_ms, 1)}
 
 
 @dataclass
@@ -203,10 +190,13 @@ class MedicalDataProcessor:
         started = time.perf_counter()
         usage = Usage()
         prov = Provenance(model=self.model, endpoint=self.base_url, response_format=self._format, strategy=self.strategy)
-        merged: dict[str, Any] = {}
-        for part in self._parts_for(sch):
-            merged.update(self._ask(part, text, record_id, prov, usage))
-        data = sch.model.model_validate(merged)  # the parts are valid, so the whole is
+        parts = self._parts_for(sch)
+        answers = [self._ask(part, text, record_id, prov, usage) for part in parts]
+        if len(answers) == 1 and parts[0].schema is sch:
+            data = answers[0]  # strategy single: already validated against the whole schema
+        else:
+            merged = {k: v for a in answers for k, v in a.model_dump(mode="json").items()}
+            data = sch.model.model_validate(merged)  # the parts are valid, so the whole is
         dumped = data.model_dump(mode="json")
         prov.ungrounded_fields = ungrounded_paths(dumped, sch.json_schema, text)
         if self.grounding == "drop" and prov.ungrounded_fields:
@@ -219,8 +209,8 @@ class MedicalDataProcessor:
 
     # ------------------------------------------------------------------ one call
 
-    def _ask(self, part: _Part, text: str, record_id: str, prov: Provenance, usage: Usage) -> dict[str, Any]:
-        """One part, with truncation and re-ask handling; returns the validated dict."""
+    def _ask(self, part: _Part, text: str, record_id: str, prov: Provenance, usage: Usage) -> BaseModel:
+        """One part, with truncation and re-ask handling; returns the validated answer."""
         sch = part.schema
         user = text if part.question is None else FIELD_QUESTION.format(
             text=text, question=part.question, shape=_shape(sch), schema=part.schema_json
@@ -244,7 +234,7 @@ class MedicalDataProcessor:
                 max_tokens = min(max_tokens * 2, self.max_tokens_cap)
                 continue
             try:
-                return sch.validate_json(_strip_fences(completion.content)).model_dump(mode="json")
+                return sch.validate_json(_strip_fences(completion.content))
             except ValidationError as exc:
                 if reasks_left <= 0:
                     raise OutputInvalid(

@@ -90,8 +90,11 @@ def test_ctrl_c_leaves_no_process_behind(medq_env: dict[str, str], simulator: Ca
 def test_demo_on_the_embedded_model(r: redis.Redis, medq_env: dict[str, str], llama_server: str) -> None:
     # llama_server proves the extra is installed (it fails in CI otherwise); the demo starts its own,
     # the default model
-    res = run_cli(["demo", "--limit", "2"], medq_env, timeout_s=600)
+    res = run_cli(["demo", "--limit", "2", "--json"], medq_env, timeout_s=600)
     assert res.returncode == 0, res.stderr
-    assert "starting the embedded model gemma3-270m" in res.stdout  # the default, by measured score
-    assert "scores against gold labels" in res.stdout and "macro" in res.stdout
-    assert "2/2 succeeded" in res.stdout or "1/2 succeeded" in res.stdout or "0/2 succeeded" in res.stdout
+    assert "starting the embedded model gemma3-270m" in res.stderr  # the default, by measured score
+    summary = json.loads(res.stdout)
+    assert summary["model"] == "gemma3-270m" and summary["records"] == 2
+    assert summary["succeeded"] + summary["failed"] == 2
+    assert summary["report"]["records"] == 2 and 0 <= summary["macro"] <= 1
+    assert summary["profile"] == {"strategy": "single", "grounding": "drop", "few_shot": "true"}

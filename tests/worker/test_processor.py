@@ -13,6 +13,7 @@ from medq.errors import (
     OutputInvalid,
     OutputTruncated,
     RateLimited,
+    RequestRejected,
     ServerError,
 )
 from medq.schemas import SchemaLoader
@@ -61,7 +62,7 @@ def test_steps_down_to_json_object_schema_for_llama_cpp_and_remembers(simulator:
 
 def test_fixed_response_format_does_not_step_down(simulator: Callable[..., str]) -> None:
     sim = simulator("--reject-json-schema")
-    with pytest.raises(Exception) as exc:
+    with pytest.raises(RequestRejected) as exc:  # permanent: the job goes to dead letters, not round the retries
         _processor(sim, response_format="json_schema").process(NOTE, "clinical_note", record_id="r9")
     assert "HTTP 500" in str(exc.value) and "response_format" in str(exc.value)
 
