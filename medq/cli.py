@@ -234,6 +234,53 @@ def requeue(
         )
 
 
+@app.command()
+def purge(
+    batch: str = typer.Argument(..., help="Batch id."),
+    results_too: bool = typer.Option(False, "--results", help="Also delete the batch's results kept in Redis."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete a batch's records, job states and dead letters from Redis.
+
+    Dead letters keep their record until the job succeeds or the batch is purged;
+    this is how they go. Results in PostgreSQL are not touched."""
+    from producer.batches import purge as purge_batch
+
+    r = _redis()
+    if not yes and not typer.confirm(f"delete batch {batch}'s records and job states from Redis?"):
+        raise typer.Exit(EXIT_BAD_INPUT)
+    report = purge_batch(r, batch, results=results_too)
+    err.print(
+        f"purged batch {batch}: {report.jobs} job state(s), {report.payloads} record(s)"
+        + (f", {report.results} result(s)" if results_too else ""),
+        highlight=False,
+    )
+
+
+@app.command()
+def endpoints(as_json: bool = typer.Option(False, "--json", help="Print JSON lines.")) -> None:
+    """The configured endpoints as the workers share them: adaptive in-flight cap,
+    requests in flight, cool-down, successes and errors."""
+    from worker.rate_limit import endpoint_snapshot
+
+    r = _redis()
+    s = _settings()
+    rows = [endpoint_snapshot(r, ep.url, s.llm.max_in_flight) for ep in s.llm.all_endpoints]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table(title="endpoints")
+    for col in ("url", "in flight", "cap", "cooling (s)", "ok", "errors", "cap cuts", "cool-downs"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(
+            row["url"], str(row["in_flight"]), f"{row['limit']:g}", f"{row['cooling_s']:g}",
+            str(row["ok"]), str(row["errors"]), str(row["cuts"]), str(row["trips"]),
+        )
+    out.print(table)
+
+
 @app.command("eval")
 def eval_(
     batch: str = typer.Argument(..., help="Batch id."),
@@ -361,7 +408,7 @@ def worker(
     loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="Log level."),
     pool: Optional[str] = typer.Option(None, "--pool", "-P", help="threads (default), prefork or solo."),
 ) -> None:
-    """A Celery worker bound to the configured endpoint. Options after -- go to `celery worker`."""
+    """A Celery worker bound to the configured endpoint(s). Options after -- go to `celery worker`."""
     s = _settings()
     args = [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",

@@ -47,6 +47,11 @@ def batch_key(batch: str) -> str:
     return f"{KEY_PREFIX}:batch:{batch}"
 
 
+def failed_key(batch: str) -> str:
+    """Sorted set of the batch's dead letters (job ids, scored by when they failed)."""
+    return f"{KEY_PREFIX}:failed:{batch}"
+
+
 def result_key(job_id: str) -> str:
     """String with the result document when results are kept in Redis."""
     return f"{KEY_PREFIX}:result:{job_id}"

@@ -2,11 +2,15 @@
 
     MedqError
     ├── RetryableError            the same call may succeed later; retried with backoff
-    │   ├── EndpointUnavailable   connection refused / reset, DNS
-    │   ├── EndpointTimeout       no answer within the timeout
-    │   ├── RateLimited           HTTP 429; carries the server's Retry-After
-    │   └── ServerError           HTTP 5xx (Ollama's "queue full" and "loading model" included)
+    │   ├── EndpointUnavailable   connection refused / reset, DNS            (back-pressure)
+    │   ├── EndpointTimeout       no answer within the timeout               (charged)
+    │   ├── RateLimited           HTTP 429; carries the server's Retry-After (back-pressure)
+    │   ├── Overloaded            HTTP 503, Ollama's "server busy", "loading model" (back-pressure)
+    │   ├── ServerError           other HTTP 5xx                             (charged)
+    │   └── NoCapacity            medq's own limits (requests/tokens per minute, in-flight cap,
+    │                             an endpoint cooling down) had no room in time (back-pressure)
     └── PermanentError            retrying cannot help; the job goes to dead letters at once
+        ├── WorkerLost            the job's worker died during MEDQ_WORKER__MAX_LOST_RUNS runs (poison)
         ├── InvalidRecord         the record itself is unusable (empty, too large, bad UTF-8)
         ├── PayloadMissing        the stored record expired (MEDQ_PAYLOAD_TTL_S) or was purged
         ├── UnknownSchema         no schema by that name
@@ -15,7 +19,11 @@
         ├── OutputInvalid         still not valid JSON for the schema after the re-asks
         └── OutputTruncated       still cut off at max_tokens_cap
 
-A job whose retryable error outlives its retry budget fails with that error's kind.
+A retryable error is either *charged* to the job (it may be the record's doing: a
+timeout, a 500), counted against ``MEDQ_WORKER__MAX_RETRIES``, or *back-pressure*
+(the endpoint is busy, down or rate-limited: not the record's fault), which only
+delays the job, for at most ``MEDQ_WORKER__MAX_WAIT_S`` in all. A job whose error
+outlives its budget fails with that error's kind.
 Messages name a record by its id, never by its text, and never repeat the model's
 output or a validation error's input values: they end up in logs and in Flower.
 """
@@ -36,6 +44,7 @@ class MedqError(Exception):
 
 class RetryableError(MedqError):
     kind = "retryable"
+    charged = True  # counts against the job's retry budget; False: back-pressure
 
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
@@ -47,6 +56,7 @@ class RetryableError(MedqError):
 
 class EndpointUnavailable(RetryableError):
     kind = "endpoint_unavailable"
+    charged = False  # a refused connection is never the record's doing
 
 
 class EndpointTimeout(RetryableError):
@@ -55,6 +65,17 @@ class EndpointTimeout(RetryableError):
 
 class RateLimited(RetryableError):
     kind = "rate_limited"
+    charged = False
+
+
+class Overloaded(RetryableError):
+    kind = "overloaded"
+    charged = False
+
+
+class NoCapacity(RetryableError):
+    kind = "no_capacity"
+    charged = False
 
 
 class ServerError(RetryableError):
@@ -63,6 +84,10 @@ class ServerError(RetryableError):
 
 class PermanentError(MedqError):
     kind = "permanent"
+
+
+class WorkerLost(PermanentError):
+    kind = "worker_lost"
 
 
 class InvalidRecord(PermanentError):

@@ -7,13 +7,15 @@ medq reads the environment. Secrets are ``SecretStr`` and never printed.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -30,6 +32,37 @@ def _config_dir() -> Path:
 
 
 ResponseFormat = Literal["auto", "json_schema", "json_object_schema", "json_object", "none"]
+
+
+class EndpointSettings(BaseModel):
+    """One OpenAI-compatible server. ``model`` / ``api_key`` default to the ``llm`` ones."""
+
+    url: str
+    weight: float = Field(1.0, gt=0)
+    model: str | None = None
+    api_key: SecretStr | None = None
+
+
+def _endpoint_list(value: Any) -> Any:
+    """``MEDQ_LLM__ENDPOINTS``: a JSON list (of URLs or ``{"url", "weight", "model"}``),
+    or plain comma-separated URLs, each optionally ``URL*WEIGHT``."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            value = json.loads(text)
+        else:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                url, _, weight = item.partition("*")
+                item = {"url": url.strip(), **({"weight": weight.strip()} if weight else {})}
+            out.append(item)
+        return out
+    return value
 
 
 class LLMSettings(BaseModel):
@@ -49,19 +82,41 @@ class LLMSettings(BaseModel):
     strategy: Literal["single", "fields"] = "single"
     few_shot: bool = True  # show the schema's examples as prior turns
     grounding: Literal["flag", "drop"] = "flag"  # values not found in the note: list them, or drop them
+    # More than one server: requests spread by weight over the healthy ones, and a job
+    # fails over to another. Empty: just base_url.
+    endpoints: Annotated[list[EndpointSettings], NoDecode] = Field(default_factory=list)
+    # Limits per endpoint, shared by every worker on every host (kept in Redis).
     requests_per_min: int | None = None
-    tokens_per_min: int | None = None
-    max_in_flight: int = 8
+    tokens_per_min: int | None = None  # a request counts prompt estimate + max_tokens, settled after
+    max_in_flight: int = 8  # the ceiling of the adaptive cap
+    min_in_flight: int = 1
+    adaptive: bool = True  # shrink the in-flight cap on 429/503/timeouts, grow it back on success
+    max_wait_s: float = 5.0  # how long one call waits for capacity before its job is put back
+    failure_threshold: int = 3  # consecutive endpoint failures before it is cooled down
+    cooldown_s: float = 2.0  # first cool-down; doubles while probes keep failing
+    cooldown_max_s: float = 60.0
     allowed_hosts: list[str] = Field(default_factory=list)
+
+    _split_endpoints = field_validator("endpoints", mode="before")(_endpoint_list)
+
+    @property
+    def all_endpoints(self) -> list[EndpointSettings]:
+        return self.endpoints or [EndpointSettings(url=self.base_url)]
 
 
 class WorkerSettings(BaseModel):
     concurrency: int = 8
     pool: Literal["threads", "prefork", "solo"] = "threads"
-    max_retries: int = 6  # transient endpoint errors per job
+    max_retries: int = 6  # charged errors per job (timeouts, 5xx); back-pressure is not counted
+    max_wait_s: float = 6 * 3600  # back-pressure (busy, down, rate-limited) delays a job this long at most
     retry_backoff_s: float = 2.0
     retry_backoff_max_s: float = 300.0
     task_time_limit_s: int = 900
+    # A running job holds a lease that its worker renews; a job found running with an
+    # expired lease lost its worker. After this many lost runs it is a poison job.
+    lease_s: float = 30.0
+    max_lost_runs: int = 3
+    visibility_timeout_s: int | None = None  # default: derived (see Settings.visibility_timeout_s)
 
 
 class FlowerSettings(BaseModel):
@@ -127,9 +182,20 @@ class Settings(BaseSettings):
 
     @property
     def visibility_timeout_s(self) -> int:
-        """Longer than a task's time limit plus the longest retry delay, so a slow job
-        is never handed to a second worker while the first still runs it."""
+        """How long Redis keeps a delivered, unacknowledged message before handing it to
+        another worker. That is also how long a job whose worker was killed waits before
+        it runs again. Default: longer than a task's time limit plus the longest retry
+        delay, so a slow job is rarely handed out twice (the job lease keeps the second
+        delivery from running it while the first still does)."""
+        if self.worker.visibility_timeout_s:
+            return self.worker.visibility_timeout_s
         return int(self.worker.task_time_limit_s + self.worker.retry_backoff_max_s + 600)
+
+    @property
+    def max_countdown_s(self) -> float:
+        """A delayed message waits in its worker, unacknowledged: it must come back well
+        within the visibility timeout, or Redis hands out a second copy."""
+        return min(self.worker.retry_backoff_max_s, self.visibility_timeout_s / 2)
 
 
 @functools.cache

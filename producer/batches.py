@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from medq.contract import JobStatus, batch_key, job_key, payload_key
+from medq.contract import JobStatus, batch_key, failed_key, job_key, payload_key, result_key
 from medq.errors import RetryableError
 
 _CHUNK = 1000
@@ -43,10 +43,10 @@ def job_ids(r: redis.Redis, batch: str) -> list[str]:
     return [_s(x) for x in r.smembers(batch_key(batch))]
 
 
-def iter_states(r: redis.Redis, batch: str) -> Iterator[JobState]:
-    """Every job's state in the batch, in input order (pipelined reads in chunks)."""
+def iter_states(r: redis.Redis, batch: str, ids: list[str] | None = None) -> Iterator[JobState]:
+    """Every job's state in the batch (or those of ``ids``), in input order (pipelined reads in chunks)."""
     states: list[JobState] = []
-    ids = job_ids(r, batch)
+    ids = job_ids(r, batch) if ids is None else ids
     for i in range(0, len(ids), _CHUNK):
         chunk = ids[i : i + _CHUNK]
         pipe = r.pipeline(transaction=False)
@@ -82,7 +82,9 @@ def counts(r: redis.Redis, batch: str) -> Counter[str]:
 
 
 def failed(r: redis.Redis, batch: str) -> list[JobState]:
-    return [st for st in iter_states(r, batch) if st.status == JobStatus.FAILED.value]
+    """The batch's dead letters, from its failed set (no scan of the whole batch)."""
+    ids = [_s(x) for x in r.zrange(failed_key(batch), 0, -1)]
+    return [st for st in iter_states(r, batch, ids) if st.status == JobStatus.FAILED.value]
 
 
 @dataclass
@@ -105,11 +107,43 @@ def requeue(producer: Any, batch: str, all_failed: bool = False) -> RequeueRepor
     pipe = r.pipeline(transaction=False)
     for st in ready:
         pipe.hset(job_key(st.job_id), mapping={"status": JobStatus.QUEUED.value})
-        pipe.hdel(job_key(st.job_id), "sent")
+        # A fresh budget: failures, lost runs and waiting start again from zero.
+        pipe.hdel(job_key(st.job_id), "sent", "failures", "lost", "deferrals", "first_run_ms", "lease_until", "run_id")
         pipe.persist(job_key(st.job_id))  # finished jobs' state expires; a queued one's must not
+        pipe.zrem(failed_key(batch), st.job_id)
     pipe.execute()
     producer.send([st.job_id for st in ready])
     return RequeueReport([st.job_id for st in ready], missing)
+
+
+@dataclass
+class PurgeReport:
+    jobs: int
+    payloads: int
+    results: int
+
+
+def purge(r: redis.Redis, batch: str, results: bool = False) -> PurgeReport:
+    """Delete a batch from Redis: its records (payloads), job states, sets, and with
+    ``results`` its results kept in Redis. Running jobs find their state gone and stop."""
+    ids = job_ids(r, batch) or [_s(x) for x in r.zrange(failed_key(batch), 0, -1)]
+    jobs = payloads = res = 0
+    for i in range(0, len(ids), _CHUNK):
+        chunk = ids[i : i + _CHUNK]
+        pipe = r.pipeline(transaction=False)
+        for job_id in chunk:
+            pipe.delete(payload_key(job_id))
+            pipe.delete(job_key(job_id))
+            if results:
+                pipe.delete(result_key(job_id))
+        out = pipe.execute()
+        step = 3 if results else 2
+        payloads += sum(out[0::step])
+        jobs += sum(out[1::step])
+        if results:
+            res += sum(out[2::step])
+    r.delete(batch_key(batch), failed_key(batch))
+    return PurgeReport(jobs, payloads, res)
 
 
 def _s(x: Any) -> str:

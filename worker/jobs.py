@@ -1,8 +1,24 @@
 """A job's life in a worker: load by id, extract, store one result, record the state.
 
     queued -> running -> succeeded
-                      -> retrying -> running ...   (transient endpoint errors, with backoff)
-                      -> failed                    (permanent error, or retry budget spent)
+                      -> retrying -> running ...   (retryable errors, with backoff)
+                      -> failed                    (permanent error, or a budget spent: dead letter)
+
+Exactly one result per job, whatever the broker does:
+
+- A run takes a *lease* on the job (``lease_until``, renewed by a heartbeat while it
+  runs). A second delivery of a job whose lease is live (a visibility-timeout
+  redelivery, a duplicate message) does not run it: it is put back until the lease
+  ends, and then finds the job finished.
+- A job found ``running`` with an expired lease lost its worker (``kill -9``, OOM, a
+  host gone). It runs again; after ``MEDQ_WORKER__MAX_LOST_RUNS`` lost runs it is a
+  poison job and goes to dead letters instead of killing workers forever.
+- The result store keeps the first success: a late second run cannot replace it.
+
+Budgets: charged errors (timeouts, 5xx) count against ``MEDQ_WORKER__MAX_RETRIES``;
+back-pressure (busy, down, rate-limited, no capacity) only delays the job, for at most
+``MEDQ_WORKER__MAX_WAIT_S``. Dead letters keep their payload until the job succeeds
+or the batch is purged, so ``medq requeue`` can run them again.
 
 Only ids and PHI-free summaries leave this module: the note is read from the
 payload store, given to the processor, and dropped.
@@ -13,21 +29,70 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import threading
+import time
+import traceback
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import redis
 
-from medq.contract import JobStatus, batch_key, job_key, payload_key
-from medq.errors import MedqError, PayloadMissing, PermanentError, RetryableError
+from medq.contract import JobStatus, batch_key, failed_key, job_key, payload_key
+from medq.errors import (
+    MedqError,
+    NoCapacity,
+    PayloadMissing,
+    PermanentError,
+    RetryableError,
+    ServerError,
+    WorkerLost,
+)
 from medq.settings import Settings, get_settings
+from worker.endpoints import Endpoint, EndpointPool
 from worker.processor import Extraction, MedicalDataProcessor
 from worker.results import ResultStore, open_store
 from worker.retry import RetryPolicy, compute_backoff
 
 log = logging.getLogger("medq.worker")
+
+# Start a run: one atomic step that decides whether this delivery may run the job.
+START_LUA = """
+-- KEYS: job, payload   ARGV: run_id, lease_ms, max_lost_runs, now_iso
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local h = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'first_run_ms')
+if not h[1] then return {'missing'} end
+if h[1] == 'succeeded' or h[1] == 'failed' then return {'final', h[1]} end
+if h[1] == 'running' then
+  local lease_until = tonumber(h[2]) or 0
+  if lease_until > now then return {'busy', tostring(lease_until - now)} end
+  local lost = redis.call('HINCRBY', KEYS[1], 'lost', 1)
+  if lost >= tonumber(ARGV[3]) then
+    return {'poison', tostring(lost), redis.call('HGET', KEYS[1], 'attempts') or '0'}
+  end
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if not h[3] then redis.call('HSET', KEYS[1], 'first_run_ms', now) end
+redis.call('HSET', KEYS[1], 'status', 'running', 'lease_until', now + tonumber(ARGV[2]),
+           'run_id', ARGV[1], 'updated_at', ARGV[4])
+local f = redis.call('HMGET', KEYS[1], 'failures', 'lost', 'first_run_ms', 'deferrals')
+return {'run', tostring(attempts), f[1] or '0', f[2] or '0', f[3], f[4] or '0', tostring(now),
+        redis.call('GET', KEYS[2]) or false}
+"""
+
+# Renew a lease, only if this run still holds it.
+RENEW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('HGET', KEYS[1], 'run_id') == ARGV[1] and redis.call('HGET', KEYS[1], 'status') == 'running' then
+  redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"""
 
 
 @dataclass(frozen=True)
@@ -59,6 +124,19 @@ class Job:
         )
 
 
+@dataclass(frozen=True)
+class Run:
+    """This delivery's run of a job: what START_LUA handed out."""
+
+    run_id: str
+    attempts: int
+    failures: int
+    lost: int
+    deferrals: int
+    waited_s: float
+    raw_payload: str | None
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -73,11 +151,21 @@ class JobRunner:
         self.settings = settings
         self.r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
         self.store = store or open_store(settings.effective_results_url, ttl_s=settings.results_ttl_s)
-        self.processor = processor or MedicalDataProcessor.from_settings(settings)
+        self.pool = EndpointPool.from_settings(settings, self.r, processor)
         w = settings.worker
         self.policy = RetryPolicy(w.max_retries, w.retry_backoff_s, w.retry_backoff_max_s)
+        self.lease_ms = int(w.lease_s * 1000)
+        self._start = self.r.register_script(START_LUA)
+        self._renew = self.r.register_script(RENEW_LUA)
+        self._active: dict[str, str] = {}  # job id -> run id, renewed by the heartbeat
+        self._active_lock = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
 
-    def run(self, job_id: str, retries: int = 0) -> dict[str, Any] | RetryLater:
+    @property
+    def processor(self) -> MedicalDataProcessor:
+        return self.pool.primary.processor
+
+    def run(self, job_id: str) -> dict[str, Any] | RetryLater:
         """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
         after recording the failure, so Celery and Flower show it as failed."""
         h: dict[str, str] = self.r.hgetall(job_key(job_id))  # type: ignore[assignment]  # decode_responses
@@ -86,40 +174,122 @@ class JobRunner:
             log.warning("job %s: no job state in Redis (purged, expired or foreign); dropped", job_id)
             return {"job_id": job_id, "status": "unknown"}
         job = Job.from_hash(job_id, h)
-        if job.status is JobStatus.SUCCEEDED:
+        run_id = uuid.uuid4().hex
+        res = self._start(
+            keys=[job_key(job_id), payload_key(job_id)],
+            args=[run_id, self.lease_ms, self.settings.worker.max_lost_runs, _now()],
+        )
+        verdict = res[0]
+        if verdict == "missing":
+            log.warning("job %s: no job state in Redis (purged, expired or foreign); dropped", job_id)
+            return {"job_id": job_id, "status": "unknown"}
+        if verdict == "final":
             # Redelivered after it finished (worker lost before the ack): one result only.
-            return self._summary(job, job.status)
-        # One round trip: count the attempt, mark it running, fetch the record.
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hincrby(job_key(job_id), "attempts", 1)
-        pipe.hset(job_key(job_id), mapping={"status": JobStatus.RUNNING.value, "updated_at": _now()})
-        pipe.get(payload_key(job_id))
-        attempts, _, raw_payload = pipe.execute()
-        try:
-            text, metadata = self._load_payload(job, raw_payload)
-            extraction = self.processor.process(text, job.schema, record_id=job.record_id)
-        except RetryableError as exc:
-            if retries >= self.policy.max_retries:
-                gave_up = type(exc)(f"{exc.message} (gave up after {attempts} attempts)", exc.retry_after_s)
-                self._fail(job, attempts, gave_up)
-                raise gave_up from None
-            countdown_s = compute_backoff(retries, self.policy, exc.retry_after_s)
-            self.r.hset(
-                job_key(job_id),
-                mapping={
-                    "status": JobStatus.RETRYING.value,
-                    "error_kind": exc.kind,
-                    "error_message": exc.message,
-                    "updated_at": _now(),
-                },
+            return self._summary(job, JobStatus(res[1]))
+        if verdict == "busy":
+            # Another delivery runs it now; come back when its lease would have run out.
+            wait_s = min(int(res[1]) / 1000 + 1, self.settings.max_countdown_s)
+            log.info("job %s: already running elsewhere; checking again in %.1fs", job_id, wait_s)
+            return RetryLater(wait_s, ServerError(f"job {job_id} is running in another worker"))
+        if verdict == "poison":
+            lost, attempts = int(res[1]), int(res[2])
+            exc = WorkerLost(
+                f"record {job.record_id}: its worker died during {lost} runs (MEDQ_WORKER__MAX_LOST_RUNS); not run again"
             )
-            log.info("job %s record %s: %s; retry in %.1fs", job_id, job.record_id, exc.kind, countdown_s)
-            return RetryLater(countdown_s, exc)
-        except PermanentError as exc:
             self._fail(job, attempts, exc)
+            raise exc
+        run = Run(
+            run_id=run_id,
+            attempts=int(res[1]),
+            failures=int(res[2]),
+            lost=int(res[3]),
+            deferrals=int(res[5]),
+            waited_s=(int(res[6]) - int(res[4])) / 1000,
+            raw_payload=res[7] if len(res) > 7 else None,
+        )
+        self._hold(job_id, run_id)
+        try:
+            return self._execute(job, run)
+        finally:
+            self._drop(job_id)
+
+    def _execute(self, job: Job, run: Run) -> dict[str, Any] | RetryLater:
+        if run.lost and self._already_stored(job):
+            # The last run stored its result and died before saying so: finish, do not redo.
+            self._mark_succeeded(job)
+            return self._summary(job, JobStatus.SUCCEEDED, run.attempts)
+        try:
+            text, metadata = self._load_payload(job, run.raw_payload)
+            endpoint, extraction = self._extract(job, text)
+        except RetryableError as exc:
+            return self._retry_later(job, run, exc)
+        except PermanentError as exc:
+            self._fail(job, run.attempts, exc)
             raise
-        self._succeed(job, attempts, extraction, metadata)
-        return self._summary(job, JobStatus.SUCCEEDED, attempts, extraction.provenance.latency_ms)
+        except redis.RedisError:
+            raise  # the task puts the message back; the lease lapses and the job runs again
+        except Exception as exc:  # a bug: charged like a 5xx, never with its message (it may quote data)
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            log.error("job %s: internal error %s at %s:%s", job.job_id, type(exc).__name__, where.filename, where.lineno)
+            return self._retry_later(job, run, ServerError(f"internal error in medq ({type(exc).__name__}); see the worker log"))
+        self._succeed(job, run.attempts, endpoint, extraction, metadata)
+        return self._summary(job, JobStatus.SUCCEEDED, run.attempts, extraction.provenance.latency_ms)
+
+    def _extract(self, job: Job, text: str) -> tuple[Endpoint, Extraction]:
+        """The first endpoint that answers; endpoint errors fail over to the next."""
+        last: RetryableError | None = None
+        for endpoint in self.pool.order():
+            try:
+                return endpoint, endpoint.processor.process(text, job.schema, record_id=job.record_id)
+            except RetryableError as exc:
+                if last is not None and isinstance(exc, NoCapacity) and not isinstance(last, NoCapacity):
+                    continue  # keep the more telling error
+                last = exc
+                if len(self.pool.endpoints) > 1:
+                    log.info("job %s: %s from %s; trying the next endpoint", job.job_id, exc.kind, endpoint.url)
+        assert last is not None
+        raise last
+
+    def _retry_later(self, job: Job, run: Run, exc: RetryableError) -> RetryLater:
+        w = self.settings.worker
+        pipe = self.r.pipeline()
+        if exc.charged:
+            pipe.hincrby(job_key(job.job_id), "failures", 1)
+            n = run.failures + 1
+            if n > w.max_retries:
+                self._give_up(job, run, exc, f"gave up after {n} failed attempts (MEDQ_WORKER__MAX_RETRIES={w.max_retries})")
+            countdown_s = compute_backoff(n - 1, self.policy, exc.retry_after_s)
+        else:
+            pipe.hincrby(job_key(job.job_id), "deferrals", 1)
+            if run.waited_s > w.max_wait_s:
+                self._give_up(job, run, exc, f"gave up after waiting {run.waited_s:.0f}s (MEDQ_WORKER__MAX_WAIT_S)")
+            if isinstance(exc, NoCapacity) and exc.retry_after_s is not None:
+                # The gate knows when there is room again: come back then, spread over a second.
+                countdown_s = exc.retry_after_s + random.random()
+            else:
+                countdown_s = compute_backoff(min(run.deferrals, 16), self.policy, exc.retry_after_s)
+        countdown_s = min(countdown_s, self.settings.max_countdown_s)
+        pipe.hset(
+            job_key(job.job_id),
+            mapping={
+                "status": JobStatus.RETRYING.value,
+                "error_kind": exc.kind,
+                "error_message": exc.message,
+                "updated_at": _now(),
+            },
+        )
+        pipe.execute()
+        log.info("job %s record %s: %s; retry in %.1fs", job.job_id, job.record_id, exc.kind, countdown_s)
+        return RetryLater(countdown_s, exc)
+
+    def _give_up(self, job: Job, run: Run, exc: RetryableError, why: str) -> None:
+        gave_up = type(exc)(f"{exc.message} ({why})", exc.retry_after_s)
+        self._fail(job, run.attempts, gave_up)
+        raise gave_up from None
+
+    def _already_stored(self, job: Job) -> bool:
+        doc = self.store.get(job.job_id)
+        return bool(doc and doc.get("status") == JobStatus.SUCCEEDED.value)
 
     @staticmethod
     def _load_payload(job: Job, raw: str | None) -> tuple[str, dict[str, Any]]:
@@ -150,7 +320,7 @@ class JobRunner:
             "finished_at": _now(),
         }
 
-    def _succeed(self, job: Job, attempts: int, ex: Extraction, metadata: dict[str, Any]) -> None:
+    def _succeed(self, job: Job, attempts: int, endpoint: Endpoint, ex: Extraction, metadata: dict[str, Any]) -> None:
         prov = ex.provenance
         doc = self._doc(job, JobStatus.SUCCEEDED, attempts)
         doc.update(
@@ -162,10 +332,15 @@ class JobRunner:
             metadata=metadata,
             provenance=prov.as_dict(),
         )
-        self.store.put(doc)
+        if not self.store.put(doc):
+            log.info("job %s: a result was already stored; kept the first", job.job_id)
+        self._mark_succeeded(job)
+
+    def _mark_succeeded(self, job: Job) -> None:
         pipe = self.r.pipeline()
         pipe.hset(job_key(job.job_id), mapping={"status": JobStatus.SUCCEEDED.value, "updated_at": _now()})
-        pipe.hdel(job_key(job.job_id), "error_kind", "error_message")
+        pipe.hdel(job_key(job.job_id), "error_kind", "error_message", "lease_until", "run_id")
+        pipe.zrem(failed_key(job.batch), job.job_id)
         self._expire_state(pipe, job)
         # The note is not needed once its result is stored: shorter life, smaller exposure.
         pipe.delete(payload_key(job.job_id))
@@ -175,7 +350,8 @@ class JobRunner:
         doc = self._doc(job, JobStatus.FAILED, attempts)
         doc["error"] = {"kind": exc.kind, "message": exc.message}
         self.store.put(doc)
-        # The payload stays, so `medq requeue` can run the job again.
+        # A dead letter: listed in the batch's failed set, its state and payload kept
+        # (no expiry) until it succeeds on a requeue or the batch is purged.
         pipe = self.r.pipeline()
         pipe.hset(
             job_key(job.job_id),
@@ -186,7 +362,11 @@ class JobRunner:
                 "updated_at": _now(),
             },
         )
-        self._expire_state(pipe, job)
+        pipe.hdel(job_key(job.job_id), "lease_until", "run_id")
+        pipe.zadd(failed_key(job.batch), {job.job_id: time.time()})
+        pipe.persist(job_key(job.job_id))
+        pipe.persist(payload_key(job.job_id))
+        pipe.persist(batch_key(job.batch))
         pipe.execute()
         log.warning("job %s record %s failed: %s", job.job_id, job.record_id, exc.kind)
 
@@ -201,6 +381,36 @@ class JobRunner:
         if latency_ms is not None:
             out["latency_ms"] = round(latency_ms, 1)
         return out
+
+    # ------------------------------------------------------------ leases
+
+    def _hold(self, job_id: str, run_id: str) -> None:
+        with self._active_lock:
+            self._active[job_id] = run_id
+            if self._heartbeat is None or not self._heartbeat.is_alive():
+                self._heartbeat = threading.Thread(target=self._beat, name="medq-lease-heartbeat", daemon=True)
+                self._heartbeat.start()
+
+    def _drop(self, job_id: str) -> None:
+        with self._active_lock:
+            self._active.pop(job_id, None)
+
+    def _beat(self) -> None:
+        """Renew the leases of the jobs this process runs, every third of a lease."""
+        period = self.lease_ms / 3000
+        while True:
+            time.sleep(period)
+            with self._active_lock:
+                held = list(self._active.items())
+            if not held:
+                continue
+            try:
+                pipe = self.r.pipeline(transaction=False)
+                for job_id, run_id in held:
+                    self._renew(keys=[job_key(job_id)], args=[run_id, self.lease_ms], client=pipe)
+                pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("lease heartbeat: %s", type(exc).__name__)
 
 
 _runner: JobRunner | None = None

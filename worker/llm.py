@@ -19,10 +19,17 @@ from medq.errors import (
     EndpointTimeout,
     EndpointUnavailable,
     MedqError,
+    Overloaded,
     RateLimited,
     RequestRejected,
     ServerError,
 )
+from worker.rate_limit import EndpointGate, estimate_tokens
+
+# 5xx bodies that mean "busy, come back later", not "broken": Ollama's queue full
+# ("server busy ... maximum pending requests exceeded", "no slots available") and
+# servers still loading their model (llama.cpp's 503 "Loading model", TGI, vLLM).
+_BACKPRESSURE_WORDS = ("busy", "loading", "no slots", "overloaded", "unavailable", "try again")
 
 # How a request asks for schema-constrained output, from most to least constrained.
 # "json_schema": OpenAI, vLLM, Ollama; "json_object_schema": llama-cpp-python's server,
@@ -111,17 +118,40 @@ def grammar_schema(schema: Any) -> Any:
 
 
 class LLMClient:
-    """One endpoint, one model; thread-safe (the SDK's httpx client is)."""
+    """One endpoint, one model; thread-safe (the SDK's httpx client is).
 
-    def __init__(self, base_url: str, api_key: str, model: str, timeout_s: float = 120.0) -> None:
+    With a ``gate``, every call first takes a lease on the endpoint's shared limits
+    (``worker.rate_limit``) and reports back how it went."""
+
+    def __init__(
+        self, base_url: str, api_key: str, model: str, timeout_s: float = 120.0, gate: EndpointGate | None = None
+    ) -> None:
         self.base_url = base_url
         self.model = model
+        self.gate = gate
         self._client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
 
     def complete(
         self,
         messages: list[dict[str, str]],
         *,
+        response_format: dict[str, Any] | None,
+        max_tokens: int,
+        temperature: float,
+    ) -> Completion:
+        if self.gate is None:
+            return self._complete(messages, response_format, max_tokens, temperature)
+
+        def call() -> tuple[Completion, int]:
+            c = self._complete(messages, response_format, max_tokens, temperature)
+            return c, c.prompt_tokens + c.completion_tokens
+
+        result: Completion = self.gate.call(estimate_tokens(messages, max_tokens), call)
+        return result
+
+    def _complete(
+        self,
+        messages: list[dict[str, str]],
         response_format: dict[str, Any] | None,
         max_tokens: int,
         temperature: float,
@@ -173,7 +203,13 @@ class LLMClient:
                 return FormatRejected(text)
             if status == 429:
                 return RateLimited(text, retry_after_s=retry_after_s)
-            if status >= 500 or status == 408:
+            if status == 503 or (status >= 500 and any(w in lowered for w in _BACKPRESSURE_WORDS)):
+                return Overloaded(text, retry_after_s=retry_after_s)
+            if status == 504 or status == 408:
+                return EndpointTimeout(text, retry_after_s=retry_after_s)
+            if status == 502:
+                return EndpointUnavailable(text, retry_after_s=retry_after_s)
+            if status >= 500:
                 return ServerError(text, retry_after_s=retry_after_s)
             if status in (400, 422) and "schema" in lowered:
                 return FormatRejected(text)

@@ -32,8 +32,10 @@ from pydantic import BaseModel, ValidationError
 
 from medq.errors import InvalidRecord, OutputInvalid, OutputTruncated
 from medq.schemas import ExtractionSchema, SchemaLoader, build_schema
+from medq.settings import EndpointSettings
 from worker.grounding import drop_ungrounded, ungrounded_paths
 from worker.llm import RESPONSE_FORMATS, Completion, FormatRejected, LLMClient, Usage, response_format_for
+from worker.rate_limit import EndpointGate
 
 Strategy = Literal["single", "fields"]
 Grounding = Literal["flag", "drop"]
@@ -136,10 +138,11 @@ class MedicalDataProcessor:
         strategy: Strategy = "single",
         few_shot: bool = True,
         grounding: Grounding = "flag",
+        gate: EndpointGate | None = None,
     ) -> None:
         self.base_url = base_url or "https://api.openai.com/v1"
         self.schema_loader = schema_loader or SchemaLoader()
-        self.client = LLMClient(self.base_url, api_key, model, timeout_s)
+        self.client = LLMClient(self.base_url, api_key, model, timeout_s, gate=gate)
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
@@ -160,12 +163,21 @@ class MedicalDataProcessor:
         self._parts: dict[tuple[str, int], list[_Part]] = {}
 
     @classmethod
-    def from_settings(cls, settings: Any, schema_loader: SchemaLoader | None = None) -> MedicalDataProcessor:
+    def from_settings(
+        cls,
+        settings: Any,
+        schema_loader: SchemaLoader | None = None,
+        *,
+        endpoint: EndpointSettings | None = None,
+        gate: EndpointGate | None = None,
+    ) -> MedicalDataProcessor:
+        """A processor for ``endpoint`` (default: ``MEDQ_LLM__BASE_URL``) with the ``llm`` settings."""
         llm = settings.llm
+        ep = endpoint or EndpointSettings(url=llm.base_url)
         return cls(
-            llm.model,
-            llm.api_key.get_secret_value(),
-            llm.base_url,
+            ep.model or llm.model,
+            (ep.api_key or llm.api_key).get_secret_value(),
+            ep.url,
             schema_loader or SchemaLoader(settings.schema_dirs),
             response_format=llm.response_format,
             timeout_s=llm.timeout_s,
@@ -176,6 +188,7 @@ class MedicalDataProcessor:
             strategy=llm.strategy,
             few_shot=llm.few_shot,
             grounding=llm.grounding,
+            gate=gate,
         )
 
     @property

@@ -12,6 +12,7 @@ from medq.errors import (
     EndpointUnavailable,
     OutputInvalid,
     OutputTruncated,
+    Overloaded,
     RateLimited,
     RequestRejected,
     ServerError,
@@ -102,7 +103,7 @@ def test_truncation_is_bounded(sim: str) -> None:
     assert _stats(sim)["max_tokens"] == [256, 512]
 
 
-@pytest.mark.parametrize(("outcome", "error"), [("429", RateLimited), ("500", ServerError), ("503", ServerError)])
+@pytest.mark.parametrize(("outcome", "error"), [("429", RateLimited), ("500", ServerError), ("503", Overloaded)])
 def test_endpoint_errors_are_retryable(sim: str, outcome: str, error: type) -> None:
     _script(sim, outcome)
     with pytest.raises(error) as exc:

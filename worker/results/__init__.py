@@ -1,7 +1,9 @@
 """Result stores: one file per backend, chosen by the URL's scheme.
 
-A store keeps one document per job id (CONTRACT.md "Results"); ``put`` is an
-idempotent upsert, so a redelivered job can never leave two results.
+A store keeps one document per job id (CONTRACT.md "Results"). ``put`` is an upsert
+that never replaces a success: the first successful result of a job is the one kept,
+so a job run twice (a redelivery after a lost worker) can neither leave two results
+nor swap its result for another.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from typing import Any, Protocol
 
 
 class ResultStore(Protocol):
-    def put(self, doc: dict[str, Any]) -> None:
-        """Insert or replace the result whose ``job_id`` is ``doc["job_id"]``."""
+    def put(self, doc: dict[str, Any]) -> bool:
+        """Store the result of ``doc["job_id"]`` unless a success is already stored
+        (a failure is replaced by a later run's result). True if it was written."""
 
     def get(self, job_id: str) -> dict[str, Any] | None: ...
 

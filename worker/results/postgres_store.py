@@ -37,16 +37,17 @@ class PostgresResultStore:
         self._engine = sa.create_engine(_driver_url(url), pool_pre_ping=True)
         metadata.create_all(self._engine, checkfirst=True)
 
-    def put(self, doc: dict[str, Any]) -> None:
+    def put(self, doc: dict[str, Any]) -> bool:
         stmt = insert(results).values(
             job_id=doc["job_id"], batch=doc["batch"], record_id=doc["id"], status=doc["status"], doc=doc
         )
         stmt = stmt.on_conflict_do_update(
             index_elements=[results.c.job_id],
             set_={"status": stmt.excluded.status, "doc": stmt.excluded.doc, "updated_at": sa.func.now()},
+            where=results.c.status != "succeeded",  # the first success is kept
         )
         with self._engine.begin() as conn:
-            conn.execute(stmt)
+            return conn.execute(stmt).rowcount > 0
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._engine.connect() as conn:

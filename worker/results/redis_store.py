@@ -18,8 +18,23 @@ class RedisResultStore:
         self._r = redis.Redis.from_url(url)
         self.ttl_s = ttl_s
 
-    def put(self, doc: dict[str, Any]) -> None:
-        self._r.set(result_key(doc["job_id"]), json.dumps(doc, ensure_ascii=False), ex=self.ttl_s)
+    def put(self, doc: dict[str, Any]) -> bool:
+        key = result_key(doc["job_id"])
+        value = json.dumps(doc, ensure_ascii=False)
+        with self._r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)  # optimistic: another run writing meanwhile aborts ours
+                    current = pipe.get(key)
+                    if current and json.loads(current).get("status") == "succeeded":
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.set(key, value, ex=self.ttl_s)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         raw = self._r.get(result_key(job_id))

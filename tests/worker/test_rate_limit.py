@@ -1,0 +1,103 @@
+"""The shared endpoint gate against the real Redis: windows, leases, AIMD, the breaker.
+
+Process-level proof (4 workers, one limit) is in tests/chaos; these pin the rules."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from medq.errors import NoCapacity
+from worker.rate_limit import BACKOFF, FAIL, NEUTRAL, OK, TIMEOUT, EndpointGate, GateConfig
+
+URL = "http://gate.test:1/v1"
+
+
+def gate(r: redis.Redis, **kw: object) -> EndpointGate:
+    cfg = {"max_wait_s": 0.05, "adaptive": False, "max_in_flight": 100, **kw}
+    return EndpointGate(r, URL, GateConfig(**cfg))  # type: ignore[arg-type]
+
+
+def test_requests_per_min_is_shared_and_says_when_there_is_room(r: redis.Redis) -> None:
+    a, b = gate(r, requests_per_min=5), gate(r, requests_per_min=5)  # two workers, one endpoint
+    for g in (a, b, a, b, a):
+        g.release(g.acquire(10), OK)
+    with pytest.raises(NoCapacity) as exc:
+        b.acquire(10)
+    # The first call leaves the window 61-62 s after it was admitted, not sooner.
+    assert 59 < exc.value.retry_after_s <= 62
+    assert "requests per min" in exc.value.message
+
+
+def test_in_flight_cap_counts_leases_until_released_or_expired(r: redis.Redis) -> None:
+    g = gate(r, max_in_flight=2, lease_s=0.5)
+    first, _ = g.acquire(1), g.acquire(1)
+    with pytest.raises(NoCapacity, match="in flight"):
+        g.acquire(1)
+    g.release(first, OK)
+    g.acquire(1)  # a released slot is free again
+    time.sleep(0.6)  # leases of a worker that died expire
+    g.acquire(1)
+    g.acquire(1)
+    assert g.snapshot()["in_flight"] == 2
+
+
+def test_waiting_call_gets_the_slot_when_it_frees(r: redis.Redis) -> None:
+    g = gate(r, max_in_flight=1, lease_s=0.3, max_wait_s=2)
+    g.acquire(1)  # never released: its lease runs out after 0.3 s
+    started = time.monotonic()
+    g.acquire(1)
+    assert 0.2 < time.monotonic() - started < 2
+
+
+def test_tokens_are_estimated_then_settled(r: redis.Redis) -> None:
+    g = gate(r, tokens_per_min=1000)
+    lease = g.acquire(600)
+    with pytest.raises(NoCapacity, match="tokens per min"):
+        g.acquire(600)
+    g.release(lease, OK, used_tokens=100)  # the call used far less than its estimate
+    g.acquire(600)
+
+
+def test_adaptive_cap_halves_on_backpressure_once_per_second_and_grows_back(r: redis.Redis) -> None:
+    g = gate(r, adaptive=True, max_in_flight=8)
+    g.release(g.acquire(1), BACKOFF)
+    assert g.snapshot()["limit"] == 4
+    g.release(g.acquire(1), BACKOFF)  # the same burst of 429s: no second cut
+    assert g.snapshot()["limit"] == 4
+    time.sleep(1.05)
+    g.release(g.acquire(1), TIMEOUT)
+    assert g.snapshot()["limit"] == 2
+    held = [g.acquire(1), g.acquire(1)]
+    with pytest.raises(NoCapacity, match="in flight"):
+        g.acquire(1)
+    for lease in held:
+        g.release(lease, OK)
+    for _ in range(20):
+        g.release(g.acquire(1), OK)
+    assert 4 < g.snapshot()["limit"] <= 8  # +1/cap per success
+    g.release(g.acquire(1), NEUTRAL)  # a 4xx is the request's fault: no change
+    assert g.snapshot()["cuts"] == 2
+
+
+def test_breaker_cools_down_then_lets_one_probe_through(r: redis.Redis) -> None:
+    g = gate(r, failure_threshold=3, cooldown_s=0.4, cooldown_max_s=5, max_in_flight=8, adaptive=True)
+    for _ in range(2):
+        g.release(g.acquire(1), FAIL)
+    g.release(g.acquire(1), OK)  # a success in between resets the count
+    for _ in range(3):
+        g.release(g.acquire(1), FAIL)
+    with pytest.raises(NoCapacity, match="cooling") as exc:
+        g.acquire(1)
+    assert 0 < exc.value.retry_after_s <= 0.4
+    time.sleep(0.45)
+    probe = g.acquire(1)
+    with pytest.raises(NoCapacity, match="in flight"):
+        g.acquire(1)  # one probe at a time after a cool-down
+    g.release(probe, FAIL)  # the probe failed: cooled down again, for twice as long
+    with pytest.raises(NoCapacity, match="cooling") as exc:
+        g.acquire(1)
+    assert 0.4 < exc.value.retry_after_s <= 0.8
+    assert g.snapshot()["trips"] == 2

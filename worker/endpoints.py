@@ -1,0 +1,77 @@
+"""Several endpoints: one processor and one shared gate each; a job tries them in a
+weighted random order, the cooling and the full ones last, and fails over.
+
+    MEDQ_LLM__ENDPOINTS='http://gpu1:8000/v1*3,http://gpu2:8000/v1'     # weights 3 and 1
+    MEDQ_LLM__ENDPOINTS='[{"url": "http://gpu1:11434/v1", "model": "llama3.1:8b"}]'
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import redis
+
+from medq.schemas import SchemaLoader
+from medq.settings import Settings
+from worker.processor import MedicalDataProcessor
+from worker.rate_limit import EndpointGate, GateConfig, endpoint_snapshot
+
+
+@dataclass
+class Endpoint:
+    url: str
+    weight: float
+    processor: MedicalDataProcessor
+    gate: EndpointGate
+
+
+class EndpointPool:
+    def __init__(self, endpoints: list[Endpoint], r: redis.Redis, rng: random.Random | None = None) -> None:
+        if not endpoints:
+            raise ValueError("no endpoints configured (MEDQ_LLM__BASE_URL or MEDQ_LLM__ENDPOINTS)")
+        self.endpoints = endpoints
+        self._r = r
+        self._rng = rng or random.Random()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, r: redis.Redis, processor: MedicalDataProcessor | None = None
+    ) -> EndpointPool:
+        """One endpoint per ``MEDQ_LLM__ENDPOINTS`` entry (or ``MEDQ_LLM__BASE_URL``).
+        A given ``processor`` is used as the only endpoint (tests, embedding)."""
+        config = GateConfig.from_settings(settings.llm)
+        if processor is not None:
+            gate = EndpointGate(r, processor.base_url, config)
+            processor.client.gate = gate
+            return cls([Endpoint(processor.base_url, 1.0, processor, gate)], r)
+        loader = SchemaLoader(settings.schema_dirs)
+        out = []
+        for ep in settings.llm.all_endpoints:
+            gate = EndpointGate(r, ep.url, config)
+            proc = MedicalDataProcessor.from_settings(settings, loader, endpoint=ep, gate=gate)
+            out.append(Endpoint(ep.url, ep.weight, proc, gate))
+        return cls(out, r)
+
+    @property
+    def primary(self) -> Endpoint:
+        return self.endpoints[0]
+
+    def order(self) -> list[Endpoint]:
+        """The endpoints to try for one job, best first.
+
+        Weighted random order (Efraimidis-Spirakis keys), so load spreads by weight;
+        then, with more than one endpoint, those cooling down or at their in-flight cap
+        go last (one pipelined read of their state)."""
+        if len(self.endpoints) == 1:
+            return list(self.endpoints)
+        keyed = sorted(self.endpoints, key=lambda e: self._rng.random() ** (1.0 / e.weight), reverse=True)
+        snaps = {e.url: endpoint_snapshot(self._r, e.url, e.gate.config.max_in_flight) for e in keyed}
+
+        def busy(e: Endpoint) -> int:
+            s = snaps[e.url]
+            if s["cooling_s"] > 0:
+                return 2
+            return 1 if s["in_flight"] >= int(s["limit"]) else 0
+
+        return sorted(keyed, key=busy)  # stable: weighted order within each group

@@ -1,0 +1,349 @@
+"""Limits per endpoint, shared by every worker on every host: one Redis, two Lua scripts.
+
+Celery's ``rate_limit`` counts per worker, so four workers with ``10/m`` send 40 a
+minute to a GPU server that can take 10. Here every call to an endpoint first takes
+a *lease* from Redis and gives it back afterwards; both steps are one atomic script
+that reads the clock with Redis ``TIME``, so the hosts' clocks do not matter.
+
+What a lease checks, per endpoint:
+
+- **requests per minute** and **tokens per minute**, counted in one-second buckets
+  over a sliding window. A call is counted in the second it was admitted and stays
+  counted for ``WINDOW_S`` seconds plus one second of slack for the transit to the
+  server, so the server never sees more than the limit in any 60 s. Tokens are
+  estimated before the call (prompt characters / 4 + ``max_tokens``, as OpenAI counts
+  them) and settled with the real usage afterwards.
+- **requests in flight**, as leased slots in a sorted set scored by their expiry: a
+  worker killed mid-call frees its slot when the lease runs out.
+- The in-flight cap is **adaptive** (AIMD, as TCP does it): it halves on back-pressure
+  (429, 503, timeouts; at most once per second) and grows by ``1/cap`` per success,
+  i.e. by one per round of ``cap`` successes, up to ``MEDQ_LLM__MAX_IN_FLIGHT``.
+- A **circuit breaker**: after ``failure_threshold`` failures in a row (refused
+  connections, 5xx, timeouts) the endpoint is cooled down for ``cooldown_s``,
+  doubling up to ``cooldown_max_s`` while probes keep failing. After a cool-down the
+  cap restarts at ``min_in_flight``, so one probe goes first.
+
+A call that finds no room waits, sleeping until the window frees a slot (the script
+says when) or polling with backoff for an in-flight slot, for at most
+``MEDQ_LLM__MAX_WAIT_S``; then it raises :class:`~medq.errors.NoCapacity` and the
+job is put back with a countdown instead of holding a worker slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from medq.contract import KEY_PREFIX
+from medq.errors import (
+    EndpointTimeout,
+    EndpointUnavailable,
+    MedqError,
+    NoCapacity,
+    Overloaded,
+    RateLimited,
+    ServerError,
+)
+
+WINDOW_S = 60
+GUARD_S = 1  # transit slack: a request admitted at the end of a second arrives in the next
+# One-second buckets counted: a call admitted in second b blocks the limit until second
+# b + BUCKETS, so two calls the limit apart are always WINDOW_S + GUARD_S seconds apart.
+BUCKETS = WINDOW_S + GUARD_S + 1
+CUT_INTERVAL_MS = 1000  # one overload event (a burst of 429s) halves the cap once
+
+# Outcomes of a call, as the gate sees them.
+OK = "ok"
+BACKOFF = "backoff"  # the server pushed back (429, 503, busy): shrink the cap
+TIMEOUT = "timeout"  # shrink the cap, and count towards the breaker
+FAIL = "fail"  # refused connection, 5xx: count towards the breaker
+NEUTRAL = "neutral"  # the request was at fault (4xx): the endpoint is fine
+
+ACQUIRE_LUA = """
+-- KEYS: state, inflight, req, tok
+-- ARGV: lease_id, lease_ms, max_in_flight, min_in_flight, rpm, tpm, est_tokens, window_s, url
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
+local max_if, min_if = tonumber(ARGV[3]), tonumber(ARGV[4])
+local rpm, tpm, est, window = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local st = redis.call('HMGET', KEYS[1], 'limit', 'cool_until')
+local cool_until = tonumber(st[2]) or 0
+if cool_until > now then return {0, cool_until - now, 'cooling'} end
+local limit = math.min(math.max(tonumber(st[1]) or max_if, min_if), max_if)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local n = redis.call('ZCARD', KEYS[2])
+if n >= math.floor(limit) then return {0, 0, 'in_flight'} end
+
+-- sum of the buckets still in the window, and when enough of them leave it
+local function check(key, cap, need)
+  local fields = {}
+  for b = sec - window + 1, sec do fields[#fields + 1] = b end
+  local vals = redis.call('HMGET', key, unpack(fields))
+  local total = 0
+  for i = 1, #vals do total = total + (tonumber(vals[i]) or 0) end
+  if total + need <= cap then return 0 end
+  local freed = 0
+  for i = 1, #vals do
+    freed = freed + (tonumber(vals[i]) or 0)
+    if total - freed + need <= cap then return (fields[i] + window) * 1000 - now end
+  end
+  return window * 1000
+end
+local function sweep(key)
+  if redis.call('HLEN', key) > window + 30 then
+    local old = {}
+    for _, f in ipairs(redis.call('HKEYS', key)) do
+      if tonumber(f) <= sec - window then old[#old + 1] = f end
+    end
+    if #old > 0 then redis.call('HDEL', key, unpack(old)) end
+  end
+end
+if rpm > 0 then
+  local wait = check(KEYS[3], rpm, 1)
+  if wait > 0 then return {0, wait, 'requests_per_min'} end
+end
+if tpm > 0 then
+  est = math.min(est, tpm)  -- a request larger than the whole budget still runs, alone
+  local wait = check(KEYS[4], tpm, est)
+  if wait > 0 then return {0, wait, 'tokens_per_min'} end
+end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) * 2)
+if rpm > 0 then
+  redis.call('HINCRBY', KEYS[3], sec, 1)
+  redis.call('EXPIRE', KEYS[3], window + 5)
+  sweep(KEYS[3])
+end
+if tpm > 0 then
+  redis.call('HINCRBY', KEYS[4], sec, est)
+  redis.call('EXPIRE', KEYS[4], window + 5)
+  sweep(KEYS[4])
+end
+redis.call('HSET', KEYS[1], 'url', ARGV[9])
+return {1, sec, n + 1, est}
+"""
+
+RELEASE_LUA = """
+-- KEYS: state, inflight, tok
+-- ARGV: lease_id, outcome, bucket, est_tokens, used_tokens, max_in_flight, min_in_flight,
+--       adaptive, failure_threshold, cooldown_ms, cooldown_max_ms, window_s
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREM', KEYS[2], ARGV[1])
+local outcome = ARGV[2]
+local bucket, est, used = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if est > 0 and used >= 0 and bucket > sec - tonumber(ARGV[12]) and redis.call('HEXISTS', KEYS[3], bucket) == 1 then
+  redis.call('HINCRBY', KEYS[3], bucket, used - est)
+end
+local max_if, min_if = tonumber(ARGV[6]), tonumber(ARGV[7])
+local adaptive = ARGV[8] == '1'
+local st = redis.call('HMGET', KEYS[1], 'limit', 'last_cut', 'fails', 'cool_ms')
+local limit = math.min(math.max(tonumber(st[1]) or max_if, min_if), max_if)
+local last_cut = tonumber(st[2]) or 0
+local fails = tonumber(st[3]) or 0
+local base_cool, max_cool = tonumber(ARGV[10]), tonumber(ARGV[11])
+local cool_ms = tonumber(st[4]) or base_cool
+if outcome == 'ok' then
+  if adaptive then limit = math.min(max_if, limit + 1 / limit) else limit = max_if end
+  redis.call('HSET', KEYS[1], 'limit', limit, 'fails', 0, 'cool_ms', base_cool)
+  redis.call('HINCRBY', KEYS[1], 'ok', 1)
+  return {1, tostring(limit)}
+end
+if (outcome == 'backoff' or outcome == 'timeout') and adaptive and now - last_cut >= 1000 then
+  limit = math.max(min_if, math.floor(limit / 2))
+  redis.call('HSET', KEYS[1], 'limit', limit, 'last_cut', now)
+  redis.call('HINCRBY', KEYS[1], 'cuts', 1)
+end
+if outcome == 'fail' or outcome == 'timeout' then
+  fails = fails + 1
+  redis.call('HINCRBY', KEYS[1], 'errors', 1)
+  if fails >= tonumber(ARGV[9]) then
+    -- cool down; afterwards one probe at a time, and the next failure cools down again, longer
+    redis.call('HSET', KEYS[1], 'cool_until', now + cool_ms, 'cool_ms', math.min(cool_ms * 2, max_cool),
+               'fails', tonumber(ARGV[9]) - 1, 'limit', min_if)
+    redis.call('HINCRBY', KEYS[1], 'trips', 1)
+    return {2, tostring(cool_ms)}
+  end
+  redis.call('HSET', KEYS[1], 'fails', fails)
+end
+return {0, tostring(limit)}
+"""
+
+
+def endpoint_id(url: str) -> str:
+    return hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:12]
+
+
+def endpoint_keys(url: str) -> tuple[str, str, str, str]:
+    """state hash, in-flight leases, request buckets, token buckets. The ``{id}`` hash
+    tag keeps one endpoint's keys in one Redis Cluster slot."""
+    base = f"{KEY_PREFIX}:ep:{{{endpoint_id(url)}}}"
+    return f"{base}:state", f"{base}:inflight", f"{base}:req", f"{base}:tok"
+
+
+def outcome_of(exc: BaseException | None) -> str:
+    if exc is None:
+        return OK
+    if isinstance(exc, (RateLimited, Overloaded)):
+        return BACKOFF
+    if isinstance(exc, EndpointTimeout):
+        return TIMEOUT
+    if isinstance(exc, (EndpointUnavailable, ServerError)):
+        return FAIL
+    return NEUTRAL
+
+
+def estimate_tokens(messages: list[dict[str, str]], max_tokens: int) -> int:
+    chars = sum(len(m.get("content") or "") for m in messages)
+    return chars // 4 + max_tokens
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    requests_per_min: int | None = None
+    tokens_per_min: int | None = None
+    max_in_flight: int = 8
+    min_in_flight: int = 1
+    adaptive: bool = True
+    max_wait_s: float = 5.0
+    failure_threshold: int = 3
+    cooldown_s: float = 2.0
+    cooldown_max_s: float = 60.0
+    lease_s: float = 150.0  # longer than a call may take: the HTTP timeout plus slack
+
+    @classmethod
+    def from_settings(cls, llm: Any) -> GateConfig:
+        return cls(
+            requests_per_min=llm.requests_per_min,
+            tokens_per_min=llm.tokens_per_min,
+            max_in_flight=max(llm.max_in_flight, 1),
+            min_in_flight=max(min(llm.min_in_flight, llm.max_in_flight), 1),
+            adaptive=llm.adaptive,
+            max_wait_s=llm.max_wait_s,
+            failure_threshold=max(llm.failure_threshold, 1),
+            cooldown_s=llm.cooldown_s,
+            cooldown_max_s=max(llm.cooldown_max_s, llm.cooldown_s),
+            lease_s=llm.timeout_s + 30,
+        )
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: str
+    bucket: int
+    est_tokens: int
+
+
+class EndpointGate:
+    """The shared limits of one endpoint. Thread-safe; one per endpoint per process."""
+
+    def __init__(self, r: redis.Redis, url: str, config: GateConfig) -> None:
+        self.url = url
+        self.config = config
+        self.keys = endpoint_keys(url)
+        self._r = r
+        self._acquire = r.register_script(ACQUIRE_LUA)
+        self._release = r.register_script(RELEASE_LUA)
+        self._rng = random.Random()
+        self._rng_lock = threading.Lock()
+
+    def acquire(self, est_tokens: int) -> Lease:
+        """A slot for one call, waiting up to ``max_wait_s``; else :class:`NoCapacity`."""
+        c = self.config
+        lease_id = uuid.uuid4().hex
+        deadline = time.monotonic() + c.max_wait_s
+        poll_s = 0.005
+        while True:
+            res = self._acquire(
+                keys=list(self.keys),
+                args=[
+                    lease_id, int(c.lease_s * 1000), c.max_in_flight, c.min_in_flight,
+                    c.requests_per_min or 0, c.tokens_per_min or 0, est_tokens,
+                    BUCKETS, self.url,
+                ],
+            )
+            if int(res[0]) == 1:
+                return Lease(lease_id, int(res[1]), int(res[3]) if c.tokens_per_min else 0)
+            wait_s, reason = int(res[1]) / 1000, _s(res[2])
+            left = deadline - time.monotonic()
+            if reason == "cooling" or wait_s > left or left <= 0:
+                # Waiting longer would hold a worker slot: hand the job back instead.
+                retry_after = wait_s if wait_s > 0 else max(poll_s * 10, 0.5)
+                raise NoCapacity(f"{self.url}: no capacity ({reason.replace('_', ' ')})", retry_after_s=retry_after)
+            if wait_s > 0:
+                time.sleep(wait_s + self._jitter(0.05))  # the window frees a slot then
+            else:
+                time.sleep(min(poll_s + self._jitter(poll_s), max(left, 0)))  # in flight: poll, backing off
+                poll_s = min(poll_s * 2, 0.2)
+
+    def release(self, lease: Lease, outcome: str, used_tokens: int | None = None) -> None:
+        c = self.config
+        state, inflight, _, tok = self.keys
+        self._release(
+            keys=[state, inflight, tok],
+            args=[
+                lease.lease_id, outcome, lease.bucket, lease.est_tokens,
+                -1 if used_tokens is None else used_tokens,
+                c.max_in_flight, c.min_in_flight, "1" if c.adaptive else "0",
+                c.failure_threshold, int(c.cooldown_s * 1000), int(c.cooldown_max_s * 1000),
+                BUCKETS,
+            ],
+        )
+
+    def call(self, est_tokens: int, fn: Any) -> Any:
+        """Run ``fn()`` under a lease; ``fn`` returns ``(result, used_tokens)``."""
+        lease = self.acquire(est_tokens)
+        try:
+            result, used = fn()
+        except MedqError as exc:
+            self.release(lease, outcome_of(exc))
+            raise
+        except BaseException:
+            self.release(lease, NEUTRAL)
+            raise
+        self.release(lease, OK, used)
+        return result
+
+    def snapshot(self) -> dict[str, Any]:
+        return endpoint_snapshot(self._r, self.url, self.config.max_in_flight)
+
+    def _jitter(self, scale: float) -> float:
+        with self._rng_lock:
+            return self._rng.random() * scale
+
+
+def endpoint_snapshot(r: redis.Redis, url: str, max_in_flight: int | None = None) -> dict[str, Any]:
+    """What ``medq endpoints`` shows: the live cap, leases in flight, cool-down."""
+    state, inflight, _, _ = endpoint_keys(url)
+    pipe = r.pipeline(transaction=False)
+    pipe.hgetall(state)
+    pipe.zcard(inflight)
+    pipe.time()
+    h, n, (secs, micros) = pipe.execute()
+    h = {_s(k): _s(v) for k, v in h.items()}
+    now_ms = secs * 1000 + micros // 1000
+    cool_until = float(h.get("cool_until", 0))
+    limit = float(h["limit"]) if "limit" in h else float(max_in_flight or 0)
+    return {
+        "url": url,
+        "in_flight": int(n),
+        "limit": round(limit, 2),
+        "cooling_s": round(max(cool_until - now_ms, 0) / 1000, 1),
+        "ok": int(h.get("ok", 0)),
+        "errors": int(h.get("errors", 0)),
+        "cuts": int(h.get("cuts", 0)),
+        "trips": int(h.get("trips", 0)),
+    }
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
