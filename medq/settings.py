@@ -192,6 +192,15 @@ class Settings(BaseSettings):
         return int(self.worker.task_time_limit_s + self.worker.retry_backoff_max_s + 600)
 
     @property
+    def broker_transport_options(self) -> dict[str, Any]:
+        vt = self.visibility_timeout_s
+        return {
+            "visibility_timeout": vt,
+            "unacked_restore_interval": max(1, min(10, vt // 4)),
+            "unacked_restore_throttle": 1,
+        }
+
+    @property
     def max_countdown_s(self) -> float:
         """A delayed message waits in its worker, unacknowledged: it must come back well
         within the visibility timeout, or Redis hands out a second copy."""

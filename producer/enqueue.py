@@ -68,7 +68,7 @@ class Producer:
         self.celery.conf.update(
             task_serializer="json",
             accept_content=["json"],
-            broker_transport_options={"visibility_timeout": self.settings.visibility_timeout_s},
+            broker_transport_options=self.settings.broker_transport_options,
             broker_connection_retry_on_startup=True,
         )
 

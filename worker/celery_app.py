@@ -27,9 +27,12 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     worker_cancel_long_running_tasks_on_connection_loss=True,
-    # Redis redelivers an unacknowledged message after the visibility timeout; it must
-    # outlast the longest run plus the longest retry delay, or a job runs twice.
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    # Redis redelivers an unacknowledged message after the visibility timeout: that is
+    # how the jobs of a killed worker come back. It must outlast the longest run plus
+    # the longest retry delay, or a job is handed out twice (the job lease then keeps
+    # the second copy from running it). Sweep for such messages every quarter of it
+    # (kombu's default sweep is every ~100 s, however short the timeout).
+    broker_transport_options=settings.broker_transport_options,
     result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
     task_time_limit=settings.worker.task_time_limit_s,
     task_soft_time_limit=max(settings.worker.task_time_limit_s - 30, 1),

@@ -141,9 +141,10 @@ def start_worker(start_process: Callable[..., Proc]) -> Callable[..., Proc]:
     """Factory: a ``medq worker`` with the given env and flags, waited on until ready."""
     from tests.conftest import wait_log
 
-    def start(env: dict[str, str], *flags: str, name: str = "worker") -> Proc:
+    def start(env: dict[str, str], *flags: str, name: str = "worker", wait: bool = True) -> Proc:
         proc = start_process([MEDQ, "worker", *flags], env, name=name)
-        wait_log(proc, " ready.", timeout_s=60)
+        if wait:
+            wait_log(proc, " ready.", timeout_s=60)
         return proc
 
     return start

@@ -27,7 +27,7 @@ from tests.chaos.conftest import (
     wait_done,
     write_records,
 )
-from tests.conftest import MEDQ, Proc, free_port, run_cli, wait_http
+from tests.conftest import MEDQ, Proc, free_port, run_cli, wait_http, wait_log
 
 
 def sim_stats(base_url: str) -> dict[str, Any]:
@@ -41,8 +41,9 @@ def test_kill_9_workers_and_their_children_under_load(
     base = simulator("--latency-ms", "800", "--parallel", "64")
     # Workers are killed on purpose, maybe several times during one job: not a poison job.
     env = {**chaos_env, "MEDQ_LLM__BASE_URL": base, "MEDQ_WORKER__MAX_LOST_RUNS": "20", "MEDQ_LLM__MAX_IN_FLIGHT": "64"}
-    threads = start_worker(env, "-c", "8", name="threads")
+    threads = start_worker(env, "-c", "8", name="threads", wait=False)
     prefork = start_worker(env, "--pool", "prefork", "-c", "3", name="prefork")
+    wait_log(threads, " ready.")
     enqueue(env, write_records(tmp_path / "recs.jsonl", n), "kill9")
 
     kills: Counter[str] = Counter()
@@ -50,7 +51,7 @@ def test_kill_9_workers_and_their_children_under_load(
 
     def chaos(c: Counter[str]) -> None:
         nonlocal threads
-        if time.monotonic() - last[0] < 2 or sum(kills.values()) >= 8:
+        if time.monotonic() - last[0] < 2 or sum(kills.values()) >= 6:
             return
         last[0] = time.monotonic()
         if sum(kills.values()) % 2 == 0:
@@ -111,8 +112,9 @@ def test_redis_restarted_under_load(
     rr = redis.Redis.from_url(private_redis.url)
     base = simulator("--latency-ms", "300", "--parallel", "64")
     env = {**chaos_env, "MEDQ_REDIS_URL": private_redis.url, "MEDQ_LLM__BASE_URL": base}
-    start_worker(env, "-c", "8", name="w1")
+    w1 = start_worker(env, "-c", "8", name="w1", wait=False)
     start_worker(env, "-c", "8", name="w2")
+    wait_log(w1, " ready.")
     enqueue(env, write_records(tmp_path / "recs.jsonl", n), "redis-restart")
     restarted = [False]
 
@@ -137,8 +139,9 @@ def test_faults_at_ten_percent(
     faults = "429:0.02,500:0.02,503:0.02,timeout:0.01,malformed:0.02,truncated:0.01"
     base = simulator("--latency-ms", "50", "--parallel", "64", "--fault", faults, "--seed", "4")
     env = {**chaos_env, "MEDQ_LLM__BASE_URL": base, "MEDQ_LLM__TIMEOUT_S": "2"}
-    start_worker(env, "-c", "8", name="w1")
+    w1 = start_worker(env, "-c", "8", name="w1", wait=False)
     start_worker(env, "-c", "8", name="w2")
+    wait_log(w1, " ready.")
     enqueue(env, write_records(tmp_path / "recs.jsonl", n), "faults")
     wait_done(r, "faults", n, timeout_s=180)
     o = outcome(r, env, "faults", n)
@@ -176,8 +179,8 @@ def test_four_workers_share_one_rate_limit_and_in_flight_cap(
         "MEDQ_WORKER__RETRY_BACKOFF_MAX_S": "30",
         "MEDQ_WORKER__VISIBILITY_TIMEOUT_S": "120",
     }
-    for i in range(4):
-        start_worker(env, "-c", "4", name=f"w{i}")
+    for w in [start_worker(env, "-c", "4", name=f"w{i}", wait=False) for i in range(4)]:
+        wait_log(w, " ready.")
     enqueue(env, write_records(tmp_path / "recs.jsonl", n), "ratelimit")
     wait_done(r, "ratelimit", n, timeout_s=200)
     o = outcome(r, env, "ratelimit", n)
@@ -207,8 +210,9 @@ def test_endpoint_down_for_20_s_then_back(
 
     sim = start_sim()
     env = {**chaos_env, "MEDQ_LLM__BASE_URL": base}
-    start_worker(env, "-c", "8", name="w1")
+    w1 = start_worker(env, "-c", "8", name="w1", wait=False)
     start_worker(env, "-c", "8", name="w2")
+    wait_log(w1, " ready.")
     enqueue(env, write_records(tmp_path / "recs.jsonl", n), "outage")
     down_at: list[float] = []
 

@@ -78,3 +78,9 @@ def test_worker_writes_results_to_postgres(
     exported = [json.loads(line) for line in run_cli(["results", "pg"], env).stdout.splitlines()]
     assert [d["id"] for d in exported] == [f"p{i}" for i in range(10)]
     assert all(d["data"] is not None for d in exported)
+
+
+def test_postgres_result_store_keeps_the_first_success(pg_url: str) -> None:
+    from tests.worker.test_reliability import check_first_success_kept
+
+    check_first_success_kept(pg_url)

@@ -45,9 +45,9 @@ class PostgresResultStore:
             index_elements=[results.c.job_id],
             set_={"status": stmt.excluded.status, "doc": stmt.excluded.doc, "updated_at": sa.func.now()},
             where=results.c.status != "succeeded",  # the first success is kept
-        )
+        ).returning(results.c.job_id)
         with self._engine.begin() as conn:
-            return conn.execute(stmt).rowcount > 0
+            return conn.execute(stmt).first() is not None
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._engine.connect() as conn:
