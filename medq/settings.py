@@ -38,7 +38,7 @@ class EndpointSettings(BaseModel):
     """One OpenAI-compatible server. ``model`` / ``api_key`` default to the ``llm`` ones."""
 
     url: str
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0)
     model: str | None = None
     api_key: SecretStr | None = None
 

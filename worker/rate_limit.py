@@ -218,7 +218,7 @@ class GateConfig:
     failure_threshold: int = 3
     cooldown_s: float = 2.0
     cooldown_max_s: float = 60.0
-    lease_s: float = 150.0  # longer than a call may take: the HTTP timeout plus slack
+    lease_s: float = 130.0  # longer than a call may take: the HTTP timeout plus slack
 
     @classmethod
     def from_settings(cls, llm: Any) -> GateConfig:
@@ -232,7 +232,7 @@ class GateConfig:
             failure_threshold=max(llm.failure_threshold, 1),
             cooldown_s=llm.cooldown_s,
             cooldown_max_s=max(llm.cooldown_max_s, llm.cooldown_s),
-            lease_s=llm.timeout_s + 30,
+            lease_s=llm.timeout_s + 10,
         )
 
 

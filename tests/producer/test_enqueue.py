@@ -194,3 +194,18 @@ def test_producer_does_not_import_the_worker_stack() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([str(Path(MEDQ).with_name("python")), "-c", code], check=True, timeout=60)
+
+
+def test_purge_removes_a_batch_and_its_dead_letters(r: redis.Redis, settings: Settings, redis_url: str) -> None:
+    from medq.contract import failed_key
+
+    ids = enqueue([{"id": "a", "text": "note a"}, {"id": "b", "text": "note b"}], schema="clinical_note", batch="gone", settings=settings)
+    keep = enqueue([{"id": "c", "text": "note c"}], schema="clinical_note", batch="stays", settings=settings)
+    r.zadd(failed_key("gone"), {ids[0]: 1.0})  # as a worker records a dead letter
+    env = {"MEDQ_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([MEDQ, "purge", "gone", "--yes"], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "2 job state(s), 2 record(s)" in res.stderr
+    assert not any(r.exists(k) for j in ids for k in (job_key(j), payload_key(j)))
+    assert not r.exists(batch_key("gone")) and not r.exists(failed_key("gone"))
+    assert r.exists(payload_key(keep[0])) and r.exists(job_key(keep[0]))

@@ -41,13 +41,13 @@ class PostgresResultStore:
         stmt = insert(results).values(
             job_id=doc["job_id"], batch=doc["batch"], record_id=doc["id"], status=doc["status"], doc=doc
         )
-        stmt = stmt.on_conflict_do_update(
+        upsert = stmt.on_conflict_do_update(
             index_elements=[results.c.job_id],
             set_={"status": stmt.excluded.status, "doc": stmt.excluded.doc, "updated_at": sa.func.now()},
             where=results.c.status != "succeeded",  # the first success is kept
         ).returning(results.c.job_id)
         with self._engine.begin() as conn:
-            return conn.execute(stmt).first() is not None
+            return conn.execute(upsert).first() is not None
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._engine.connect() as conn:
