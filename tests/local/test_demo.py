@@ -90,7 +90,9 @@ def test_ctrl_c_leaves_no_process_behind(medq_env: dict[str, str], simulator: Ca
 def test_demo_on_the_embedded_model(r: redis.Redis, medq_env: dict[str, str], llama_server: str) -> None:
     # llama_server proves the extra is installed (it fails in CI otherwise); the demo starts its own,
     # the default model
-    res = run_cli(["demo", "--limit", "2", "--json"], medq_env, timeout_s=600)
+    # The tests' 10 s LLM timeout is for the simulator; a CPU model takes ~30 s a record.
+    env = {k: v for k, v in medq_env.items() if k != "MEDQ_LLM__TIMEOUT_S"}
+    res = run_cli(["demo", "--limit", "2", "--json"], env, timeout_s=600)
     assert res.returncode == 0, res.stderr
     assert "starting the embedded model gemma3-270m" in res.stderr  # the default, by measured score
     summary = json.loads(res.stdout)
