@@ -61,26 +61,33 @@ log = logging.getLogger("medq.worker")
 # Start a run: one atomic step that decides whether this delivery may run the job.
 START_LUA = """
 -- KEYS: job, payload   ARGV: run_id, lease_ms, max_lost_runs, now_iso
+-- Returns {verdict, batch, record_id, schema, schema_version, ...}: one round trip
+-- reads the job, decides, takes the lease and fetches the record.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'first_run_ms')
-if not h[1] then return {'missing'} end
-if h[1] == 'succeeded' or h[1] == 'failed' then return {'final', h[1]} end
+local h = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'first_run_ms', 'batch', 'record_id', 'schema',
+                     'schema_version', 'attempts')
+if not h[1] or not h[4] then return {'missing'} end
+local job = {h[4], h[5] or '', h[6] or '', h[7] or '1'}
+local function reply(...)
+  local out = {...}
+  table.insert(out, 2, job[4]); table.insert(out, 2, job[3]); table.insert(out, 2, job[2]); table.insert(out, 2, job[1])
+  return out
+end
+if h[1] == 'succeeded' or h[1] == 'failed' then return reply('final', h[1], h[8] or '0') end
 if h[1] == 'running' then
   local lease_until = tonumber(h[2]) or 0
-  if lease_until > now then return {'busy', tostring(lease_until - now)} end
+  if lease_until > now then return reply('busy', tostring(lease_until - now)) end
   local lost = redis.call('HINCRBY', KEYS[1], 'lost', 1)
-  if lost >= tonumber(ARGV[3]) then
-    return {'poison', tostring(lost), redis.call('HGET', KEYS[1], 'attempts') or '0'}
-  end
+  if lost >= tonumber(ARGV[3]) then return reply('poison', tostring(lost), h[8] or '0') end
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if not h[3] then redis.call('HSET', KEYS[1], 'first_run_ms', now) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'lease_until', now + tonumber(ARGV[2]),
            'run_id', ARGV[1], 'updated_at', ARGV[4])
 local f = redis.call('HMGET', KEYS[1], 'failures', 'lost', 'first_run_ms', 'deferrals')
-return {'run', tostring(attempts), f[1] or '0', f[2] or '0', f[3], f[4] or '0', tostring(now),
-        redis.call('GET', KEYS[2]) or false}
+return reply('run', tostring(attempts), f[1] or '0', f[2] or '0', f[3], f[4] or '0', tostring(now),
+             redis.call('GET', KEYS[2]) or false)
 """
 
 # Renew a lease, only if this run still holds it.
@@ -108,20 +115,6 @@ class Job:
     record_id: str
     schema: str
     schema_version: int
-    status: JobStatus
-    attempts: int
-
-    @classmethod
-    def from_hash(cls, job_id: str, h: dict[str, str]) -> Job:
-        return cls(
-            job_id=job_id,
-            batch=h["batch"],
-            record_id=h["record_id"],
-            schema=h["schema"],
-            schema_version=int(h.get("schema_version", 1)),
-            status=JobStatus(h.get("status", JobStatus.QUEUED)),
-            attempts=int(h.get("attempts", 0)),
-        )
 
 
 @dataclass(frozen=True)
@@ -168,12 +161,6 @@ class JobRunner:
     def run(self, job_id: str) -> dict[str, Any] | RetryLater:
         """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
         after recording the failure, so Celery and Flower show it as failed."""
-        h: dict[str, str] = self.r.hgetall(job_key(job_id))  # type: ignore[assignment]  # decode_responses
-        if not h:
-            # Nothing to record the failure in: the job was purged or never written.
-            log.warning("job %s: no job state in Redis (purged, expired or foreign); dropped", job_id)
-            return {"job_id": job_id, "status": "unknown"}
-        job = Job.from_hash(job_id, h)
         run_id = uuid.uuid4().hex
         res = self._start(
             keys=[job_key(job_id), payload_key(job_id)],
@@ -181,11 +168,14 @@ class JobRunner:
         )
         verdict = res[0]
         if verdict == "missing":
+            # Nothing to record the failure in: the job was purged or never written.
             log.warning("job %s: no job state in Redis (purged, expired or foreign); dropped", job_id)
             return {"job_id": job_id, "status": "unknown"}
+        job = Job(job_id, batch=res[1], record_id=res[2], schema=res[3], schema_version=int(res[4]))
+        res = [verdict, *res[5:]]
         if verdict == "final":
             # Redelivered after it finished (worker lost before the ack): one result only.
-            return self._summary(job, JobStatus(res[1]))
+            return self._summary(job, JobStatus(res[1]), int(res[2]))
         if verdict == "busy":
             # Another delivery runs it now; come back when its lease would have run out.
             wait_s = min(int(res[1]) / 1000 + 1, self.settings.max_countdown_s)
@@ -376,8 +366,8 @@ class JobRunner:
         pipe.expire(batch_key(job.batch), self.settings.results_ttl_s)
 
     @staticmethod
-    def _summary(job: Job, status: JobStatus, attempts: int | None = None, latency_ms: float | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"job_id": job.job_id, "status": status.value, "attempts": attempts or job.attempts}
+    def _summary(job: Job, status: JobStatus, attempts: int, latency_ms: float | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"job_id": job.job_id, "status": status.value, "attempts": attempts}
         if latency_ms is not None:
             out["latency_ms"] = round(latency_ms, 1)
         return out

@@ -12,29 +12,31 @@ from medq.contract import result_key
 
 _CHUNK = 500
 
+# One round trip, atomic: a stored success is never replaced (first success wins).
+PUT_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, doc = pcall(cjson.decode, cur)
+  if ok and type(doc) == 'table' and doc['status'] == 'succeeded' then return 0 end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
 
 class RedisResultStore:
     def __init__(self, url: str, ttl_s: int | None = None) -> None:
         self._r = redis.Redis.from_url(url)
         self.ttl_s = ttl_s
+        self._put = self._r.register_script(PUT_LUA)
 
     def put(self, doc: dict[str, Any]) -> bool:
-        key = result_key(doc["job_id"])
         value = json.dumps(doc, ensure_ascii=False)
-        with self._r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)  # optimistic: another run writing meanwhile aborts ours
-                    current = pipe.get(key)
-                    if current and json.loads(current).get("status") == "succeeded":
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    pipe.set(key, value, ex=self.ttl_s)
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+        return bool(self._put(keys=[result_key(doc["job_id"])], args=[value, self.ttl_s or 0]))
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         raw = self._r.get(result_key(job_id))
