@@ -158,7 +158,10 @@ class LLMClient:
     ) -> Completion:
         kwargs: dict[str, Any] = {}
         if response_format is not None:
-            kwargs["response_format"] = response_format
+            # As extra_body: the same JSON on the wire, but the SDK does not walk the
+            # schema through its TypedDict transform (about 3 ms of CPU per call here,
+            # a third of a worker's time per job; measured with medq bench).
+            kwargs["extra_body"] = {"response_format": response_format}
         started = time.perf_counter()
         try:
             resp = self._client.chat.completions.create(
