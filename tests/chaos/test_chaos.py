@@ -182,17 +182,32 @@ def test_four_workers_share_one_rate_limit_and_in_flight_cap(
     for w in [start_worker(env, "-c", "4", name=f"w{i}", wait=False) for i in range(4)]:
         wait_log(w, " ready.")
     enqueue(env, write_records(tmp_path / "recs.jsonl", n), "ratelimit")
-    wait_done(r, "ratelimit", n, timeout_s=200)
+    held: list[tuple[float, int]] = []  # (time, scripts run so far) while the limit holds jobs back
+
+    def watch_the_wait(c: Counter[str]) -> None:
+        # Every try of a job runs scripts (start the job, take a lease); the test's own
+        # polling runs none, so script calls count the workers' tries.
+        if c[JobStatus.SUCCEEDED.value] >= rpm and len(held) < 2:
+            if not held or time.monotonic() - held[0][0] >= 30:
+                calls = int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+                held.append((time.monotonic(), calls))
+
+    wait_done(r, "ratelimit", n, timeout_s=200, tick=watch_the_wait)
     o = outcome(r, env, "ratelimit", n)
     stats = sim_stats(base)
     busiest = max_per_window(stats["arrivals"])
     span = max(stats["arrivals"]) - min(stats["arrivals"])
+    per_s = (held[1][1] - held[0][1]) / (held[1][0] - held[0][0])
     record(f"4 workers x 4 threads, limit {rpm} requests/min, {cap} in flight", o,
-           f"busiest 60 s window {busiest} requests; max in flight {stats['max_in_flight']}; {stats['requests']} requests over {span:.0f} s")
+           f"busiest 60 s window {busiest} requests; max in flight {stats['max_in_flight']}; {stats['requests']} requests over {span:.0f} s; "
+           f"{per_s:.1f} limiter/job scripts per s while {n - rpm} jobs waited for the next minute")
     assert (o.succeeded, o.lost, o.duplicated) == (n, 0, 0), o
     assert busiest <= rpm, busiest
     assert stats["max_in_flight"] <= cap, stats["max_in_flight"]
     assert span >= 60  # the limit, not the workers, set the pace
+    # Waiting jobs are put back with a countdown, not polled for: 16 threads spinning on
+    # the limiter would run hundreds of scripts a second.
+    assert per_s < 30, per_s
 
 
 def test_endpoint_down_for_20_s_then_back(
