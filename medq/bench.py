@@ -382,6 +382,3 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-__all__ = ["Bench", "BenchOptions", "DemoError", "report_table"]

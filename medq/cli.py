@@ -261,11 +261,11 @@ def purge(
 def endpoints(as_json: bool = typer.Option(False, "--json", help="Print JSON lines.")) -> None:
     """The configured endpoints as the workers share them: adaptive in-flight cap,
     requests in flight, cool-down, successes and errors."""
-    from worker.rate_limit import endpoint_snapshot
+    from worker.rate_limit import endpoint_snapshots
 
     r = _redis()
     s = _settings()
-    rows = [endpoint_snapshot(r, ep.url, s.llm.max_in_flight) for ep in s.llm.all_endpoints]
+    rows = endpoint_snapshots(r, [ep.url for ep in s.llm.all_endpoints], s.llm.max_in_flight)
     if as_json:
         for row in rows:
             print(json.dumps(row))

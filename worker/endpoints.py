@@ -15,7 +15,7 @@ import redis
 from medq.schemas import SchemaLoader
 from medq.settings import Settings
 from worker.processor import MedicalDataProcessor
-from worker.rate_limit import EndpointGate, GateConfig, endpoint_snapshot
+from worker.rate_limit import EndpointGate, GateConfig, endpoint_snapshots
 
 
 @dataclass
@@ -66,7 +66,7 @@ class EndpointPool:
         if len(self.endpoints) == 1:
             return list(self.endpoints)
         keyed = sorted(self.endpoints, key=lambda e: self._rng.random() ** (1.0 / e.weight), reverse=True)
-        snaps = {e.url: endpoint_snapshot(self._r, e.url, e.gate.config.max_in_flight) for e in keyed}
+        snaps = {s["url"]: s for s in endpoint_snapshots(self._r, [e.url for e in keyed], keyed[0].gate.config.max_in_flight)}
 
         def busy(e: Endpoint) -> int:
             s = snaps[e.url]

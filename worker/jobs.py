@@ -51,7 +51,7 @@ from medq.errors import (
     WorkerLost,
 )
 from medq.settings import Settings, get_settings
-from worker.endpoints import Endpoint, EndpointPool
+from worker.endpoints import EndpointPool
 from worker.processor import Extraction, MedicalDataProcessor
 from worker.results import ResultStore, open_store
 from worker.retry import RetryPolicy, compute_backoff
@@ -94,7 +94,8 @@ return reply('run', tostring(attempts), f[1] or '0', f[2] or '0', f[3], f[4] or 
 RENEW_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('HGET', KEYS[1], 'run_id') == ARGV[1] and redis.call('HGET', KEYS[1], 'status') == 'running' then
+local h = redis.call('HMGET', KEYS[1], 'run_id', 'status')
+if h[1] == ARGV[1] and h[2] == 'running' then
   redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
   return 1
 end
@@ -180,7 +181,7 @@ class JobRunner:
             # Another delivery runs it now; come back when its lease would have run out.
             wait_s = min(int(res[1]) / 1000 + 1, self.settings.max_countdown_s)
             log.info("job %s: already running elsewhere; checking again in %.1fs", job_id, wait_s)
-            return RetryLater(wait_s, ServerError(f"job {job_id} is running in another worker"))
+            return RetryLater(wait_s, RetryableError(f"job {job_id} is running in another worker"))
         if verdict == "poison":
             lost, attempts = int(res[1]), int(res[2])
             exc = WorkerLost(
@@ -210,7 +211,7 @@ class JobRunner:
             return self._summary(job, JobStatus.SUCCEEDED, run.attempts)
         try:
             text, metadata = self._load_payload(job, run.raw_payload)
-            endpoint, extraction = self._extract(job, text)
+            extraction = self._extract(job, text)
         except RetryableError as exc:
             return self._retry_later(job, run, exc)
         except PermanentError as exc:
@@ -222,15 +223,15 @@ class JobRunner:
             where = traceback.extract_tb(exc.__traceback__)[-1]
             log.error("job %s: internal error %s at %s:%s", job.job_id, type(exc).__name__, where.filename, where.lineno)
             return self._retry_later(job, run, ServerError(f"internal error in medq ({type(exc).__name__}); see the worker log"))
-        self._succeed(job, run.attempts, endpoint, extraction, metadata)
+        self._succeed(job, run.attempts, extraction, metadata)
         return self._summary(job, JobStatus.SUCCEEDED, run.attempts, extraction.provenance.latency_ms)
 
-    def _extract(self, job: Job, text: str) -> tuple[Endpoint, Extraction]:
+    def _extract(self, job: Job, text: str) -> Extraction:
         """The first endpoint that answers; endpoint errors fail over to the next."""
         last: RetryableError | None = None
         for endpoint in self.pool.order():
             try:
-                return endpoint, endpoint.processor.process(text, job.schema, record_id=job.record_id)
+                return endpoint.processor.process(text, job.schema, record_id=job.record_id)
             except RetryableError as exc:
                 if last is not None and isinstance(exc, NoCapacity) and not isinstance(last, NoCapacity):
                     continue  # keep the more telling error
@@ -310,7 +311,7 @@ class JobRunner:
             "finished_at": _now(),
         }
 
-    def _succeed(self, job: Job, attempts: int, endpoint: Endpoint, ex: Extraction, metadata: dict[str, Any]) -> None:
+    def _succeed(self, job: Job, attempts: int, ex: Extraction, metadata: dict[str, Any]) -> None:
         prov = ex.provenance
         doc = self._doc(job, JobStatus.SUCCEEDED, attempts)
         doc.update(

@@ -68,7 +68,7 @@ NEUTRAL = "neutral"  # the request was at fault (4xx): the endpoint is fine
 
 ACQUIRE_LUA = """
 -- KEYS: state, inflight, req, tok
--- ARGV: lease_id, lease_ms, max_in_flight, min_in_flight, rpm, tpm, est_tokens, window_s, url
+-- ARGV: lease_id, lease_ms, max_in_flight, min_in_flight, rpm, tpm, est_tokens, window_s
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -127,7 +127,6 @@ if tpm > 0 then
   redis.call('EXPIRE', KEYS[4], window + 5)
   sweep(KEYS[4])
 end
-redis.call('HSET', KEYS[1], 'url', ARGV[9])
 return {1, sec, n + 1, est}
 """
 
@@ -268,7 +267,7 @@ class EndpointGate:
                 args=[
                     lease_id, int(c.lease_s * 1000), c.max_in_flight, c.min_in_flight,
                     c.requests_per_min or 0, c.tokens_per_min or 0, est_tokens,
-                    BUCKETS, self.url,
+                    BUCKETS,
                 ],
             )
             if int(res[0]) == 1:
@@ -323,26 +322,35 @@ class EndpointGate:
 
 def endpoint_snapshot(r: redis.Redis, url: str, max_in_flight: int | None = None) -> dict[str, Any]:
     """What ``medq endpoints`` shows: the live cap, leases in flight, cool-down."""
-    state, inflight, _, _ = endpoint_keys(url)
+    return endpoint_snapshots(r, [url], max_in_flight)[0]
+
+
+def endpoint_snapshots(r: redis.Redis, urls: list[str], max_in_flight: int | None = None) -> list[dict[str, Any]]:
+    """The snapshots of several endpoints in one round trip."""
     pipe = r.pipeline(transaction=False)
-    pipe.hgetall(state)
-    pipe.zcard(inflight)
     pipe.time()
-    h, n, (secs, micros) = pipe.execute()
-    h = {_s(k): _s(v) for k, v in h.items()}
+    for url in urls:
+        state, inflight, _, _ = endpoint_keys(url)
+        pipe.hgetall(state)
+        pipe.zcard(inflight)
+    (secs, micros), *rest = pipe.execute()
     now_ms = secs * 1000 + micros // 1000
-    cool_until = float(h.get("cool_until", 0))
-    limit = float(h["limit"]) if "limit" in h else float(max_in_flight or 0)
-    return {
-        "url": url,
-        "in_flight": int(n),
-        "limit": round(limit, 2),
-        "cooling_s": round(max(cool_until - now_ms, 0) / 1000, 1),
-        "ok": int(h.get("ok", 0)),
-        "errors": int(h.get("errors", 0)),
-        "cuts": int(h.get("cuts", 0)),
-        "trips": int(h.get("trips", 0)),
-    }
+    out = []
+    for url, raw, n in zip(urls, rest[0::2], rest[1::2]):
+        h = {_s(k): _s(v) for k, v in raw.items()}
+        cool_until = float(h.get("cool_until", 0))
+        limit = float(h["limit"]) if "limit" in h else float(max_in_flight or 0)
+        out.append({
+            "url": url,
+            "in_flight": int(n),
+            "limit": round(limit, 2),
+            "cooling_s": round(max(cool_until - now_ms, 0) / 1000, 1),
+            "ok": int(h.get("ok", 0)),
+            "errors": int(h.get("errors", 0)),
+            "cuts": int(h.get("cuts", 0)),
+            "trips": int(h.get("trips", 0)),
+        })
+    return out
 
 
 def _s(x: Any) -> str:
