@@ -112,7 +112,10 @@ class Bench:
 
     def start_workers(self, base_url: str) -> list[int]:
         o = self.opts
-        per = o.concurrency or max(o.parallel // max(o.workers, 1), 1)
+        # task messages per process: enough to keep `parallel` requests in flight while
+        # messages turn over (each carries MEDQ_JOBS_PER_MESSAGE jobs)
+        jobs_per_message = max(self.settings.jobs_per_message, 1)
+        per = o.concurrency or max(-(-2 * o.parallel // (max(o.workers, 1) * jobs_per_message)), 2)
         env = {
             **os.environ,
             "MEDQ_LLM__BASE_URL": base_url,

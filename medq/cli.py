@@ -332,7 +332,7 @@ def demo(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N sample records."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Use this running OpenAI-compatible server (…/v1) instead of starting the embedded one."),
     endpoint_model: Optional[str] = typer.Option(None, "--endpoint-model", help="Model name to send with --endpoint (default MEDQ_LLM__MODEL)."),
-    concurrency: int = typer.Option(1, "-c", "--concurrency", help="Worker concurrency (the embedded server answers one request at a time)."),
+    concurrency: int = typer.Option(1, "-c", "--concurrency", help="Requests in flight to the model (the embedded server answers one at a time)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="single or fields (default: what scored best for the model)."),
     grounding: Optional[str] = typer.Option(None, "--grounding", help="flag or drop values not found in the note."),
     few_shot: Optional[bool] = typer.Option(None, "--few-shot/--no-few-shot", help="Show the schema's examples to the model."),
@@ -366,7 +366,7 @@ def bench(
     latency_ms: float = typer.Option(200.0, "--latency-ms", help="Simulator latency per request."),
     parallel: int = typer.Option(64, "--parallel", help="Requests in flight: the simulator's and the workers' (MAX_IN_FLIGHT)."),
     workers: int = typer.Option(1, "--workers", help="Worker processes on this node."),
-    concurrency: Optional[int] = typer.Option(None, "-c", "--concurrency", help="Threads per worker process (default: parallel / workers)."),
+    concurrency: Optional[int] = typer.Option(None, "-c", "--concurrency", help="Task messages per worker process (default: enough for 2 x parallel jobs)."),
     pool: str = typer.Option("threads", "--pool", "-P", help="Celery pool of the workers."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Measure this OpenAI-compatible server instead of the simulator."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name to send to --endpoint."),
@@ -441,7 +441,11 @@ def schemas_show(name: str = typer.Argument(..., help="Schema name.")) -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(
     ctx: typer.Context,
-    concurrency: Optional[int] = typer.Option(None, "-c", "--concurrency", help="Jobs at once (default MEDQ_WORKER__CONCURRENCY)."),
+    concurrency: Optional[int] = typer.Option(
+        None, "-c", "--concurrency",
+        help="Task messages at once (default MEDQ_WORKER__CONCURRENCY); each carries up to MEDQ_JOBS_PER_MESSAGE jobs. "
+             "Requests in flight are capped by MEDQ_LLM__MAX_IN_FLIGHT.",
+    ),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="Log level."),
     pool: Optional[str] = typer.Option(None, "--pool", "-P", help="threads (default), prefork or solo."),
 ) -> None:

@@ -3,7 +3,9 @@
 Both sides import this module, never each other. A producer in another service
 that cannot install medq can still enqueue by following it: store the payload
 under ``payload_key(job_id)``, write the job hash, add the id to the batch set
-and send the task named ``TASK_EXTRACT`` with ``args=[job_id]``.
+and send the task named ``TASK_EXTRACT`` with ``args=[job_id]`` (or, for many jobs,
+``TASK_EXTRACT_MANY`` with ``args=[[job_id, ...]]``: one message for several jobs,
+which the worker runs side by side).
 
 Only ids travel through the broker. Record text lives in the payload key and
 nowhere else (STYLE.md, Celery's own advice on large or sensitive arguments).
@@ -15,6 +17,7 @@ import hashlib
 from enum import Enum
 
 TASK_EXTRACT = "medq.extract"
+TASK_EXTRACT_MANY = "medq.extract_many"
 QUEUE = "medq"
 
 KEY_PREFIX = "medq"

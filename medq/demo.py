@@ -241,6 +241,8 @@ def run_demo(opts: DemoOptions, console: Console) -> dict[str, Any]:
                 **os.environ,
                 "MEDQ_LLM__BASE_URL": base_url,
                 "MEDQ_LLM__MODEL": model_name,
+                # requests at once: the embedded server answers one at a time
+                "MEDQ_LLM__MAX_IN_FLIGHT": str(opts.concurrency),
                 **{f"MEDQ_LLM__{k.upper()}": v for k, v in profile.items()},
             }
             sup.start("worker", [sys.executable, "-m", "medq.cli", "worker", "-c", str(opts.concurrency),

@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     payload_ttl_s: int = 7 * 24 * 3600
     results_ttl_s: int = 30 * 24 * 3600
     max_record_bytes: int = 200_000
+    # Jobs per task message the producer sends; a worker runs them side by side. One
+    # message per job costs more worker CPU than the job itself at a fast endpoint.
+    jobs_per_message: int = 16
     schemas_dirs: str = ""  # colon-separated, searched after configs/schemas
     allow_remote_llm: bool = False
     encryption_key: SecretStr | None = None

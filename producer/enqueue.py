@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from medq.contract import QUEUE, TASK_EXTRACT, batch_key, job_key, make_job_id, payload_key
+from medq.contract import QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY, batch_key, job_key, make_job_id, payload_key
 from medq.schemas import SchemaLoader
 from medq.settings import Settings, get_settings
 from producer.records import CheckedRecords, InputError, Record, check, from_objects
@@ -39,7 +39,7 @@ redis.call('SADD', KEYS[3], ARGV[8])
 return 1
 """
 
-_CHUNK = 500
+_CHUNK = 512  # a multiple of MEDQ_JOBS_PER_MESSAGE's default
 
 
 class EnqueueResult(list[str]):
@@ -116,14 +116,22 @@ class Producer:
         return EnqueueResult(batch, job_ids, created, len(to_send))
 
     def send(self, job_ids: list[str]) -> None:
-        """Send the task messages, then mark the jobs as sent (so a re-run resends the rest)."""
+        """Send the task messages, then mark the jobs as sent (so a re-run resends the rest).
+
+        ``MEDQ_JOBS_PER_MESSAGE`` jobs go in one ``medq.extract_many`` message; a lone
+        job goes as ``medq.extract``, as another service would send it."""
         if not job_ids:
             return
+        per = max(self.settings.jobs_per_message, 1)
         with self.celery.producer_or_acquire() as producer:
             for i in range(0, len(job_ids), _CHUNK):
                 chunk = job_ids[i : i + _CHUNK]
-                for job_id in chunk:
-                    self.celery.send_task(TASK_EXTRACT, args=[job_id], task_id=job_id, queue=QUEUE, producer=producer)
+                for j in range(0, len(chunk), per):
+                    group = chunk[j : j + per]
+                    if len(group) == 1:
+                        self.celery.send_task(TASK_EXTRACT, args=[group[0]], task_id=group[0], queue=QUEUE, producer=producer)
+                    else:
+                        self.celery.send_task(TASK_EXTRACT_MANY, args=[group], queue=QUEUE, producer=producer)
                 pipe = self.r.pipeline(transaction=False)
                 for job_id in chunk:
                     pipe.hset(job_key(job_id), "sent", 1)

@@ -54,10 +54,11 @@ def _check_config(**_: Any) -> None:
 
 @worker_process_init.connect
 def _init_process(**_: Any) -> None:
-    # One processor (HTTP client, compiled schemas) per worker process, made at start.
-    from worker.jobs import get_runner
+    # One engine (event loop, Redis and HTTP clients, compiled schemas) per worker
+    # process, made at start.
+    from worker.jobs import get_engine
 
-    get_runner()
+    get_engine()
 
 
 @after_setup_logger.connect

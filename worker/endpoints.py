@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from medq.schemas import SchemaLoader
 from medq.settings import Settings
 from worker.processor import MedicalDataProcessor
-from worker.rate_limit import EndpointGate, GateConfig, endpoint_snapshots
+from worker.rate_limit import EndpointGate, GateConfig, aendpoint_snapshots, endpoint_snapshots
 
 
 @dataclass
@@ -27,31 +28,35 @@ class Endpoint:
 
 
 class EndpointPool:
-    def __init__(self, endpoints: list[Endpoint], r: redis.Redis, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, endpoints: list[Endpoint], r: redis.Redis, rng: random.Random | None = None, ar: Any = None
+    ) -> None:
         if not endpoints:
             raise ValueError("no endpoints configured (MEDQ_LLM__BASE_URL or MEDQ_LLM__ENDPOINTS)")
         self.endpoints = endpoints
         self._r = r
+        self._ar = ar
         self._rng = rng or random.Random()
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, r: redis.Redis, processor: MedicalDataProcessor | None = None
+        cls, settings: Settings, r: redis.Redis, processor: MedicalDataProcessor | None = None, ar: Any = None
     ) -> EndpointPool:
         """One endpoint per ``MEDQ_LLM__ENDPOINTS`` entry (or ``MEDQ_LLM__BASE_URL``).
-        A given ``processor`` is used as the only endpoint (tests, embedding)."""
+        A given ``processor`` is used as the only endpoint (tests, embedding). With an
+        asyncio Redis client ``ar``, the gates also work on the worker engine's loop."""
         config = GateConfig.from_settings(settings.llm)
         if processor is not None:
-            gate = EndpointGate(r, processor.base_url, config)
-            processor.client.gate = gate
-            return cls([Endpoint(processor.base_url, 1.0, processor, gate)], r)
+            gate = EndpointGate(r, processor.base_url, config, ar)
+            processor.client.gate = processor.aclient.gate = gate
+            return cls([Endpoint(processor.base_url, 1.0, processor, gate)], r, ar=ar)
         loader = SchemaLoader(settings.schema_dirs)
         out = []
         for ep in settings.llm.all_endpoints:
-            gate = EndpointGate(r, ep.url, config)
+            gate = EndpointGate(r, ep.url, config, ar)
             proc = MedicalDataProcessor.from_settings(settings, loader, endpoint=ep, gate=gate)
             out.append(Endpoint(ep.url, ep.weight, proc, gate))
-        return cls(out, r)
+        return cls(out, r, ar=ar)
 
     @property
     def primary(self) -> Endpoint:
@@ -65,8 +70,23 @@ class EndpointPool:
         go last (one pipelined read of their state)."""
         if len(self.endpoints) == 1:
             return list(self.endpoints)
-        keyed = sorted(self.endpoints, key=lambda e: self._rng.random() ** (1.0 / e.weight), reverse=True)
-        snaps = {s["url"]: s for s in endpoint_snapshots(self._r, [e.url for e in keyed], keyed[0].gate.config.max_in_flight)}
+        keyed = self._weighted()
+        return self._busy_last(keyed, endpoint_snapshots(self._r, [e.url for e in keyed], keyed[0].gate.config.max_in_flight))
+
+    async def aorder(self) -> list[Endpoint]:
+        """:meth:`order` on the asyncio Redis client."""
+        if len(self.endpoints) == 1:
+            return list(self.endpoints)
+        keyed = self._weighted()
+        snaps = await aendpoint_snapshots(self._ar, [e.url for e in keyed], keyed[0].gate.config.max_in_flight)
+        return self._busy_last(keyed, snaps)
+
+    def _weighted(self) -> list[Endpoint]:
+        return sorted(self.endpoints, key=lambda e: self._rng.random() ** (1.0 / e.weight), reverse=True)
+
+    @staticmethod
+    def _busy_last(keyed: list[Endpoint], snapshots: list[dict[str, Any]]) -> list[Endpoint]:
+        snaps = {s["url"]: s for s in snapshots}
 
         def busy(e: Endpoint) -> int:
             s = snaps[e.url]

@@ -26,6 +26,8 @@ payload store, given to the processor, and dropped.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -34,11 +36,13 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from medq.contract import JobStatus, batch_key, failed_key, job_key, payload_key
 from medq.errors import (
@@ -136,6 +140,10 @@ def _now() -> str:
 
 
 class JobRunner:
+    """Runs jobs on one asyncio loop (the process's :class:`Engine`): every job of the
+    process shares one async Redis client, one HTTP connection pool per endpoint and
+    one lease heartbeat. Make it, and call it, inside that loop."""
+
     def __init__(
         self,
         settings: Settings,
@@ -143,27 +151,32 @@ class JobRunner:
         store: ResultStore | None = None,
     ) -> None:
         self.settings = settings
-        self.r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        self.r = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
         self.store = store or open_store(settings.effective_results_url, ttl_s=settings.results_ttl_s)
-        self.pool = EndpointPool.from_settings(settings, self.r, processor)
+        self.pool = EndpointPool.from_settings(
+            settings, redis.Redis.from_url(settings.redis_url, decode_responses=True), processor, ar=self.r
+        )
         w = settings.worker
         self.policy = RetryPolicy(w.max_retries, w.retry_backoff_s, w.retry_backoff_max_s)
         self.lease_ms = int(w.lease_s * 1000)
         self._start = self.r.register_script(START_LUA)
         self._renew = self.r.register_script(RENEW_LUA)
         self._active: dict[str, str] = {}  # job id -> run id, renewed by the heartbeat
-        self._active_lock = threading.Lock()
-        self._heartbeat: threading.Thread | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     @property
     def processor(self) -> MedicalDataProcessor:
         return self.pool.primary.processor
 
-    def run(self, job_id: str) -> dict[str, Any] | RetryLater:
+    async def run_many(self, job_ids: list[str]) -> list[dict[str, Any] | RetryLater | BaseException]:
+        """Run jobs side by side; each one's outcome, or the exception it raised."""
+        return await asyncio.gather(*(self.run(j) for j in job_ids), return_exceptions=True)
+
+    async def run(self, job_id: str) -> dict[str, Any] | RetryLater:
         """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
         after recording the failure, so Celery and Flower show it as failed."""
         run_id = uuid.uuid4().hex
-        res = self._start(
+        res = await self._start(
             keys=[job_key(job_id), payload_key(job_id)],
             args=[run_id, self.lease_ms, self.settings.worker.max_lost_runs, _now()],
         )
@@ -187,7 +200,7 @@ class JobRunner:
             exc = WorkerLost(
                 f"record {job.record_id}: its worker died during {lost} runs (MEDQ_WORKER__MAX_LOST_RUNS); not run again"
             )
-            self._fail(job, attempts, exc)
+            await self._fail(job, attempts, exc)
             raise exc
         run = Run(
             run_id=run_id,
@@ -200,38 +213,40 @@ class JobRunner:
         )
         self._hold(job_id, run_id)
         try:
-            return self._execute(job, run)
+            return await self._execute(job, run)
         finally:
-            self._drop(job_id)
+            self._active.pop(job_id, None)
 
-    def _execute(self, job: Job, run: Run) -> dict[str, Any] | RetryLater:
-        if run.lost and self._already_stored(job):
+    async def _execute(self, job: Job, run: Run) -> dict[str, Any] | RetryLater:
+        if run.lost and await self._already_stored(job):
             # The last run stored its result and died before saying so: finish, do not redo.
-            self._mark_succeeded(job)
+            await self._mark_succeeded(job)
             return self._summary(job, JobStatus.SUCCEEDED, run.attempts)
         try:
             text, metadata = self._load_payload(job, run.raw_payload)
-            extraction = self._extract(job, text)
+            extraction = await self._extract(job, text)
         except RetryableError as exc:
-            return self._retry_later(job, run, exc)
+            return await self._retry_later(job, run, exc)
         except PermanentError as exc:
-            self._fail(job, run.attempts, exc)
+            await self._fail(job, run.attempts, exc)
             raise
         except redis.RedisError:
             raise  # the task puts the message back; the lease lapses and the job runs again
         except Exception as exc:  # a bug: charged like a 5xx, never with its message (it may quote data)
             where = traceback.extract_tb(exc.__traceback__)[-1]
             log.error("job %s: internal error %s at %s:%s", job.job_id, type(exc).__name__, where.filename, where.lineno)
-            return self._retry_later(job, run, ServerError(f"internal error in medq ({type(exc).__name__}); see the worker log"))
-        self._succeed(job, run.attempts, extraction, metadata)
+            return await self._retry_later(
+                job, run, ServerError(f"internal error in medq ({type(exc).__name__}); see the worker log")
+            )
+        await self._succeed(job, run.attempts, extraction, metadata)
         return self._summary(job, JobStatus.SUCCEEDED, run.attempts, extraction.provenance.latency_ms)
 
-    def _extract(self, job: Job, text: str) -> Extraction:
+    async def _extract(self, job: Job, text: str) -> Extraction:
         """The first endpoint that answers; endpoint errors fail over to the next."""
         last: RetryableError | None = None
-        for endpoint in self.pool.order():
+        for endpoint in await self.pool.aorder():
             try:
-                return endpoint.processor.process(text, job.schema, record_id=job.record_id)
+                return await endpoint.processor.aprocess(text, job.schema, record_id=job.record_id)
             except RetryableError as exc:
                 if last is not None and isinstance(exc, NoCapacity) and not isinstance(last, NoCapacity):
                     continue  # keep the more telling error
@@ -241,19 +256,19 @@ class JobRunner:
         assert last is not None
         raise last
 
-    def _retry_later(self, job: Job, run: Run, exc: RetryableError) -> RetryLater:
+    async def _retry_later(self, job: Job, run: Run, exc: RetryableError) -> RetryLater:
         w = self.settings.worker
         pipe = self.r.pipeline()
         if exc.charged:
             pipe.hincrby(job_key(job.job_id), "failures", 1)
             n = run.failures + 1
             if n > w.max_retries:
-                self._give_up(job, run, exc, f"gave up after {n} failed attempts (MEDQ_WORKER__MAX_RETRIES={w.max_retries})")
+                await self._give_up(job, run, exc, f"gave up after {n} failed attempts (MEDQ_WORKER__MAX_RETRIES={w.max_retries})")
             countdown_s = compute_backoff(n - 1, self.policy, exc.retry_after_s)
         else:
             pipe.hincrby(job_key(job.job_id), "deferrals", 1)
             if run.waited_s > w.max_wait_s:
-                self._give_up(job, run, exc, f"gave up after waiting {run.waited_s:.0f}s (MEDQ_WORKER__MAX_WAIT_S)")
+                await self._give_up(job, run, exc, f"gave up after waiting {run.waited_s:.0f}s (MEDQ_WORKER__MAX_WAIT_S)")
             if isinstance(exc, NoCapacity) and exc.retry_after_s is not None:
                 # The gate knows when there is room again: come back then, spread over a second.
                 countdown_s = exc.retry_after_s + random.random()
@@ -269,18 +284,25 @@ class JobRunner:
                 "updated_at": _now(),
             },
         )
-        pipe.execute()
+        await pipe.execute()
         log.info("job %s record %s: %s; retry in %.1fs", job.job_id, job.record_id, exc.kind, countdown_s)
         return RetryLater(countdown_s, exc)
 
-    def _give_up(self, job: Job, run: Run, exc: RetryableError, why: str) -> None:
+    async def _give_up(self, job: Job, run: Run, exc: RetryableError, why: str) -> None:
         gave_up = type(exc)(f"{exc.message} ({why})", exc.retry_after_s)
-        self._fail(job, run.attempts, gave_up)
+        await self._fail(job, run.attempts, gave_up)
         raise gave_up from None
 
-    def _already_stored(self, job: Job) -> bool:
-        doc = self.store.get(job.job_id)
+    async def _already_stored(self, job: Job) -> bool:
+        doc = await asyncio.to_thread(self.store.get, job.job_id)
         return bool(doc and doc.get("status") == JobStatus.SUCCEEDED.value)
+
+    async def _put(self, doc: dict[str, Any]) -> bool:
+        """Store a result: on this loop for the Redis store, in a thread for the others."""
+        aput = getattr(self.store, "aput", None)
+        if aput is not None:
+            return bool(await aput(doc))
+        return bool(await asyncio.to_thread(self.store.put, doc))
 
     @staticmethod
     def _load_payload(job: Job, raw: str | None) -> tuple[str, dict[str, Any]]:
@@ -311,7 +333,7 @@ class JobRunner:
             "finished_at": _now(),
         }
 
-    def _succeed(self, job: Job, attempts: int, ex: Extraction, metadata: dict[str, Any]) -> None:
+    async def _succeed(self, job: Job, attempts: int, ex: Extraction, metadata: dict[str, Any]) -> None:
         prov = ex.provenance
         doc = self._doc(job, JobStatus.SUCCEEDED, attempts)
         doc.update(
@@ -323,11 +345,11 @@ class JobRunner:
             metadata=metadata,
             provenance=prov.as_dict(),
         )
-        if not self.store.put(doc):
+        if not await self._put(doc):
             log.info("job %s: a result was already stored; kept the first", job.job_id)
-        self._mark_succeeded(job)
+        await self._mark_succeeded(job)
 
-    def _mark_succeeded(self, job: Job) -> None:
+    async def _mark_succeeded(self, job: Job) -> None:
         pipe = self.r.pipeline()
         pipe.hset(job_key(job.job_id), mapping={"status": JobStatus.SUCCEEDED.value, "updated_at": _now()})
         pipe.hdel(job_key(job.job_id), "error_kind", "error_message", "lease_until", "run_id")
@@ -335,12 +357,12 @@ class JobRunner:
         self._expire_state(pipe, job)
         # The note is not needed once its result is stored: shorter life, smaller exposure.
         pipe.delete(payload_key(job.job_id))
-        pipe.execute()
+        await pipe.execute()
 
-    def _fail(self, job: Job, attempts: int, exc: MedqError) -> None:
+    async def _fail(self, job: Job, attempts: int, exc: MedqError) -> None:
         doc = self._doc(job, JobStatus.FAILED, attempts)
         doc["error"] = {"kind": exc.kind, "message": exc.message}
-        self.store.put(doc)
+        await self._put(doc)
         # A dead letter: listed in the batch's failed set, its state and payload kept
         # (no expiry) until it succeeds on a requeue or the batch is purged.
         pipe = self.r.pipeline()
@@ -358,7 +380,7 @@ class JobRunner:
         pipe.persist(job_key(job.job_id))
         pipe.persist(payload_key(job.job_id))
         pipe.persist(batch_key(job.batch))
-        pipe.execute()
+        await pipe.execute()
         log.warning("job %s record %s failed: %s", job.job_id, job.record_id, exc.kind)
 
     def _expire_state(self, pipe: Any, job: Job) -> None:
@@ -376,45 +398,68 @@ class JobRunner:
     # ------------------------------------------------------------ leases
 
     def _hold(self, job_id: str, run_id: str) -> None:
-        with self._active_lock:
-            self._active[job_id] = run_id
-            if self._heartbeat is None or not self._heartbeat.is_alive():
-                self._heartbeat = threading.Thread(target=self._beat, name="medq-lease-heartbeat", daemon=True)
-                self._heartbeat.start()
+        self._active[job_id] = run_id
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
-    def _drop(self, job_id: str) -> None:
-        with self._active_lock:
-            self._active.pop(job_id, None)
-
-    def _beat(self) -> None:
+    async def _beat(self) -> None:
         """Renew the leases of the jobs this process runs, every third of a lease."""
         period = self.lease_ms / 3000
         while True:
-            time.sleep(period)
-            with self._active_lock:
-                held = list(self._active.items())
+            await asyncio.sleep(period)
+            held = list(self._active.items())
             if not held:
                 continue
             try:
                 pipe = self.r.pipeline(transaction=False)
                 for job_id, run_id in held:
-                    self._renew(keys=[job_key(job_id)], args=[run_id, self.lease_ms], client=pipe)
-                pipe.execute()
+                    await self._renew(keys=[job_key(job_id)], args=[run_id, self.lease_ms], client=pipe)
+                await pipe.execute()
             except redis.RedisError as exc:
                 log.warning("lease heartbeat: %s", type(exc).__name__)
 
 
-_runner: JobRunner | None = None
-_runner_pid: int | None = None
+class Engine:
+    """The worker process's asyncio loop, in a thread of its own, with its one
+    :class:`JobRunner`. Celery's pool threads hand it jobs and wait for the outcome,
+    so a process keeps as many requests in flight as the endpoints allow, not one per
+    pool thread, and every job shares one Redis client and one HTTP pool."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="medq-engine", daemon=True)
+        self._thread.start()
+        self.runner: JobRunner = self.call(self._make_runner(settings))
+
+    @staticmethod
+    async def _make_runner(settings: Settings) -> JobRunner:
+        return JobRunner(settings)
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on the engine's loop and wait for its result (from another thread)."""
+        future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result()
+
+    def run(self, job_id: str) -> dict[str, Any] | RetryLater:
+        result: dict[str, Any] | RetryLater = self.call(self.runner.run(job_id))
+        return result
+
+    def run_many(self, job_ids: list[str]) -> list[dict[str, Any] | RetryLater | BaseException]:
+        result: list[dict[str, Any] | RetryLater | BaseException] = self.call(self.runner.run_many(job_ids))
+        return result
+
+
+_engine: Engine | None = None
+_engine_pid: int | None = None
 _lock = threading.Lock()
 
 
-def get_runner() -> JobRunner:
-    """The process's runner: made once per process (a forked child makes its own)."""
-    global _runner, _runner_pid
-    if _runner is None or _runner_pid != os.getpid():
+def get_engine() -> Engine:
+    """The process's engine: made once per process (a forked child makes its own)."""
+    global _engine, _engine_pid
+    if _engine is None or _engine_pid != os.getpid():
         with _lock:
-            if _runner is None or _runner_pid != os.getpid():
-                _runner = JobRunner(get_settings())
-                _runner_pid = os.getpid()
-    return _runner
+            if _engine is None or _engine_pid != os.getpid():
+                _engine = Engine(get_settings())
+                _engine_pid = os.getpid()
+    return _engine

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -34,9 +35,18 @@ from medq.errors import InvalidRecord, OutputInvalid, OutputTruncated
 from medq.schemas import ExtractionSchema, SchemaLoader, build_schema
 from medq.settings import EndpointSettings
 from worker.grounding import drop_ungrounded, ungrounded_paths
-from worker.llm import RESPONSE_FORMATS, Completion, FormatRejected, LLMClient, Usage, response_format_for
+from worker.llm import (
+    RESPONSE_FORMATS,
+    AsyncLLMClient,
+    Completion,
+    FormatRejected,
+    LLMClient,
+    Usage,
+    response_format_for,
+)
 from worker.rate_limit import EndpointGate
 
+_UNSET = object()
 Strategy = Literal["single", "fields"]
 Grounding = Literal["flag", "drop"]
 
@@ -115,6 +125,10 @@ class _Part:
     schema_json: str = ""
 
 
+# One model call as the extraction asks for it: messages, schema, max_tokens, provenance.
+_Call = tuple[list[dict[str, str]], ExtractionSchema, int, Provenance]
+
+
 class MedicalDataProcessor:
     """Extracts validated structured data from clinical text with an OpenAI-compatible LLM.
 
@@ -161,6 +175,9 @@ class MedicalDataProcessor:
         self._format = RESPONSE_FORMATS[0] if self._auto_format else response_format
         self._lock = threading.Lock()
         self._parts: dict[tuple[str, int], list[_Part]] = {}
+        self._formats: dict[tuple[str, str, int], Any] = {}
+        # The engine's client: same endpoint and gate, made now, connected on first use.
+        self.aclient = AsyncLLMClient(self.base_url, api_key, model, timeout_s, gate=gate)
 
     @classmethod
     def from_settings(
@@ -197,6 +214,30 @@ class MedicalDataProcessor:
 
     def process(self, text: str, schema: str | ExtractionSchema, record_id: str = "?") -> Extraction:
         """Extract ``schema`` from ``text``. Raises ``RetryableError`` or ``PermanentError``."""
+        steps = self._steps(text, schema, record_id)
+        try:
+            call = next(steps)
+            while True:
+                call = steps.send(self._call(*call))
+        except StopIteration as done:
+            result: Extraction = done.value
+            return result
+
+    async def aprocess(self, text: str, schema: str | ExtractionSchema, record_id: str = "?") -> Extraction:
+        """:meth:`process` on the running asyncio loop (the worker engine's way)."""
+        steps = self._steps(text, schema, record_id)
+        try:
+            call = next(steps)
+            while True:
+                call = steps.send(await self._acall(*call))
+        except StopIteration as done:
+            result: Extraction = done.value
+            return result
+
+    # The extraction is written once, as a generator that yields each model call it
+    # needs and is sent the completion; process() and aprocess() only differ in how
+    # they make the call.
+    def _steps(self, text: str, schema: str | ExtractionSchema, record_id: str) -> Generator[_Call, Completion, Extraction]:
         sch = schema if isinstance(schema, ExtractionSchema) else self.schema_loader.get(schema)
         if not text or not text.strip():
             raise InvalidRecord(f"record {record_id}: text is empty")
@@ -204,7 +245,9 @@ class MedicalDataProcessor:
         usage = Usage()
         prov = Provenance(model=self.model, endpoint=self.base_url, response_format=self._format, strategy=self.strategy)
         parts = self._parts_for(sch)
-        answers = [self._ask(part, text, record_id, prov, usage) for part in parts]
+        answers = []
+        for part in parts:
+            answers.append((yield from self._ask(part, text, record_id, prov, usage)))
         if len(answers) == 1 and parts[0].schema is sch:
             data = answers[0]  # strategy single: already validated against the whole schema
         else:
@@ -222,7 +265,9 @@ class MedicalDataProcessor:
 
     # ------------------------------------------------------------------ one call
 
-    def _ask(self, part: _Part, text: str, record_id: str, prov: Provenance, usage: Usage) -> BaseModel:
+    def _ask(
+        self, part: _Part, text: str, record_id: str, prov: Provenance, usage: Usage
+    ) -> Generator[_Call, Completion, BaseModel]:
         """One part, with truncation and re-ask handling; returns the validated answer."""
         sch = part.schema
         user = text if part.question is None else FIELD_QUESTION.format(
@@ -233,7 +278,7 @@ class MedicalDataProcessor:
         max_tokens = self.max_tokens
         reasks_left = self.reasks
         while True:
-            completion = self._call(messages, sch, max_tokens, prov)
+            completion = yield (messages, sch, max_tokens, prov)
             usage.add(completion)
             prov.model = completion.model
             prov.finish_reason = completion.finish_reason
@@ -276,6 +321,32 @@ class MedicalDataProcessor:
             except FormatRejected:
                 if not self._step_down(mode):
                     raise
+
+    async def _acall(
+        self, messages: list[dict[str, str]], sch: ExtractionSchema, max_tokens: int, prov: Provenance
+    ) -> Completion:
+        while True:
+            mode = self._format
+            try:
+                completion = await self.aclient.complete(
+                    messages,
+                    response_format=self._response_format(mode, sch),
+                    max_tokens=max_tokens,
+                    temperature=self.temperature,
+                )
+                prov.response_format = mode
+                return completion
+            except FormatRejected:
+                if not self._step_down(mode):
+                    raise
+
+    def _response_format(self, mode: str, sch: ExtractionSchema) -> dict[str, Any] | None:
+        """Built once per (mode, schema): the grammar form walks the whole schema."""
+        key = (mode, sch.name, sch.version)
+        fmt = self._formats.get(key, _UNSET)
+        if fmt is _UNSET:
+            fmt = self._formats[key] = response_format_for(mode, sch.name, sch.json_schema)
+        return fmt  # type: ignore[return-value]
 
     def _step_down(self, failed_mode: str) -> bool:
         """Move to the next looser response_format; False when there is none or auto is off."""

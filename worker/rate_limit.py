@@ -243,9 +243,15 @@ class Lease:
 
 
 class EndpointGate:
-    """The shared limits of one endpoint. Thread-safe; one per endpoint per process."""
+    """The shared limits of one endpoint: one per endpoint per process.
 
-    def __init__(self, r: redis.Redis, url: str, config: GateConfig) -> None:
+    ``acquire`` / ``release`` / ``call`` block (thread-safe); ``aacquire`` /
+    ``arelease`` / ``acall`` are the same steps on an asyncio Redis client ``ar``, for
+    the worker engine. There, at most ``max_in_flight`` calls of this process ask Redis
+    at once (the others queue in the process), and a call that ends wakes the next
+    waiter instead of letting it poll."""
+
+    def __init__(self, r: redis.Redis, url: str, config: GateConfig, ar: Any = None) -> None:
         self.url = url
         self.config = config
         self.keys = endpoint_keys(url)
@@ -254,49 +260,30 @@ class EndpointGate:
         self._release = r.register_script(RELEASE_LUA)
         self._rng = random.Random()
         self._rng_lock = threading.Lock()
+        self._ar = ar
+        if ar is not None:
+            self._aacquire = ar.register_script(ACQUIRE_LUA)
+            self._arelease = ar.register_script(RELEASE_LUA)
+        self._local: Any = None  # asyncio.Semaphore, made in the loop that uses it
+        self._wake: Any = None  # asyncio.Event: a slot was given back
+
+    # ------------------------------------------------------------- blocking
 
     def acquire(self, est_tokens: int) -> Lease:
         """A slot for one call, waiting up to ``max_wait_s``; else :class:`NoCapacity`."""
-        c = self.config
         lease_id = uuid.uuid4().hex
-        deadline = time.monotonic() + c.max_wait_s
+        deadline = time.monotonic() + self.config.max_wait_s
         poll_s = 0.005
         while True:
-            res = self._acquire(
-                keys=list(self.keys),
-                args=[
-                    lease_id, int(c.lease_s * 1000), c.max_in_flight, c.min_in_flight,
-                    c.requests_per_min or 0, c.tokens_per_min or 0, est_tokens,
-                    BUCKETS,
-                ],
-            )
-            if int(res[0]) == 1:
-                return Lease(lease_id, int(res[1]), int(res[3]) if c.tokens_per_min else 0)
-            wait_s, reason = int(res[1]) / 1000, _s(res[2])
-            left = deadline - time.monotonic()
-            if reason == "cooling" or wait_s > left or left <= 0:
-                # Waiting longer would hold a worker slot: hand the job back instead.
-                retry_after = wait_s if wait_s > 0 else max(poll_s * 10, 0.5)
-                raise NoCapacity(f"{self.url}: no capacity ({reason.replace('_', ' ')})", retry_after_s=retry_after)
-            if wait_s > 0:
-                time.sleep(wait_s + self._jitter(0.05))  # the window frees a slot then
-            else:
-                time.sleep(min(poll_s + self._jitter(poll_s), max(left, 0)))  # in flight: poll, backing off
-                poll_s = min(poll_s * 2, 0.2)
+            res = self._acquire(keys=list(self.keys), args=self._acquire_args(lease_id, est_tokens))
+            lease, sleep_s, poll_s = self._decide(res, lease_id, deadline, poll_s)
+            if lease is not None:
+                return lease
+            time.sleep(sleep_s)
 
     def release(self, lease: Lease, outcome: str, used_tokens: int | None = None) -> None:
-        c = self.config
         state, inflight, _, tok = self.keys
-        self._release(
-            keys=[state, inflight, tok],
-            args=[
-                lease.lease_id, outcome, lease.bucket, lease.est_tokens,
-                -1 if used_tokens is None else used_tokens,
-                c.max_in_flight, c.min_in_flight, "1" if c.adaptive else "0",
-                c.failure_threshold, int(c.cooldown_s * 1000), int(c.cooldown_max_s * 1000),
-                BUCKETS,
-            ],
-        )
+        self._release(keys=[state, inflight, tok], args=self._release_args(lease, outcome, used_tokens))
 
     def call(self, est_tokens: int, fn: Any) -> Any:
         """Run ``fn()`` under a lease; ``fn`` returns ``(result, used_tokens)``."""
@@ -311,6 +298,95 @@ class EndpointGate:
             raise
         self.release(lease, OK, used)
         return result
+
+    # ------------------------------------------------------------- asyncio
+
+    async def aacquire(self, est_tokens: int) -> Lease:
+        import asyncio
+
+        if self._local is None:
+            self._local = asyncio.Semaphore(self.config.max_in_flight)
+            self._wake = asyncio.Event()
+        lease_id = uuid.uuid4().hex
+        # This process's own calls queue here first, in order, without a deadline: the
+        # worker took their messages to run them, and holds at most a few rounds of
+        # max_in_flight (MEDQ_WORKER__CONCURRENCY messages). Waiting on the shared limits
+        # (other processes' calls, the windows, the adaptive cap) is bounded below.
+        await self._local.acquire()
+        deadline = time.monotonic() + self.config.max_wait_s
+        try:
+            poll_s = 0.005
+            while True:
+                res = await self._aacquire(keys=list(self.keys), args=self._acquire_args(lease_id, est_tokens))
+                lease, sleep_s, poll_s = self._decide(res, lease_id, deadline, poll_s)
+                if lease is not None:
+                    return lease
+                self._wake.clear()
+                try:  # until a call of this process ends, or the time the gate gave
+                    await asyncio.wait_for(self._wake.wait(), sleep_s)
+                except asyncio.TimeoutError:
+                    pass
+        except BaseException:
+            self._local.release()
+            raise
+
+    async def arelease(self, lease: Lease, outcome: str, used_tokens: int | None = None) -> None:
+        state, inflight, _, tok = self.keys
+        try:
+            await self._arelease(keys=[state, inflight, tok], args=self._release_args(lease, outcome, used_tokens))
+        finally:
+            self._local.release()
+            self._wake.set()
+
+    async def acall(self, est_tokens: int, fn: Any) -> Any:
+        """``await fn()`` under a lease; ``fn`` returns ``(result, used_tokens)``."""
+        lease = await self.aacquire(est_tokens)
+        try:
+            result, used = await fn()
+        except MedqError as exc:
+            await self.arelease(lease, outcome_of(exc))
+            raise
+        except BaseException:
+            await self.arelease(lease, NEUTRAL)
+            raise
+        await self.arelease(lease, OK, used)
+        return result
+
+    # ------------------------------------------------------------- shared steps
+
+    def _acquire_args(self, lease_id: str, est_tokens: int) -> list[Any]:
+        c = self.config
+        return [
+            lease_id, int(c.lease_s * 1000), c.max_in_flight, c.min_in_flight,
+            c.requests_per_min or 0, c.tokens_per_min or 0, est_tokens,
+            BUCKETS,
+        ]
+
+    def _release_args(self, lease: Lease, outcome: str, used_tokens: int | None) -> list[Any]:
+        c = self.config
+        return [
+            lease.lease_id, outcome, lease.bucket, lease.est_tokens,
+            -1 if used_tokens is None else used_tokens,
+            c.max_in_flight, c.min_in_flight, "1" if c.adaptive else "0",
+            c.failure_threshold, int(c.cooldown_s * 1000), int(c.cooldown_max_s * 1000),
+            BUCKETS,
+        ]
+
+    def _decide(self, res: Any, lease_id: str, deadline: float, poll_s: float) -> tuple[Lease | None, float, float]:
+        """What the acquire script said: a lease, or how long to wait before asking again
+        (and the next poll interval). Raises :class:`NoCapacity` when waiting would
+        outlast ``max_wait_s``: the job is handed back instead of holding a slot."""
+        if int(res[0]) == 1:
+            return Lease(lease_id, int(res[1]), int(res[3]) if self.config.tokens_per_min else 0), 0.0, poll_s
+        wait_s, reason = int(res[1]) / 1000, _s(res[2])
+        left = deadline - time.monotonic()
+        if reason == "cooling" or wait_s > left or left <= 0:
+            retry_after = wait_s if wait_s > 0 else max(poll_s * 10, 0.5)
+            raise NoCapacity(f"{self.url}: no capacity ({reason.replace('_', ' ')})", retry_after_s=retry_after)
+        if wait_s > 0:
+            return None, wait_s + self._jitter(0.05), poll_s  # the window frees a slot then
+        # in flight: poll, backing off
+        return None, min(poll_s + self._jitter(poll_s), max(left, 0)), min(poll_s * 2, 0.2)
 
     def snapshot(self) -> dict[str, Any]:
         return endpoint_snapshot(self._r, self.url, self.config.max_in_flight)
@@ -328,12 +404,27 @@ def endpoint_snapshot(r: redis.Redis, url: str, max_in_flight: int | None = None
 def endpoint_snapshots(r: redis.Redis, urls: list[str], max_in_flight: int | None = None) -> list[dict[str, Any]]:
     """The snapshots of several endpoints in one round trip."""
     pipe = r.pipeline(transaction=False)
+    _queue_snapshots(pipe, urls)
+    return _snapshots(urls, pipe.execute(), max_in_flight)
+
+
+async def aendpoint_snapshots(ar: Any, urls: list[str], max_in_flight: int | None = None) -> list[dict[str, Any]]:
+    """:func:`endpoint_snapshots` on an asyncio Redis client."""
+    pipe = ar.pipeline(transaction=False)
+    _queue_snapshots(pipe, urls)
+    return _snapshots(urls, await pipe.execute(), max_in_flight)
+
+
+def _queue_snapshots(pipe: Any, urls: list[str]) -> None:
     pipe.time()
     for url in urls:
         state, inflight, _, _ = endpoint_keys(url)
         pipe.hgetall(state)
         pipe.zcard(inflight)
-    (secs, micros), *rest = pipe.execute()
+
+
+def _snapshots(urls: list[str], replies: list[Any], max_in_flight: int | None) -> list[dict[str, Any]]:
+    (secs, micros), *rest = replies
     now_ms = secs * 1000 + micros // 1000
     out = []
     for url, raw, n in zip(urls, rest[0::2], rest[1::2]):

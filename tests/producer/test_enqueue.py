@@ -32,6 +32,15 @@ def _queued_messages(r: redis.Redis) -> list[dict]:
     return [json.loads(m) for m in r.lrange(QUEUE, 0, -1)]
 
 
+def _queued_job_ids(r: redis.Redis) -> list[str]:
+    """Every job id in the queued messages: one per medq.extract, a list per medq.extract_many."""
+    out: list[str] = []
+    for msg in _queued_messages(r):
+        [arg] = json.loads(base64.b64decode(msg["body"]))[0]
+        out += arg if msg["headers"]["task"] == "medq.extract_many" else [arg]
+    return out
+
+
 def test_enqueue_stores_payload_and_sends_only_the_id(r: redis.Redis, settings: Settings) -> None:
     ids = enqueue([{"id": "a", "text": "CANARY-7f3 seventy-year-old", "metadata": {"ward": "3B"}}],
                   schema="clinical_note", batch="b1", settings=settings)
@@ -55,8 +64,19 @@ def test_same_records_twice_runs_nothing_twice(r: redis.Redis, settings: Setting
     assert first.batch == second.batch  # the default batch id comes from the content
     assert list(first) == list(second)
     assert second.created == 0 and second.sent == 0
-    assert len(_queued_messages(r)) == 5
+    assert sorted(_queued_job_ids(r)) == sorted(first)  # each job sent once, by the first call only
     assert r.scard(batch_key(first.batch)) == 5
+
+
+def test_jobs_travel_several_to_a_message(r: redis.Redis, redis_url: str) -> None:
+    settings = Settings(redis_url=redis_url, jobs_per_message=16)
+    ids = enqueue([{"id": f"r{i}", "text": f"CANARY-9c1 note {i}"} for i in range(40)], schema="clinical_note",
+                  batch="b", settings=settings)
+    msgs = _queued_messages(r)
+    assert [m["headers"]["task"] for m in msgs] == ["medq.extract_many"] * 3
+    assert sorted(len(json.loads(base64.b64decode(m["body"]))[0][0]) for m in msgs) == [8, 16, 16]
+    assert sorted(_queued_job_ids(r)) == sorted(ids)
+    assert not any(b"CANARY" in base64.b64decode(m["body"]) for m in msgs)
 
 
 def test_job_whose_message_was_never_sent_is_sent_on_rerun(r: redis.Redis, settings: Settings) -> None:

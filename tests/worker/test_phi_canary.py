@@ -69,6 +69,9 @@ def test_record_text_stays_out_of_logs_messages_and_celery_results(
         ),
         encoding="utf-8",
     )
+    # one job per message, so that one job runs at a time and the scripted answers below
+    # go to the jobs in order (messages with many jobs: tests/producer)
+    medq_env = {**medq_env, "MEDQ_JOBS_PER_MESSAGE": "1"}
     enq = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "phi"], medq_env)
     assert enq.returncode == 0, enq.stderr
 

@@ -30,13 +30,24 @@ return 1
 
 class RedisResultStore:
     def __init__(self, url: str, ttl_s: int | None = None) -> None:
+        self._url = url
         self._r = redis.Redis.from_url(url)
         self.ttl_s = ttl_s
         self._put = self._r.register_script(PUT_LUA)
+        self._aput: Any = None  # on an asyncio client, made by the first aput
 
     def put(self, doc: dict[str, Any]) -> bool:
         value = json.dumps(doc, ensure_ascii=False)
         return bool(self._put(keys=[result_key(doc["job_id"])], args=[value, self.ttl_s or 0]))
+
+    async def aput(self, doc: dict[str, Any]) -> bool:
+        """:meth:`put` on the running asyncio loop (the worker engine's)."""
+        if self._aput is None:
+            import redis.asyncio
+
+            self._aput = redis.asyncio.Redis.from_url(self._url).register_script(PUT_LUA)
+        value = json.dumps(doc, ensure_ascii=False)
+        return bool(await self._aput(keys=[result_key(doc["job_id"])], args=[value, self.ttl_s or 0]))
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         raw = self._r.get(result_key(job_id))
