@@ -29,34 +29,34 @@ class Endpoint:
 
 class EndpointPool:
     def __init__(
-        self, endpoints: list[Endpoint], r: redis.Redis, rng: random.Random | None = None, ar: Any = None
+        self, endpoints: list[Endpoint], r: redis.Redis, rng: random.Random | None = None, batcher: Any = None
     ) -> None:
         if not endpoints:
             raise ValueError("no endpoints configured (MEDQ_LLM__BASE_URL or MEDQ_LLM__ENDPOINTS)")
         self.endpoints = endpoints
         self._r = r
-        self._ar = ar
+        self._batcher = batcher
         self._rng = rng or random.Random()
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, r: redis.Redis, processor: MedicalDataProcessor | None = None, ar: Any = None
+        cls, settings: Settings, r: redis.Redis, processor: MedicalDataProcessor | None = None, batcher: Any = None
     ) -> EndpointPool:
         """One endpoint per ``MEDQ_LLM__ENDPOINTS`` entry (or ``MEDQ_LLM__BASE_URL``).
-        A given ``processor`` is used as the only endpoint (tests, embedding). With an
-        asyncio Redis client ``ar``, the gates also work on the worker engine's loop."""
+        A given ``processor`` is used as the only endpoint (tests, embedding). With a
+        :class:`~worker.batching.Batcher`, the gates also work on the worker engine's loop."""
         config = GateConfig.from_settings(settings.llm)
         if processor is not None:
-            gate = EndpointGate(r, processor.base_url, config, ar)
+            gate = EndpointGate(r, processor.base_url, config, batcher)
             processor.client.gate = processor.aclient.gate = gate
-            return cls([Endpoint(processor.base_url, 1.0, processor, gate)], r, ar=ar)
+            return cls([Endpoint(processor.base_url, 1.0, processor, gate)], r, batcher=batcher)
         loader = SchemaLoader(settings.schema_dirs)
         out = []
         for ep in settings.llm.all_endpoints:
-            gate = EndpointGate(r, ep.url, config, ar)
+            gate = EndpointGate(r, ep.url, config, batcher)
             proc = MedicalDataProcessor.from_settings(settings, loader, endpoint=ep, gate=gate)
             out.append(Endpoint(ep.url, ep.weight, proc, gate))
-        return cls(out, r, ar=ar)
+        return cls(out, r, batcher=batcher)
 
     @property
     def primary(self) -> Endpoint:
@@ -78,7 +78,7 @@ class EndpointPool:
         if len(self.endpoints) == 1:
             return list(self.endpoints)
         keyed = self._weighted()
-        snaps = await aendpoint_snapshots(self._ar, [e.url for e in keyed], keyed[0].gate.config.max_in_flight)
+        snaps = await aendpoint_snapshots(self._batcher.r, [e.url for e in keyed], keyed[0].gate.config.max_in_flight)
         return self._busy_last(keyed, snaps)
 
     def _weighted(self) -> list[Endpoint]:

@@ -44,7 +44,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from medq.contract import JobStatus, batch_key, failed_key, job_key, payload_key
+from medq.contract import JobStatus, batch_key, failed_key, job_key, payload_key, result_key
 from medq.errors import (
     MedqError,
     NoCapacity,
@@ -55,9 +55,11 @@ from medq.errors import (
     WorkerLost,
 )
 from medq.settings import Settings, get_settings
+from worker.batching import Batcher
 from worker.endpoints import EndpointPool
 from worker.processor import Extraction, MedicalDataProcessor
 from worker.results import ResultStore, open_store
+from worker.results.redis_store import PUT_LUA, RedisResultStore
 from worker.retry import RetryPolicy, compute_backoff
 
 log = logging.getLogger("medq.worker")
@@ -92,6 +94,18 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'lease_until', now + tonumber(A
 local f = redis.call('HMGET', KEYS[1], 'failures', 'lost', 'first_run_ms', 'deferrals')
 return reply('run', tostring(attempts), f[1] or '0', f[2] or '0', f[3], f[4] or '0', tostring(now),
              redis.call('GET', KEYS[2]) or false)
+"""
+
+# A job succeeded: final state, no dead letter, state expires with results, note gone.
+FINISH_LUA = """
+-- KEYS: job, failed, batch, payload   ARGV: now_iso, results_ttl_s, job_id
+redis.call('HSET', KEYS[1], 'status', 'succeeded', 'updated_at', ARGV[1])
+redis.call('HDEL', KEYS[1], 'error_kind', 'error_message', 'lease_until', 'run_id')
+redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[4])
+return 1
 """
 
 # Renew a lease, only if this run still holds it.
@@ -152,14 +166,16 @@ class JobRunner:
     ) -> None:
         self.settings = settings
         self.r = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+        self.batch = Batcher(self.r)  # the per-job calls of all running jobs, pipelined
         self.store = store or open_store(settings.effective_results_url, ttl_s=settings.results_ttl_s)
+        # results in the job-state Redis: stored through the same pipelines
+        self._put_batched = isinstance(self.store, RedisResultStore) and settings.effective_results_url == settings.redis_url
         self.pool = EndpointPool.from_settings(
-            settings, redis.Redis.from_url(settings.redis_url, decode_responses=True), processor, ar=self.r
+            settings, redis.Redis.from_url(settings.redis_url, decode_responses=True), processor, batcher=self.batch
         )
         w = settings.worker
         self.policy = RetryPolicy(w.max_retries, w.retry_backoff_s, w.retry_backoff_max_s)
         self.lease_ms = int(w.lease_s * 1000)
-        self._start = self.r.register_script(START_LUA)
         self._renew = self.r.register_script(RENEW_LUA)
         self._active: dict[str, str] = {}  # job id -> run id, renewed by the heartbeat
         self._heartbeat: asyncio.Task[None] | None = None
@@ -176,9 +192,8 @@ class JobRunner:
         """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
         after recording the failure, so Celery and Flower show it as failed."""
         run_id = uuid.uuid4().hex
-        res = await self._start(
-            keys=[job_key(job_id), payload_key(job_id)],
-            args=[run_id, self.lease_ms, self.settings.worker.max_lost_runs, _now()],
+        res = await self.batch.script(
+            START_LUA, [job_key(job_id), payload_key(job_id)], [run_id, self.lease_ms, self.settings.worker.max_lost_runs, _now()]
         )
         verdict = res[0]
         if verdict == "missing":
@@ -299,6 +314,9 @@ class JobRunner:
 
     async def _put(self, doc: dict[str, Any]) -> bool:
         """Store a result: on this loop for the Redis store, in a thread for the others."""
+        if self._put_batched:
+            value = json.dumps(doc, ensure_ascii=False)
+            return bool(await self.batch.script(PUT_LUA, [result_key(doc["job_id"])], [value, self.settings.results_ttl_s]))
         aput = getattr(self.store, "aput", None)
         if aput is not None:
             return bool(await aput(doc))
@@ -350,14 +368,13 @@ class JobRunner:
         await self._mark_succeeded(job)
 
     async def _mark_succeeded(self, job: Job) -> None:
-        pipe = self.r.pipeline()
-        pipe.hset(job_key(job.job_id), mapping={"status": JobStatus.SUCCEEDED.value, "updated_at": _now()})
-        pipe.hdel(job_key(job.job_id), "error_kind", "error_message", "lease_until", "run_id")
-        pipe.zrem(failed_key(job.batch), job.job_id)
-        self._expire_state(pipe, job)
-        # The note is not needed once its result is stored: shorter life, smaller exposure.
-        pipe.delete(payload_key(job.job_id))
-        await pipe.execute()
+        # The state lives as long as results do, then goes with its batch; the note is not
+        # needed once its result is stored: shorter life, smaller exposure.
+        await self.batch.script(
+            FINISH_LUA,
+            [job_key(job.job_id), failed_key(job.batch), batch_key(job.batch), payload_key(job.job_id)],
+            [_now(), self.settings.results_ttl_s, job.job_id],
+        )
 
     async def _fail(self, job: Job, attempts: int, exc: MedqError) -> None:
         doc = self._doc(job, JobStatus.FAILED, attempts)
@@ -382,11 +399,6 @@ class JobRunner:
         pipe.persist(batch_key(job.batch))
         await pipe.execute()
         log.warning("job %s record %s failed: %s", job.job_id, job.record_id, exc.kind)
-
-    def _expire_state(self, pipe: Any, job: Job) -> None:
-        # A finished job's state lives as long as results do, then goes with its batch.
-        pipe.expire(job_key(job.job_id), self.settings.results_ttl_s)
-        pipe.expire(batch_key(job.batch), self.settings.results_ttl_s)
 
     @staticmethod
     def _summary(job: Job, status: JobStatus, attempts: int, latency_ms: float | None = None) -> dict[str, Any]:

@@ -246,12 +246,12 @@ class EndpointGate:
     """The shared limits of one endpoint: one per endpoint per process.
 
     ``acquire`` / ``release`` / ``call`` block (thread-safe); ``aacquire`` /
-    ``arelease`` / ``acall`` are the same steps on an asyncio Redis client ``ar``, for
-    the worker engine. There, at most ``max_in_flight`` calls of this process ask Redis
+    ``arelease`` / ``acall`` are the same steps through the worker engine's
+    :class:`~worker.batching.Batcher`. There, at most ``max_in_flight`` calls of this process ask Redis
     at once (the others queue in the process), and a call that ends wakes the next
     waiter instead of letting it poll."""
 
-    def __init__(self, r: redis.Redis, url: str, config: GateConfig, ar: Any = None) -> None:
+    def __init__(self, r: redis.Redis, url: str, config: GateConfig, batcher: Any = None) -> None:
         self.url = url
         self.config = config
         self.keys = endpoint_keys(url)
@@ -260,10 +260,7 @@ class EndpointGate:
         self._release = r.register_script(RELEASE_LUA)
         self._rng = random.Random()
         self._rng_lock = threading.Lock()
-        self._ar = ar
-        if ar is not None:
-            self._aacquire = ar.register_script(ACQUIRE_LUA)
-            self._arelease = ar.register_script(RELEASE_LUA)
+        self._batcher = batcher  # worker.batching.Batcher: the engine's pipelined Redis calls
         self._local: Any = None  # asyncio.Semaphore, made in the loop that uses it
         self._wake: Any = None  # asyncio.Event: a slot was given back
 
@@ -317,7 +314,7 @@ class EndpointGate:
         try:
             poll_s = 0.005
             while True:
-                res = await self._aacquire(keys=list(self.keys), args=self._acquire_args(lease_id, est_tokens))
+                res = await self._batcher.script(ACQUIRE_LUA, list(self.keys), self._acquire_args(lease_id, est_tokens))
                 lease, sleep_s, poll_s = self._decide(res, lease_id, deadline, poll_s)
                 if lease is not None:
                     return lease
@@ -333,7 +330,7 @@ class EndpointGate:
     async def arelease(self, lease: Lease, outcome: str, used_tokens: int | None = None) -> None:
         state, inflight, _, tok = self.keys
         try:
-            await self._arelease(keys=[state, inflight, tok], args=self._release_args(lease, outcome, used_tokens))
+            await self._batcher.script(RELEASE_LUA, [state, inflight, tok], self._release_args(lease, outcome, used_tokens))
         finally:
             self._local.release()
             self._wake.set()
