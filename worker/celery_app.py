@@ -13,6 +13,41 @@ from medq.settings import get_settings
 
 settings = get_settings()
 
+
+def _keep_broker_params_for_restore() -> None:
+    """Work around a kombu 5.7 failure that kills the worker when Redis goes away.
+
+    When the broker connection drops while the consumer waits in BRPOP with
+    unacknowledged messages, Celery first ``collect()``s the connection (which drops
+    the transport's client) and then closes it. The second close restores the
+    unacknowledged messages through a new pool, built from that client:
+    ``AttributeError: 'NoneType' object has no attribute 'hostname'``, "Unrecoverable
+    error", and the worker exits. Seen with celery 5.7.0 / kombu 5.7.0 in
+    ``tests/chaos`` (Redis restarted under load), with a worker that mostly idles in
+    BRPOP because each message carries many jobs. Each channel keeps the connection
+    parameters it was made with and uses them then: the restore reaches Redis if it is
+    back, or fails as a connection error (which kombu ignores there, and the messages
+    come back after the visibility timeout)."""
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.Channel._connparams
+    if getattr(original, "medq_patched", False):
+        return
+
+    def _connparams(self: Any, asynchronous: bool = False) -> dict[str, Any]:
+        saved = self.__dict__.setdefault("_medq_connparams", {})
+        if self.connection.client is None and asynchronous in saved:
+            return dict(saved[asynchronous])
+        params: dict[str, Any] = original(self, asynchronous=asynchronous)
+        saved[asynchronous] = dict(params)
+        return params
+
+    _connparams.medq_patched = True  # type: ignore[attr-defined]
+    kombu_redis.Channel._connparams = _connparams
+
+
+_keep_broker_params_for_restore()
+
 app = Celery("medq", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
 app.conf.update(
     # JSON only: a pickle payload from the broker is code execution.
