@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
+import os
+import uuid
 from typing import Any
 
 import redis
@@ -25,6 +28,24 @@ MAX_BATCH = 512
 MAX_CONCURRENT = 4  # pipelines on the wire at once; more calls wait for the next one
 
 
+class Ids:
+    """Unique ids for leases and runs, cheaper than ``uuid4()`` per call: a random
+    prefix per process (made again after a fork) and a counter."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._prefix = ""
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        if self._pid != os.getpid():
+            self._pid, self._prefix = os.getpid(), uuid.uuid4().hex[:16]
+        return f"{self._prefix}{next(self._count):x}"
+
+
+new_id = Ids()
+
+
 class Batcher:
     def __init__(self, r: redis.asyncio.Redis) -> None:
         self.r = r
@@ -32,6 +53,7 @@ class Batcher:
         self._scheduled = False
         self._sending = 0
         self._scripts: dict[str, str] = {}  # sha -> source
+        self._shas: dict[str, str] = {}  # source -> sha
 
     async def call(self, *command: Any) -> Any:
         """One Redis command, e.g. ``await batcher.call("HGET", key, field)``."""
@@ -39,8 +61,10 @@ class Batcher:
 
     async def script(self, source: str, keys: list[str], args: list[Any]) -> Any:
         """Run a Lua script (by its SHA; loaded on first use or after a restart)."""
-        sha = hashlib.sha1(source.encode()).hexdigest()
-        self._scripts.setdefault(sha, source)
+        sha = self._shas.get(source)
+        if sha is None:
+            sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
+            self._scripts[sha] = source
         return await self._queue(("EVALSHA", sha, len(keys), *keys, *args), sha)
 
     def _queue(self, command: tuple[Any, ...], sha: str | None) -> asyncio.Future[Any]:

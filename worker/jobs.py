@@ -35,7 +35,6 @@ import random
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -55,7 +54,7 @@ from medq.errors import (
     WorkerLost,
 )
 from medq.settings import Settings, get_settings
-from worker.batching import Batcher
+from worker.batching import Batcher, new_id
 from worker.endpoints import EndpointPool
 from worker.processor import Extraction, MedicalDataProcessor
 from worker.results import ResultStore, open_store
@@ -191,7 +190,7 @@ class JobRunner:
     async def run(self, job_id: str) -> dict[str, Any] | RetryLater:
         """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
         after recording the failure, so Celery and Flower show it as failed."""
-        run_id = uuid.uuid4().hex
+        run_id = new_id()
         res = await self.batch.script(
             START_LUA, [job_key(job_id), payload_key(job_id)], [run_id, self.lease_ms, self.settings.worker.max_lost_runs, _now()]
         )

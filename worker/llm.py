@@ -219,6 +219,8 @@ class AsyncLLMClient:
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self._session: Any = None
+        self._encoded: dict[tuple[str, str], str] = {}
+        self._formats: dict[int, tuple[Any, str]] = {}  # id -> (the dict, kept alive; its JSON)
 
     async def complete(
         self,
@@ -227,12 +229,14 @@ class AsyncLLMClient:
         response_format: dict[str, Any] | None,
         max_tokens: int,
         temperature: float,
+        fixed: int = 0,
     ) -> Completion:
+        """``fixed``: how many leading messages are the same for every record (see ``_body``)."""
         if self.gate is None:
-            return await self._complete(messages, response_format, max_tokens, temperature)
+            return await self._complete(messages, response_format, max_tokens, temperature, fixed)
 
         async def call() -> tuple[Completion, int]:
-            c = await self._complete(messages, response_format, max_tokens, temperature)
+            c = await self._complete(messages, response_format, max_tokens, temperature, fixed)
             return c, c.prompt_tokens + c.completion_tokens
 
         result: Completion = await self.gate.acall(estimate_tokens(messages, max_tokens), call)
@@ -244,12 +248,10 @@ class AsyncLLMClient:
         response_format: dict[str, Any] | None,
         max_tokens: int,
         temperature: float,
+        fixed: int,
     ) -> Completion:
         import aiohttp
 
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-        if response_format is not None:
-            body["response_format"] = response_format
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
@@ -258,7 +260,8 @@ class AsyncLLMClient:
         where = self.base_url
         started = time.perf_counter()
         try:
-            async with self._session.post(self._url, data=json.dumps(body, ensure_ascii=False).encode(), headers=self._headers) as resp:
+            data = self._body(messages, response_format, max_tokens, temperature, fixed)
+            async with self._session.post(self._url, data=data, headers=self._headers) as resp:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
@@ -287,6 +290,38 @@ class AsyncLLMClient:
             )
         except (TypeError, KeyError, IndexError, AttributeError, ValueError):
             raise ServerError(f"{where} answered HTTP {status} without a chat completion in it") from None
+
+    def _body(
+        self,
+        messages: list[dict[str, str]],
+        response_format: dict[str, Any] | None,
+        max_tokens: int,
+        temperature: float,
+        fixed: int = 0,
+    ) -> bytes:
+        """The request JSON. The first ``fixed`` messages (the system turn and the
+        few-shot turns) and the response_format are the same for every record of a
+        schema: they are encoded once and reused. Record text is never kept."""
+        parts = []
+        for i, m in enumerate(messages):
+            if i >= fixed:  # the note and what follows it: never kept
+                parts.append(json.dumps(m, ensure_ascii=False))
+                continue
+            key = (m["role"], m["content"])
+            enc = self._encoded.get(key)
+            if enc is None:
+                if len(self._encoded) > 4096:
+                    self._encoded.clear()
+                enc = self._encoded[key] = json.dumps(m, ensure_ascii=False)
+            parts.append(enc)
+        fmt = ""
+        if response_format is not None:
+            held = self._formats.get(id(response_format))
+            if held is None or held[0] is not response_format:
+                held = self._formats[id(response_format)] = (response_format, json.dumps(response_format, ensure_ascii=False))
+            fmt = f', "response_format": {held[1]}'
+        head = json.dumps({"model": self.model, "max_tokens": max_tokens, "temperature": temperature}, ensure_ascii=False)
+        return f'{head[:-1]}, "messages": [{", ".join(parts)}]{fmt}}}'.encode()
 
     async def close(self) -> None:
         if self._session is not None:

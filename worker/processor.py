@@ -125,8 +125,9 @@ class _Part:
     schema_json: str = ""
 
 
-# One model call as the extraction asks for it: messages, schema, max_tokens, provenance.
-_Call = tuple[list[dict[str, str]], ExtractionSchema, int, Provenance]
+# One model call as the extraction asks for it: messages, schema, max_tokens, provenance,
+# and how many leading messages are the same for every record (system and few-shot turns).
+_Call = tuple[list[dict[str, str]], ExtractionSchema, int, Provenance, int]
 
 
 class MedicalDataProcessor:
@@ -278,7 +279,7 @@ class MedicalDataProcessor:
         max_tokens = self.max_tokens
         reasks_left = self.reasks
         while True:
-            completion = yield (messages, sch, max_tokens, prov)
+            completion = yield (messages, sch, max_tokens, prov, base_len - 1)
             usage.add(completion)
             prov.model = completion.model
             prov.finish_reason = completion.finish_reason
@@ -306,7 +307,9 @@ class MedicalDataProcessor:
                     {"role": "user", "content": REASK_PROMPT.format(errors=_error_lines(exc))},
                 ]
 
-    def _call(self, messages: list[dict[str, str]], sch: ExtractionSchema, max_tokens: int, prov: Provenance) -> Completion:
+    def _call(
+        self, messages: list[dict[str, str]], sch: ExtractionSchema, max_tokens: int, prov: Provenance, fixed: int
+    ) -> Completion:
         while True:
             mode = self._format
             try:
@@ -323,7 +326,7 @@ class MedicalDataProcessor:
                     raise
 
     async def _acall(
-        self, messages: list[dict[str, str]], sch: ExtractionSchema, max_tokens: int, prov: Provenance
+        self, messages: list[dict[str, str]], sch: ExtractionSchema, max_tokens: int, prov: Provenance, fixed: int
     ) -> Completion:
         while True:
             mode = self._format
@@ -333,6 +336,7 @@ class MedicalDataProcessor:
                     response_format=self._response_format(mode, sch),
                     max_tokens=max_tokens,
                     temperature=self.temperature,
+                    fixed=fixed,
                 )
                 prov.response_format = mode
                 return completion

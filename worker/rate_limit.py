@@ -35,7 +35,6 @@ import hashlib
 import random
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +50,7 @@ from medq.errors import (
     RateLimited,
     ServerError,
 )
+from worker.batching import new_id
 
 WINDOW_S = 60
 GUARD_S = 1  # transit slack: a request admitted at the end of a second arrives in the next
@@ -268,7 +268,7 @@ class EndpointGate:
 
     def acquire(self, est_tokens: int) -> Lease:
         """A slot for one call, waiting up to ``max_wait_s``; else :class:`NoCapacity`."""
-        lease_id = uuid.uuid4().hex
+        lease_id = new_id()
         deadline = time.monotonic() + self.config.max_wait_s
         poll_s = 0.005
         while True:
@@ -304,7 +304,7 @@ class EndpointGate:
         if self._local is None:
             self._local = asyncio.Semaphore(self.config.max_in_flight)
             self._wake = asyncio.Event()
-        lease_id = uuid.uuid4().hex
+        lease_id = new_id()
         # This process's own calls queue here first, in order, without a deadline: the
         # worker took their messages to run them, and holds at most a few rounds of
         # max_in_flight (MEDQ_WORKER__CONCURRENCY messages). Waiting on the shared limits
