@@ -39,7 +39,7 @@ redis.call('SADD', KEYS[3], ARGV[8])
 return 1
 """
 
-_CHUNK = 512  # a multiple of MEDQ_JOBS_PER_MESSAGE's default
+_CHUNK = 128  # jobs written per round trip, then sent; a multiple of MEDQ_JOBS_PER_MESSAGE's default
 
 
 class EnqueueResult(list[str]):
@@ -93,8 +93,7 @@ class Producer:
             raise InputError(checked.problems)
         batch = batch or default_batch_id(checked.records, sch.name, sch.version)
         job_ids: list[str] = []
-        created = 0
-        to_send: list[str] = []
+        created = sent = 0
         now_iso = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
         for i in range(0, len(checked.records), _CHUNK):
             chunk = checked.records[i : i + _CHUNK]
@@ -107,13 +106,16 @@ class Producer:
                           self.settings.payload_ttl_s, job_id, seq],
                     client=pipe,
                 )
+            to_send = []
             for job_id, outcome in zip(ids, pipe.execute()):
                 created += outcome == 1
                 if outcome:
                     to_send.append(job_id)
+            # Sent chunk by chunk: workers start on the first jobs while the rest are written.
+            self.send(to_send)
+            sent += len(to_send)
             job_ids += ids
-        self.send(to_send)
-        return EnqueueResult(batch, job_ids, created, len(to_send))
+        return EnqueueResult(batch, job_ids, created, sent)
 
     def send(self, job_ids: list[str]) -> None:
         """Send the task messages, then mark the jobs as sent (so a re-run resends the rest).

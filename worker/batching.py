@@ -25,7 +25,10 @@ import redis
 import redis.asyncio
 
 MAX_BATCH = 512
-MAX_CONCURRENT = 4  # pipelines on the wire at once; more calls wait for the next one
+# One pipeline on the wire at a time: calls made meanwhile go in the next one (bigger
+# batches), and calls reach Redis in the order they were made (EndpointGate.arelease
+# relies on it).
+MAX_CONCURRENT = 1
 
 
 class Ids:
@@ -55,17 +58,19 @@ class Batcher:
         self._scripts: dict[str, str] = {}  # sha -> source
         self._shas: dict[str, str] = {}  # source -> sha
 
-    async def call(self, *command: Any) -> Any:
-        """One Redis command, e.g. ``await batcher.call("HGET", key, field)``."""
-        return await self._queue(command, None)
+    def call(self, *command: Any) -> asyncio.Future[Any]:
+        """One Redis command, e.g. ``await batcher.call("HGET", key, field)``. Queued
+        when called: calls reach Redis in the order they were made."""
+        return self._queue(command, None)
 
-    async def script(self, source: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a Lua script (by its SHA; loaded on first use or after a restart)."""
+    def script(self, source: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Run a Lua script (by its SHA; loaded on first use or after a restart).
+        Queued when called, like :meth:`call`."""
         sha = self._shas.get(source)
         if sha is None:
             sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
             self._scripts[sha] = source
-        return await self._queue(("EVALSHA", sha, len(keys), *keys, *args), sha)
+        return self._queue(("EVALSHA", sha, len(keys), *keys, *args), sha)
 
     def _queue(self, command: tuple[Any, ...], sha: str | None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()

@@ -329,11 +329,15 @@ class EndpointGate:
 
     async def arelease(self, lease: Lease, outcome: str, used_tokens: int | None = None) -> None:
         state, inflight, _, tok = self.keys
+        # The batcher sends calls in the order they are made: the next call's acquire,
+        # queued after this release, reaches Redis after it. So the local slot is handed
+        # on now, not one round trip later.
         try:
-            await self._batcher.script(RELEASE_LUA, [state, inflight, tok], self._release_args(lease, outcome, used_tokens))
+            released = self._batcher.script(RELEASE_LUA, [state, inflight, tok], self._release_args(lease, outcome, used_tokens))
         finally:
             self._local.release()
             self._wake.set()
+        await released
 
     async def acall(self, est_tokens: int, fn: Any) -> Any:
         """``await fn()`` under a lease; ``fn`` returns ``(result, used_tokens)``."""
