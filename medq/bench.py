@@ -112,10 +112,7 @@ class Bench:
 
     def start_workers(self, base_url: str) -> list[int]:
         o = self.opts
-        # task messages per process: enough to keep `parallel` requests in flight while
-        # messages turn over (each carries MEDQ_JOBS_PER_MESSAGE jobs)
-        jobs_per_message = max(self.settings.jobs_per_message, 1)
-        per = o.concurrency or max(-(-2 * o.parallel // (max(o.workers, 1) * jobs_per_message)), 2)
+        per = self.messages_per_process()
         env = {
             **os.environ,
             "MEDQ_LLM__BASE_URL": base_url,
@@ -134,6 +131,13 @@ class Bench:
             _wait_until(lambda p=p: "ready." in p.log_path.read_text(errors="replace"), "a worker", self.sup, 60)
         time.sleep(1.0)
         return [p.popen.pid for p in procs]
+
+    def messages_per_process(self) -> int:
+        """Task messages per worker process (``-c``): enough to keep ``parallel`` requests
+        in flight while messages turn over, each carrying MEDQ_JOBS_PER_MESSAGE jobs."""
+        o = self.opts
+        jobs_per_message = max(self.settings.jobs_per_message, 1)
+        return o.concurrency or max(-(-2 * o.parallel // (max(o.workers, 1) * jobs_per_message)), 2)
 
     def stop_workers(self, pids: list[int]) -> None:
         keep = [s for s in self.sup.started if s.popen.pid not in pids]
@@ -339,7 +343,9 @@ class Bench:
             else:
                 base, sim_pid = self.start_simulator(o.latency_ms, o.parallel)
                 where = f"simulator, latency {o.latency_ms:g} ms, parallel {o.parallel}"
-            self.console.print(f"endpoint: {where}; {o.jobs} jobs; {o.workers} worker process(es), pool {o.pool}", highlight=False)
+            self.console.print(f"endpoint: {where}; {o.jobs} jobs; {o.workers} worker process(es), pool {o.pool}, "
+                               f"{self.messages_per_process()} messages of {self.settings.jobs_per_message} jobs each",
+                               highlight=False)
             ceiling = self.ceiling(base, o.jobs)
             self.console.print(f"ceiling (direct asyncio client): {ceiling['jobs_per_s']:.1f} jobs/s", highlight=False)
             medq = self.through_medq(base, o.jobs, "medq", sim_pid)
@@ -350,6 +356,8 @@ class Bench:
                 "parallel": o.parallel,
                 "workers": o.workers,
                 "pool": o.pool,
+                "messages_per_process": self.messages_per_process(),
+                "jobs_per_message": self.settings.jobs_per_message,
                 "ceiling": ceiling,
                 "medq": medq,
                 "utilisation": medq["jobs_per_s"] / ceiling["jobs_per_s"] if ceiling["jobs_per_s"] else None,

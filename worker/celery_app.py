@@ -43,7 +43,7 @@ def _keep_broker_params_for_restore() -> None:
         return params
 
     _connparams.medq_patched = True  # type: ignore[attr-defined]
-    kombu_redis.Channel._connparams = _connparams
+    kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]
 
 
 _keep_broker_params_for_restore()
