@@ -7,6 +7,7 @@
     │   ├── RateLimited           HTTP 429; carries the server's Retry-After (back-pressure)
     │   ├── Overloaded            HTTP 503, Ollama's "server busy", "loading model" (back-pressure)
     │   ├── ServerError           other HTTP 5xx                             (charged)
+    │   ├── TimeLimitExceeded     the extraction ran past MEDQ_WORKER__TASK_TIME_LIMIT_S (charged)
     │   └── NoCapacity            medq's own limits (requests/tokens per minute, in-flight cap,
     │                             an endpoint cooling down) had no room in time (back-pressure)
     └── PermanentError            retrying cannot help; the job goes to dead letters at once
@@ -80,6 +81,10 @@ class NoCapacity(RetryableError):
 
 class ServerError(RetryableError):
     kind = "server_error"
+
+
+class TimeLimitExceeded(RetryableError):
+    kind = "time_limit"
 
 
 class PermanentError(MedqError):

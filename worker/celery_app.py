@@ -69,8 +69,8 @@ app.conf.update(
     # (kombu's default sweep is every ~100 s, however short the timeout).
     broker_transport_options=settings.broker_transport_options,
     result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-    task_time_limit=settings.worker.task_time_limit_s,
-    task_soft_time_limit=max(settings.worker.task_time_limit_s - 30, 1),
+    # No Celery time limit: the engine enforces MEDQ_WORKER__TASK_TIME_LIMIT_S on each
+    # job (in every pool), and a message of many jobs must not be killed as a whole.
     result_expires=settings.results_ttl_s,
     broker_connection_retry_on_startup=True,
     # Flower lives on events; they carry ids and PHI-free summaries only.

@@ -51,6 +51,7 @@ from medq.errors import (
     PermanentError,
     RetryableError,
     ServerError,
+    TimeLimitExceeded,
     WorkerLost,
 )
 from medq.settings import Settings, get_settings
@@ -236,9 +237,16 @@ class JobRunner:
             # The last run stored its result and died before saying so: finish, do not redo.
             await self._mark_succeeded(job)
             return self._summary(job, JobStatus.SUCCEEDED, run.attempts)
+        limit_s = self.settings.worker.task_time_limit_s
         try:
             text, metadata = self._load_payload(job, run.raw_payload)
-            extraction = await self._extract(job, text)
+            # The engine enforces the time limit itself (Celery's threads pool cannot):
+            # the extraction is cancelled, its endpoint slot given back, the job retried.
+            extraction = await asyncio.wait_for(self._extract(job, text), limit_s)
+        except asyncio.TimeoutError:
+            return await self._retry_later(job, run, TimeLimitExceeded(
+                f"record {job.record_id}: extraction ran past MEDQ_WORKER__TASK_TIME_LIMIT_S={limit_s}s"
+            ))
         except RetryableError as exc:
             return await self._retry_later(job, run, exc)
         except PermanentError as exc:

@@ -61,3 +61,17 @@ def test_a_job_retried_out_of_a_many_job_message_finishes_once(
     assert {d["status"] for d in docs} == {"succeeded"}
     assert sorted(d["attempts"] for d in docs) == [1] * 18 + [2, 2]
     assert _stats(base)["requests"] == 22
+
+
+def test_a_job_past_its_time_limit_is_cut_off_then_dead_lettered(
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., object], tmp_path: Path
+) -> None:
+    base = simulator("--latency-ms", "3000")
+    worker(base, env={"MEDQ_WORKER__TASK_TIME_LIMIT_S": "1", "MEDQ_WORKER__MAX_RETRIES": "1"})
+    res = run_cli(["enqueue", str(_records(tmp_path / "one.jsonl", 1)), "--schema", "clinical_note", "--batch", "slow",
+                   "--wait", "--timeout-s", "60"], medq_env)
+    assert res.returncode == 1, res.stderr  # a dead letter
+    [dead] = [json.loads(x) for x in run_cli(["failed", "slow", "--json"], medq_env).stdout.splitlines()]
+    assert dead["error_kind"] == "time_limit" and dead["attempts"] == 2
+    assert "MEDQ_WORKER__TASK_TIME_LIMIT_S=1" in dead["error_message"]
+    assert _stats(base)["requests"] == 2  # each attempt cut off after its one request
