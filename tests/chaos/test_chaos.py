@@ -198,7 +198,7 @@ def test_four_workers_share_one_rate_limit_and_in_flight_cap(
     busiest = max_per_window(stats["arrivals"])
     span = max(stats["arrivals"]) - min(stats["arrivals"])
     per_s = (held[1][1] - held[0][1]) / (held[1][0] - held[0][0])
-    record(f"4 workers x 4 threads, limit {rpm} requests/min, {cap} in flight", o,
+    record(f"4 workers x 4 messages, limit {rpm} requests/min, {cap} in flight", o,
            f"busiest 60 s window {busiest} requests; max in flight {stats['max_in_flight']}; {stats['requests']} requests over {span:.0f} s; "
            f"{per_s:.1f} limiter/job scripts per s while {n - rpm} jobs waited for the next minute")
     assert (o.succeeded, o.lost, o.duplicated) == (n, 0, 0), o
