@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from celery import Celery
@@ -81,10 +82,22 @@ app.conf.update(
 
 @worker_init.connect
 def _check_config(**_: Any) -> None:
-    """Fail at start, not at the first job: schemas must load."""
+    """Fail at start, not at the first job: schemas must load, and every endpoint must
+    pass the privacy guard. Celery logs and ignores an exception from a signal
+    handler, so a failed check ends the process itself."""
+    from medq.errors import MedqError
+    from medq.privacy import RemoteEndpointRefused, check_endpoints
     from medq.schemas import SchemaLoader
 
-    SchemaLoader(settings.schema_dirs)
+    try:
+        SchemaLoader(settings.schema_dirs)
+        check_endpoints(
+            [ep.url for ep in settings.llm.all_endpoints], settings.llm.allowed_hosts, settings.allow_remote_llm
+        )
+    except (MedqError, RemoteEndpointRefused) as exc:
+        logging.getLogger("medq.worker").critical("medq worker cannot start: %s", exc)
+        print(f"medq worker cannot start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 @worker_process_init.connect
