@@ -1,20 +1,24 @@
 """PHI canaries: record text must reach only the payload store, the LLM and the result store.
 
 Every record carries a unique marker. After a batch with successes, retries and a
-dead letter, no marker may appear in the worker's log (at DEBUG), the CLI's output,
-the Celery messages on the broker, the Celery result backend, or any other Redis key.
+dead letter, no marker may appear in the worker's log (at DEBUG and INFO), the CLI's
+output, the Celery messages on the broker, the Celery result backend, the task
+events, Flower's pages and API, or any other Redis key.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import redis
 
-from tests.conftest import run_cli
+from tests.conftest import MEDQ, Proc, free_port, run_cli, wait_http
 
 CANARY = "ZZCANARY"
 
@@ -32,6 +36,16 @@ def _values(r: redis.Redis, key: bytes) -> list[bytes]:
     if t == b"zset":
         return [m for m, _ in r.zrange(key, 0, -1, withscores=True)]
     return []
+
+
+def _decoded(published: bytes) -> bytes:
+    """A message published on Redis, with its kombu body (base64) decoded next to it."""
+    _, _, data = published.partition(b" ")
+    try:
+        body = json.loads(data).get("body")
+        return published + b" " + base64.b64decode(body) if isinstance(body, str) else published
+    except (ValueError, AttributeError):
+        return published
 
 
 def _leaks(r: redis.Redis) -> dict[str, int]:
@@ -100,4 +114,74 @@ def test_record_text_stays_out_of_logs_messages_and_celery_results(
     failed_out = run_cli(["failed", "phi"], medq_env)
     assert "output_invalid" in failed_out.stdout and CANARY not in failed_out.stdout
     assert r.keys("celery-task-meta-*"), "the Celery result backend was checked"
+    assert _leaks(r) == {}
+
+
+def test_flower_events_and_the_info_log_show_no_record_text(
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., object],
+    start_process: Callable[..., Proc], tmp_path: Path,
+) -> None:
+    """What an operator sees: Flower's pages and API, the task events it lives on, the
+    worker log at INFO. A batch of many-job messages with a retry, then a dead letter."""
+    # every message published on Redis while the batch runs: Celery's task events included
+    events: list[bytes] = []
+    sub = redis.Redis.from_url(medq_env["MEDQ_REDIS_URL"]).pubsub()
+    sub.psubscribe("*")
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            msg = sub.get_message(timeout=0.2)
+            if msg and msg["type"] == "pmessage":
+                events.append(msg["channel"] + b" " + msg["data"])
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    port = free_port()
+    flower_env = {**medq_env, "MEDQ_FLOWER__USER": "ops", "MEDQ_FLOWER__PASSWORD": "pw-canary"}
+    flower = start_process([MEDQ, "flower", "--port", str(port)], flower_env, name="flower")
+    flower_url = f"http://127.0.0.1:{port}"
+    wait_http(f"{flower_url}/healthcheck", flower)
+
+    base = simulator()
+    proc = worker(base, "--loglevel", "INFO", env={"MEDQ_LLM__REASKS": "1"})
+    notes = tmp_path / "phi.jsonl"
+    notes.write_text("".join(
+        json.dumps({"id": f"f{i}", "text": f"{CANARY}{i:03d} Mrs {CANARY}NAME{i}, {40 + i} years, {CANARY}DX{i}."}) + "\n"
+        for i in range(20)
+    ), encoding="utf-8")
+    httpx.post(base.removesuffix("/v1") + "/sim/script", json={"outcomes": ["429"]}).raise_for_status()
+    assert run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "fl", "--wait", "--timeout-s", "90"],
+                   medq_env).returncode == 0
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"id": "dead", "text": f"{CANARY}DEAD Mr {CANARY}LAST, 80 years."}) + "\n", encoding="utf-8")
+    httpx.post(base.removesuffix("/v1") + "/sim/script", json={"outcomes": ["invalid", "invalid"]}).raise_for_status()
+    assert run_cli(["enqueue", str(one), "--schema", "clinical_note", "--batch", "fl-dead", "--wait", "--timeout-s", "60"],
+                   medq_env).returncode == 1
+
+    auth = ("ops", "pw-canary")
+    deadline = time.monotonic() + 20  # Flower learns of the last task from its events
+    while time.monotonic() < deadline:
+        tasks = httpx.get(f"{flower_url}/api/tasks", auth=auth, timeout=10).json()
+        states = {t.get("state") for t in tasks.values()}
+        if len(tasks) >= 3 and "FAILURE" in states and "STARTED" not in states and "RECEIVED" not in states:
+            break
+        time.sleep(0.5)
+    stop.set()
+    listener.join(5)
+    sub.close()
+
+    names = {t["name"] for t in tasks.values()}
+    assert {"medq.extract_many", "medq.extract"} <= names  # the batch's messages, its retry and the dead letter
+    pages = {path: httpx.get(flower_url + path, auth=auth, timeout=10) for path in
+             ("/", "/tasks", "/workers", "/api/tasks", "/api/workers", "/tasks/datatable?draw=1&start=0&length=100&order[0][column]=0&columns[0][data]=name&order[0][dir]=asc")}
+    pages.update({f"/task/{tid}": httpx.get(f"{flower_url}/task/{tid}", auth=auth, timeout=10) for tid in tasks})
+    assert [(k, p.status_code) for k, p in pages.items() if p.status_code != 200] == []
+    assert any("OutputInvalid" in p.text for p in pages.values())  # the failure is there, by its class
+    leaks = [path for path, p in pages.items() if CANARY in p.text]
+    assert leaks == []
+    decoded = [_decoded(e) for e in events]
+    assert any(b"task-failed" in d for d in decoded) and any(b"task-succeeded" in d for d in decoded)
+    assert [d for d in decoded if CANARY.encode() in d] == []
+    assert proc.log.count("succeeded in") >= 2 and CANARY not in proc.log and CANARY not in flower.log
     assert _leaks(r) == {}
