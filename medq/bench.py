@@ -305,9 +305,9 @@ class Bench:
 
     def _llm_calls(self, r: redis.Redis, batch: str) -> float:
         from producer.batches import job_ids
-        from worker.results import open_store
+        from worker.results import open_store_for
 
-        store = open_store(self.settings.effective_results_url, ttl_s=self.settings.results_ttl_s)
+        store = open_store_for(self.settings)
         try:
             docs = list(store.get_many(job_ids(r, batch)))
         finally:

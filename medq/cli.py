@@ -162,14 +162,15 @@ def results(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to this file instead of stdout."),
 ) -> None:
     """Export a batch's results (CONTRACT format): one document per job."""
-    from worker.results import open_store
+    from medq.errors import MedqError
+    from worker.results import open_store_for
     from worker.results.export import csv_header, iter_results, to_csv, to_jsonl
 
     if fmt not in ("jsonl", "csv"):
         raise _fail("--format must be jsonl or csv")
     r = _redis()
     s = _settings()
-    store = open_store(s.effective_results_url, ttl_s=s.results_ttl_s)
+    store = open_store_for(s)
     fh = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
     n = 0
     try:
@@ -178,6 +179,8 @@ def results(
         for doc in iter_results(r, store, batch):
             fh.write((to_csv(doc) if fmt == "csv" else to_jsonl(doc)) + "\n")
             n += 1
+    except MedqError as exc:  # e.g. encrypted results and no key for them
+        raise _fail(exc.message) from None
     finally:
         if output:
             fh.close()
@@ -293,12 +296,12 @@ def eval_(
     from medq.evaluate import evaluate, records_by_id
     from medq.report import score_table
     from medq.schemas import SchemaLoader
-    from worker.results import open_store
+    from worker.results import open_store_for
     from worker.results.export import iter_results
 
     r = _redis()
     s = _settings()
-    store = open_store(s.effective_results_url, ttl_s=s.results_ttl_s)
+    store = open_store_for(s)
     try:
         docs = list(iter_results(r, store, batch))
     finally:
@@ -463,6 +466,18 @@ def worker(
     ]
     sys.stdout.flush()
     os.execv(sys.executable, args)
+
+
+# ---------------------------------------------------------------- keys
+
+
+@app.command()
+def keygen() -> None:
+    """Print a new key for MEDQ_ENCRYPTION_KEY (Fernet). To rotate, put the new key first
+    and keep the old one after it, comma-separated, until its data has expired."""
+    from cryptography.fernet import Fernet
+
+    out.print(Fernet.generate_key().decode(), highlight=False)
 
 
 # ---------------------------------------------------------------- flower

@@ -210,7 +210,7 @@ def run_demo(opts: DemoOptions, console: Console) -> dict[str, Any]:
     from medq.settings import get_settings
     from producer.enqueue import Producer
     from producer.records import check, read_path
-    from worker.results import open_store
+    from worker.results import open_store_for
     from worker.results.export import iter_results
 
     settings = get_settings()
@@ -263,7 +263,7 @@ def run_demo(opts: DemoOptions, console: Console) -> dict[str, Any]:
                 raise DemoError(f"timed out after {opts.timeout_s:g}s with {exc.unfinished} job(s) unfinished") from None
             elapsed_s = time.monotonic() - started
 
-            store = open_store(settings.effective_results_url, ttl_s=settings.results_ttl_s)
+            store = open_store_for(settings)
             docs = list(iter_results(producer.r, store, batch))
             store.close()
             sch = producer.schema_loader.get(opts.schema)

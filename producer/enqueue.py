@@ -16,6 +16,7 @@ import redis
 from celery import Celery
 
 from medq.contract import QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY, batch_key, job_key, make_job_id, payload_key
+from medq.crypto import Sealer, seal_text
 from medq.schemas import SchemaLoader
 from medq.settings import Settings, get_settings
 from producer.records import CheckedRecords, InputError, Record, check, from_objects
@@ -63,6 +64,7 @@ class Producer:
         self.settings = settings or get_settings()
         self.schema_loader = schema_loader or SchemaLoader(self.settings.schema_dirs)
         self.r = redis.Redis.from_url(self.settings.redis_url)
+        self.sealer = Sealer.from_settings(self.settings)  # MEDQ_ENCRYPTION_KEY: records encrypted at rest
         self._create = self.r.register_script(CREATE_JOB_LUA)
         self.celery = Celery("medq-producer", broker=self.settings.redis_url)
         self.celery.conf.update(
@@ -102,7 +104,7 @@ class Producer:
             for seq, (rec, job_id) in enumerate(zip(chunk, ids), start=i):
                 self._create(
                     keys=[job_key(job_id), payload_key(job_id), batch_key(batch)],
-                    args=[batch, rec.id, sch.name, sch.version, now_iso, _payload(rec),
+                    args=[batch, rec.id, sch.name, sch.version, now_iso, _payload(rec, self.sealer),
                           self.settings.payload_ttl_s, job_id, seq],
                     client=pipe,
                 )
@@ -143,8 +145,8 @@ class Producer:
         self.r.close()
 
 
-def _payload(rec: Record) -> str:
-    return json.dumps({"text": rec.text, "metadata": rec.metadata}, ensure_ascii=False)
+def _payload(rec: Record, sealer: Sealer | None = None) -> str:
+    return seal_text(json.dumps({"text": rec.text, "metadata": rec.metadata}, ensure_ascii=False), sealer)
 
 
 def default_batch_id(records: list[Record], schema: str, version: int) -> str:

@@ -82,15 +82,17 @@ app.conf.update(
 
 @worker_init.connect
 def _check_config(**_: Any) -> None:
-    """Fail at start, not at the first job: schemas must load, and every endpoint must
-    pass the privacy guard. Celery logs and ignores an exception from a signal
+    """Fail at start, not at the first job: schemas must load, the encryption key must
+    be well-formed, and every endpoint must pass the privacy guard. Celery logs and ignores an exception from a signal
     handler, so a failed check ends the process itself."""
+    from medq.crypto import Sealer
     from medq.errors import MedqError
     from medq.privacy import RemoteEndpointRefused, check_endpoints
     from medq.schemas import SchemaLoader
 
     try:
         SchemaLoader(settings.schema_dirs)
+        Sealer.from_settings(settings)  # a malformed MEDQ_ENCRYPTION_KEY fails here, not per job
         check_endpoints(
             [ep.url for ep in settings.llm.all_endpoints], settings.llm.allowed_hosts, settings.allow_remote_llm
         )

@@ -44,6 +44,7 @@ import redis
 import redis.asyncio
 
 from medq.contract import JobStatus, batch_key, failed_key, job_key, payload_key, result_key
+from medq.crypto import Sealer, open_text, seal_doc
 from medq.errors import (
     MedqError,
     NoCapacity,
@@ -58,7 +59,7 @@ from medq.settings import Settings, get_settings
 from worker.batching import Batcher, new_id
 from worker.endpoints import EndpointPool
 from worker.processor import Extraction, MedicalDataProcessor
-from worker.results import ResultStore, open_store
+from worker.results import ResultStore, open_store_for
 from worker.results.redis_store import PUT_LUA, RedisResultStore
 from worker.retry import RetryPolicy, compute_backoff
 
@@ -167,7 +168,8 @@ class JobRunner:
         self.settings = settings
         self.r = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
         self.batch = Batcher(self.r)  # the per-job calls of all running jobs, pipelined
-        self.store = store or open_store(settings.effective_results_url, ttl_s=settings.results_ttl_s)
+        self.sealer = Sealer.from_settings(settings)  # MEDQ_ENCRYPTION_KEY: payloads and results at rest
+        self.store = store or open_store_for(settings)
         # results in the job-state Redis: stored through the same pipelines
         self._put_batched = isinstance(self.store, RedisResultStore) and settings.effective_results_url == settings.redis_url
         self.pool = EndpointPool.from_settings(
@@ -322,20 +324,19 @@ class JobRunner:
     async def _put(self, doc: dict[str, Any]) -> bool:
         """Store a result: on this loop for the Redis store, in a thread for the others."""
         if self._put_batched:
-            value = json.dumps(doc, ensure_ascii=False)
+            value = json.dumps(seal_doc(doc, self.sealer), ensure_ascii=False)
             return bool(await self.batch.script(PUT_LUA, [result_key(doc["job_id"])], [value, self.settings.results_ttl_s]))
         aput = getattr(self.store, "aput", None)
         if aput is not None:
             return bool(await aput(doc))
         return bool(await asyncio.to_thread(self.store.put, doc))
 
-    @staticmethod
-    def _load_payload(job: Job, raw: str | None) -> tuple[str, dict[str, Any]]:
+    def _load_payload(self, job: Job, raw: str | None) -> tuple[str, dict[str, Any]]:
         if raw is None:
             raise PayloadMissing(
                 f"record {job.record_id}: stored record is gone (expired after MEDQ_PAYLOAD_TTL_S or purged); enqueue it again under a new --batch"
             )
-        payload = json.loads(raw)
+        payload = json.loads(open_text(raw, self.sealer, f"the stored record {job.record_id}"))
         return payload["text"], payload.get("metadata") or {}
 
     def _doc(self, job: Job, status: JobStatus, attempts: int) -> dict[str, Any]:

@@ -25,15 +25,24 @@ class ResultStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str, *, redis_url: str | None = None, ttl_s: int | None = None) -> ResultStore:
-    """``redis://`` / ``rediss://`` / ``unix://`` -> Redis; ``postgresql://`` -> PostgreSQL."""
+def open_store(url: str, *, redis_url: str | None = None, ttl_s: int | None = None, sealer: Any = None) -> ResultStore:
+    """``redis://`` / ``rediss://`` / ``unix://`` -> Redis; ``postgresql://`` -> PostgreSQL.
+    With a ``medq.crypto.Sealer``, documents are encrypted at rest."""
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("redis", "rediss", "unix"):
         from worker.results.redis_store import RedisResultStore
 
-        return RedisResultStore(url, ttl_s=ttl_s)
+        return RedisResultStore(url, ttl_s=ttl_s, sealer=sealer)
     if scheme.startswith("postgres"):
         from worker.results.postgres_store import PostgresResultStore
 
-        return PostgresResultStore(url)
+        return PostgresResultStore(url, sealer=sealer)
     raise ValueError(f"MEDQ_RESULTS_URL: unsupported scheme {scheme!r} (use redis:// or postgresql://)")
+
+
+def open_store_for(settings: Any) -> ResultStore:
+    """The result store the settings name (``MEDQ_RESULTS_URL``), encrypting with
+    ``MEDQ_ENCRYPTION_KEY`` when one is set."""
+    from medq.crypto import Sealer
+
+    return open_store(settings.effective_results_url, ttl_s=settings.results_ttl_s, sealer=Sealer.from_settings(settings))

@@ -9,6 +9,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
+from medq.crypto import Sealer, open_doc, seal_doc
+
 metadata = sa.MetaData()
 results = sa.Table(
     "medq_results",
@@ -33,13 +35,15 @@ def _driver_url(url: str) -> str:
 
 
 class PostgresResultStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, sealer: Sealer | None = None) -> None:
+        self.sealer = sealer
         self._engine = sa.create_engine(_driver_url(url), pool_pre_ping=True)
         metadata.create_all(self._engine, checkfirst=True)
 
     def put(self, doc: dict[str, Any]) -> bool:
         stmt = insert(results).values(
-            job_id=doc["job_id"], batch=doc["batch"], record_id=doc["id"], status=doc["status"], doc=doc
+            job_id=doc["job_id"], batch=doc["batch"], record_id=doc["id"], status=doc["status"],
+            doc=seal_doc(doc, self.sealer),
         )
         upsert = stmt.on_conflict_do_update(
             index_elements=[results.c.job_id],
@@ -52,7 +56,7 @@ class PostgresResultStore:
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._engine.connect() as conn:
             doc = conn.execute(sa.select(results.c.doc).where(results.c.job_id == job_id)).scalar()
-        return _doc(doc) if doc is not None else None
+        return open_doc(_doc(doc), self.sealer) if doc is not None else None
 
     def get_many(self, job_ids: Iterable[str]) -> Iterator[dict[str, Any]]:
         ids = list(job_ids)
@@ -60,7 +64,7 @@ class PostgresResultStore:
             for i in range(0, len(ids), _CHUNK):
                 rows = conn.execute(sa.select(results.c.doc).where(results.c.job_id.in_(ids[i : i + _CHUNK])))
                 for (doc,) in rows:
-                    yield _doc(doc)
+                    yield open_doc(_doc(doc), self.sealer)
 
     def close(self) -> None:
         self._engine.dispose()

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from medq.contract import result_key
+from medq.crypto import Sealer, open_doc, seal_doc
 
 _CHUNK = 500
 
@@ -29,15 +30,20 @@ return 1
 
 
 class RedisResultStore:
-    def __init__(self, url: str, ttl_s: int | None = None) -> None:
+    def __init__(self, url: str, ttl_s: int | None = None, sealer: Sealer | None = None) -> None:
         self._url = url
+        self.sealer = sealer
         self._r = redis.Redis.from_url(url)
         self.ttl_s = ttl_s
         self._put = self._r.register_script(PUT_LUA)
         self._aput: Any = None  # on an asyncio client, made by the first aput
 
+    def encode(self, doc: dict[str, Any]) -> str:
+        """The stored value: the document, sealed when a key is set."""
+        return json.dumps(seal_doc(doc, self.sealer), ensure_ascii=False)
+
     def put(self, doc: dict[str, Any]) -> bool:
-        value = json.dumps(doc, ensure_ascii=False)
+        value = self.encode(doc)
         return bool(self._put(keys=[result_key(doc["job_id"])], args=[value, self.ttl_s or 0]))
 
     async def aput(self, doc: dict[str, Any]) -> bool:
@@ -46,19 +52,19 @@ class RedisResultStore:
             import redis.asyncio
 
             self._aput = redis.asyncio.Redis.from_url(self._url).register_script(PUT_LUA)
-        value = json.dumps(doc, ensure_ascii=False)
+        value = self.encode(doc)
         return bool(await self._aput(keys=[result_key(doc["job_id"])], args=[value, self.ttl_s or 0]))
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         raw = self._r.get(result_key(job_id))
-        return json.loads(raw) if raw else None
+        return open_doc(json.loads(raw), self.sealer) if raw else None
 
     def get_many(self, job_ids: Iterable[str]) -> Iterator[dict[str, Any]]:
         ids = list(job_ids)
         for i in range(0, len(ids), _CHUNK):
             for raw in self._r.mget([result_key(j) for j in ids[i : i + _CHUNK]]):
                 if raw:
-                    yield json.loads(raw)
+                    yield open_doc(json.loads(raw), self.sealer)
 
     def close(self) -> None:
         self._r.close()
