@@ -480,6 +480,27 @@ def keygen() -> None:
     out.print(Fernet.generate_key().decode(), highlight=False)
 
 
+# ---------------------------------------------------------------- metrics
+
+
+@app.command()
+def metrics(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    port: int = typer.Option(9808, "--port", help="Port to listen on."),
+) -> None:
+    """Serve medq's metrics for Prometheus at /metrics: jobs by schema and outcome, LLM latency,
+    tokens, re-asks, truncations, rate-limit waits, queue length, in flight per endpoint."""
+    import signal
+
+    from prometheus_client import start_http_server
+
+    from medq.metrics_server import registry_for
+
+    start_http_server(port, addr=host, registry=registry_for(_settings()))
+    err.print(f"medq metrics on http://{host}:{port}/metrics", highlight=False)
+    signal.pause()
+
+
 # ---------------------------------------------------------------- flower
 
 

@@ -28,7 +28,7 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 
-CORE_SERVICES = {"redis", "ollama", "worker", "flower"}
+CORE_SERVICES = {"redis", "ollama", "worker", "flower", "metrics"}
 REQUIRED_ENV = {
     "REDIS_PASSWORD": "s3cretredis",
     "MEDQ_FLOWER__USER": "admin",

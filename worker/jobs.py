@@ -58,6 +58,7 @@ from medq.errors import (
 from medq.settings import Settings, get_settings
 from worker.batching import Batcher, new_id
 from worker.endpoints import EndpointPool
+from worker.metrics import FLUSH_S, metrics
 from worker.processor import Extraction, MedicalDataProcessor
 from worker.results import ResultStore, open_store_for
 from worker.results.redis_store import PUT_LUA, RedisResultStore
@@ -181,6 +182,7 @@ class JobRunner:
         self._renew = self.r.register_script(RENEW_LUA)
         self._active: dict[str, str] = {}  # job id -> run id, renewed by the heartbeat
         self._heartbeat: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def processor(self) -> MedicalDataProcessor:
@@ -299,6 +301,8 @@ class JobRunner:
             else:
                 countdown_s = compute_backoff(min(run.deferrals, 16), self.policy, exc.retry_after_s)
         countdown_s = min(countdown_s, self.settings.max_countdown_s)
+        metrics.incr("medq_jobs_total", schema=job.schema, outcome="retried")
+        metrics.incr("medq_retries_total", schema=job.schema, kind=exc.kind)
         pipe.hset(
             job_key(job.job_id),
             mapping={
@@ -361,6 +365,11 @@ class JobRunner:
 
     async def _succeed(self, job: Job, attempts: int, ex: Extraction, metadata: dict[str, Any]) -> None:
         prov = ex.provenance
+        metrics.incr("medq_jobs_total", schema=job.schema, outcome="succeeded")
+        if prov.reasks:
+            metrics.incr("medq_reasks_total", prov.reasks, schema=job.schema)
+        if prov.truncations:
+            metrics.incr("medq_truncations_total", prov.truncations, schema=job.schema)
         doc = self._doc(job, JobStatus.SUCCEEDED, attempts)
         doc.update(
             data=ex.data_dict(),
@@ -385,6 +394,8 @@ class JobRunner:
         )
 
     async def _fail(self, job: Job, attempts: int, exc: MedqError) -> None:
+        metrics.incr("medq_jobs_total", schema=job.schema, outcome="failed")
+        metrics.incr("medq_dead_letters_total", schema=job.schema, kind=exc.kind)
         doc = self._doc(job, JobStatus.FAILED, attempts)
         doc["error"] = {"kind": exc.kind, "message": exc.message}
         await self._put(doc)
@@ -421,6 +432,17 @@ class JobRunner:
         self._active[job_id] = run_id
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
+
+    async def _flush_metrics(self) -> None:
+        """Add this process's counts to the shared ones (``medq metrics`` serves them)."""
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            try:
+                await metrics.flush(self.r)
+            except redis.RedisError as exc:
+                log.warning("metrics flush: %s", type(exc).__name__)
 
     async def _beat(self) -> None:
         """Renew the leases of the jobs this process runs, every third of a lease."""

@@ -25,6 +25,7 @@ from medq.errors import (
     RequestRejected,
     ServerError,
 )
+from worker.metrics import metrics
 from worker.rate_limit import EndpointGate, estimate_tokens
 
 # 5xx bodies that mean "busy, come back later", not "broken": Ollama's queue full
@@ -265,21 +266,28 @@ class AsyncLLMClient:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            metrics.incr("medq_llm_errors_total", endpoint=where, kind=EndpointTimeout.kind)
             raise EndpointTimeout(f"no answer from {where} within the timeout") from None
         except aiohttp.ClientError as exc:
+            metrics.incr("medq_llm_errors_total", endpoint=where, kind=EndpointUnavailable.kind)
             raise EndpointUnavailable(f"cannot connect to {where} ({type(exc).__name__})") from None
         latency_ms = (time.perf_counter() - started) * 1000
+        metrics.observe("medq_llm_request_seconds", latency_ms / 1000, endpoint=where)
         try:
             doc = json.loads(raw)
         except ValueError:
             doc = None
         if status >= 400:
             body_doc = doc if doc is not None else raw.decode("utf-8", "replace")
-            raise error_for_status(status, headers, body_doc, where, messages)
+            err = error_for_status(status, headers, body_doc, where, messages)
+            metrics.incr("medq_llm_errors_total", endpoint=where, kind=err.kind)
+            raise err
         try:
             choice = doc["choices"][0]
             content = choice["message"].get("content") or ""
             usage = doc.get("usage") or {}
+            metrics.incr("medq_llm_tokens_total", int(usage.get("prompt_tokens") or 0), endpoint=where, direction="in")
+            metrics.incr("medq_llm_tokens_total", int(usage.get("completion_tokens") or 0), endpoint=where, direction="out")
             return Completion(
                 content=content,
                 finish_reason=choice.get("finish_reason"),

@@ -51,6 +51,7 @@ from medq.errors import (
     ServerError,
 )
 from worker.batching import new_id
+from worker.metrics import metrics
 
 WINDOW_S = 60
 GUARD_S = 1  # transit slack: a request admitted at the end of a second arrives in the next
@@ -310,14 +311,24 @@ class EndpointGate:
         # max_in_flight (MEDQ_WORKER__CONCURRENCY messages). Waiting on the shared limits
         # (other processes' calls, the windows, the adaptive cap) is bounded below.
         await self._local.acquire()
-        deadline = time.monotonic() + self.config.max_wait_s
+        started = time.monotonic()
+        deadline = started + self.config.max_wait_s
+        waited_for = ""  # the first limit that made this call wait
         try:
             poll_s = 0.005
             while True:
                 res = await self._batcher.script(ACQUIRE_LUA, list(self.keys), self._acquire_args(lease_id, est_tokens))
-                lease, sleep_s, poll_s = self._decide(res, lease_id, deadline, poll_s)
+                try:
+                    lease, sleep_s, poll_s = self._decide(res, lease_id, deadline, poll_s)
+                except NoCapacity:
+                    metrics.incr("medq_rate_limit_rejections_total", endpoint=self.url, reason=_s(res[2]))
+                    raise
                 if lease is not None:
+                    if waited_for:
+                        metrics.incr("medq_rate_limit_waits_total", endpoint=self.url, reason=waited_for)
+                        metrics.incr("medq_rate_limit_wait_seconds_total", time.monotonic() - started, endpoint=self.url)
                     return lease
+                waited_for = waited_for or _s(res[2])
                 self._wake.clear()
                 try:  # until a call of this process ends, or the time the gate gave
                     await asyncio.wait_for(self._wake.wait(), sleep_s)
