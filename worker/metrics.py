@@ -35,21 +35,33 @@ class Metrics:
     def __init__(self) -> None:
         self._counts: dict[str, float] = defaultdict(float)
         self._lock = threading.Lock()
+        self._keys: dict[tuple[Any, ...], Any] = {}  # series -> its field name(s), built once
 
     def incr(self, name: str, by: float = 1.0, **labels: Any) -> None:
-        key = field(name, **labels)
+        series = (name, *labels.items())
+        key = self._keys.get(series)
+        if key is None:
+            key = self._keys[series] = field(name, **labels)
         with self._lock:
             self._counts[key] += by
 
     def observe(self, name: str, value: float, **labels: Any) -> None:
         """A histogram observation: the cumulative buckets, the sum and the count."""
+        series = ("#hist", name, *labels.items())
+        keys = self._keys.get(series)
+        if keys is None:
+            keys = self._keys[series] = (
+                [field(f"{name}_bucket", le=le, **labels) for le in (*LATENCY_BUCKETS, "+Inf")],
+                field(f"{name}_sum", **labels),
+                field(f"{name}_count", **labels),
+            )
+        buckets, sum_key, count_key = keys
+        first = next((i for i, le in enumerate(LATENCY_BUCKETS) if value <= le), len(LATENCY_BUCKETS))
         with self._lock:
-            for le in LATENCY_BUCKETS:
-                if value <= le:
-                    self._counts[field(f"{name}_bucket", le=le, **labels)] += 1
-            self._counts[field(f"{name}_bucket", le="+Inf", **labels)] += 1
-            self._counts[field(f"{name}_sum", **labels)] += value
-            self._counts[field(f"{name}_count", **labels)] += 1
+            for key in buckets[first:]:
+                self._counts[key] += 1
+            self._counts[sum_key] += value
+            self._counts[count_key] += 1
 
     def take(self) -> dict[str, float]:
         with self._lock:
