@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
 from tests.conftest import run_cli
-from tests.worker.test_phi_canary import _values
+from tests.worker.test_phi_canary import _values, report_scan
 from tests.worker.test_postgres_results import pg_url, store  # noqa: F401 - fixtures
 from worker.results.postgres_store import PostgresResultStore
 
@@ -51,6 +51,7 @@ def test_payloads_and_redis_results_are_sealed_and_read_back(
     scanned, hits = _redis_hits(r)
     assert len(r.keys("medq:result:*")) == 12 and hits == [], hits
 
+    report_scan("encryption-redis", {"Redis keys, payloads and results included": scanned}, hits=len(hits))
     rotated = {**medq_env, "MEDQ_ENCRYPTION_KEY": f"{K2},{K1}"}
     docs = [json.loads(x) for x in run_cli(["results", "sealed"], rotated).stdout.splitlines()]
     assert len(docs) == 12 and all(CANARY in json.dumps(d["data"]) for d in docs)  # read back, in clear
@@ -71,6 +72,7 @@ def test_postgres_rows_are_sealed(
     with store._engine.connect() as conn:
         rows = [" ".join(map(str, row)) for row in conn.execute(sa.text("SELECT * FROM medq_results")).all()]
     assert len(rows) == 10 and [row for row in rows if CANARY in row] == []
+    report_scan("encryption-postgres", {"PostgreSQL rows of medq_results (every column)": len(rows)}, hits=0)
     assert _redis_hits(r)[1] == []
     docs = [json.loads(x) for x in run_cli(["results", "pgs"], env).stdout.splitlines()]
     assert len(docs) == 10 and all(d["data"]["age"] == 50 + int(d["id"][1:]) for d in docs)
