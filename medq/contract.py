@@ -55,6 +55,11 @@ def failed_key(batch: str) -> str:
     return f"{KEY_PREFIX}:failed:{batch}"
 
 
+WATCH_KEY = f"{KEY_PREFIX}:watch"
+"""Sorted set of the unfinished jobs that have started (running, or waiting to retry),
+scored by the time (ms) by which something must happen to them again."""
+
+
 def result_key(job_id: str) -> str:
     """String with the result document when results are kept in Redis."""
     return f"{KEY_PREFIX}:result:{job_id}"

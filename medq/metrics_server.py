@@ -7,6 +7,7 @@ unacknowledged, and each endpoint's requests in flight, adaptive cap and cool-do
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.registry import Collector
 
 from medq.contract import QUEUE
-from worker.metrics import METRICS_KEY, parse_field
+from worker.metrics import FLUSH_S, METRICS_KEY, RUNNING_KEY, parse_field
 
 
 HELP = {
@@ -31,6 +32,7 @@ HELP = {
     "medq_rate_limit_wait_seconds": "Time LLM calls spent waiting for shared limits, by endpoint.",
     "medq_rate_limit_rejections": "LLM calls that found no capacity in time (job put back), by endpoint and limit.",
     "medq_llm_request_seconds": "LLM request latency by endpoint.",
+    "medq_orphans_resent": "Started jobs found without a message (lost with a worker) and sent again.",
 }
 
 
@@ -80,7 +82,19 @@ class MedqCollector(Collector):
         pipe = self.r.pipeline(transaction=False)
         pipe.llen(QUEUE)
         pipe.hlen("unacked")
-        waiting, unacked = pipe.execute()
+        pipe.hgetall(RUNNING_KEY)
+        waiting, unacked, held = pipe.execute()
+        running, now, gone = 0, time.time(), []
+        for who, value in held.items():
+            n, at = value.decode().split()
+            if now - float(at) <= 3 * FLUSH_S:
+                running += int(n)
+            elif now - float(at) > 3600:
+                gone.append(who)  # a worker process that stopped long ago
+        if gone:
+            self.r.hdel(RUNNING_KEY, *gone)
+        yield GaugeMetricFamily("medq_jobs_running", "Jobs held by running worker processes (started, not finished).",
+                                value=running)
         yield GaugeMetricFamily("medq_queue_messages", "Task messages waiting in the medq queue.", value=waiting)
         yield GaugeMetricFamily("medq_messages_unacked", "Task messages delivered to workers and not yet acknowledged.",
                                 value=unacked)

@@ -7,7 +7,13 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+)
 
 from medq.contract import QUEUE
 from medq.settings import get_settings
@@ -106,6 +112,18 @@ def _check_config(**_: Any) -> None:
 def _init_process(**_: Any) -> None:
     # One engine (event loop, Redis and HTTP clients, compiled schemas) per worker
     # process, made at start.
+    from worker.jobs import get_engine
+
+    get_engine()
+
+
+@worker_ready.connect
+def _start_engine(sender: Any = None, **_: Any) -> None:
+    """Threads and solo pools: the engine starts with the worker, not with its first job,
+    so its sweeps for lost jobs run on an idle worker too. (Prefork: each child's, above.)"""
+    pool = getattr(sender, "pool", None)
+    if pool is not None and "prefork" in type(pool).__module__:
+        return
     from worker.jobs import get_engine
 
     get_engine()

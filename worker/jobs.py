@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import traceback
@@ -43,7 +44,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from medq.contract import JobStatus, batch_key, failed_key, job_key, payload_key, result_key
+from medq.contract import QUEUE, TASK_EXTRACT, WATCH_KEY, JobStatus, batch_key, failed_key, job_key, payload_key, result_key
 from medq.crypto import Sealer, open_text, seal_doc
 from medq.errors import (
     MedqError,
@@ -68,7 +69,7 @@ log = logging.getLogger("medq.worker")
 
 # Start a run: one atomic step that decides whether this delivery may run the job.
 START_LUA = """
--- KEYS: job, payload   ARGV: run_id, lease_ms, max_lost_runs, now_iso
+-- KEYS: job, payload, watch   ARGV: run_id, lease_ms, max_lost_runs, now_iso, job_id
 -- Returns {verdict, batch, record_id, schema, schema_version, ...}: one round trip
 -- reads the job, decides, takes the lease and fetches the record.
 local t = redis.call('TIME')
@@ -93,6 +94,7 @@ local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if not h[3] then redis.call('HSET', KEYS[1], 'first_run_ms', now) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'lease_until', now + tonumber(ARGV[2]),
            'run_id', ARGV[1], 'updated_at', ARGV[4])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[5])
 local f = redis.call('HMGET', KEYS[1], 'failures', 'lost', 'first_run_ms', 'deferrals')
 return reply('run', tostring(attempts), f[1] or '0', f[2] or '0', f[3], f[4] or '0', tostring(now),
              redis.call('GET', KEYS[2]) or false)
@@ -100,13 +102,14 @@ return reply('run', tostring(attempts), f[1] or '0', f[2] or '0', f[3], f[4] or 
 
 # A job succeeded: final state, no dead letter, state expires with results, note gone.
 FINISH_LUA = """
--- KEYS: job, failed, batch, payload   ARGV: now_iso, results_ttl_s, job_id
+-- KEYS: job, failed, batch, payload, watch   ARGV: now_iso, results_ttl_s, job_id
 redis.call('HSET', KEYS[1], 'status', 'succeeded', 'updated_at', ARGV[1])
 redis.call('HDEL', KEYS[1], 'error_kind', 'error_message', 'lease_until', 'run_id')
 redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[3])
 return 1
 """
 
@@ -117,9 +120,22 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local h = redis.call('HMGET', KEYS[1], 'run_id', 'status')
 if h[1] == ARGV[1] and h[2] == 'running' then
   redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
   return 1
 end
 return 0
+"""
+
+
+# Claim the started jobs nothing has touched for `grace`: a lost message, a worker gone
+# with it. Claimed ones are pushed a grace ahead, so one worker re-sends each.
+CLAIM_LUA = """
+-- KEYS: watch   ARGV: grace_ms, limit
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], now, id) end
+return ids
 """
 
 
@@ -180,9 +196,15 @@ class JobRunner:
         self.policy = RetryPolicy(w.max_retries, w.retry_backoff_s, w.retry_backoff_max_s)
         self.lease_ms = int(w.lease_s * 1000)
         self._renew = self.r.register_script(RENEW_LUA)
+        self._claim = self.r.register_script(CLAIM_LUA)
+        # A started job is touched again within its lease (renewed while it runs), its
+        # countdown (a retry) or the visibility timeout (a message of a killed worker
+        # comes back): one untouched for longer has lost its message.
+        self.orphan_grace_s = settings.visibility_timeout_s + settings.max_countdown_s + w.lease_s + 5
         self._active: dict[str, str] = {}  # job id -> run id, renewed by the heartbeat
         self._heartbeat: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._who = f"{socket.gethostname()}:{os.getpid()}"
 
     @property
     def processor(self) -> MedicalDataProcessor:
@@ -197,7 +219,9 @@ class JobRunner:
         after recording the failure, so Celery and Flower show it as failed."""
         run_id = new_id()
         res = await self.batch.script(
-            START_LUA, [job_key(job_id), payload_key(job_id)], [run_id, self.lease_ms, self.settings.worker.max_lost_runs, _now()]
+            START_LUA,
+            [job_key(job_id), payload_key(job_id), WATCH_KEY],
+            [run_id, self.lease_ms, self.settings.worker.max_lost_runs, _now(), job_id],
         )
         verdict = res[0]
         if verdict == "missing":
@@ -303,6 +327,7 @@ class JobRunner:
         countdown_s = min(countdown_s, self.settings.max_countdown_s)
         metrics.incr("medq_jobs_total", schema=job.schema, outcome="retried")
         metrics.incr("medq_retries_total", schema=job.schema, kind=exc.kind)
+        pipe.zadd(WATCH_KEY, {job.job_id: time.time() * 1000 + countdown_s * 1000})
         pipe.hset(
             job_key(job.job_id),
             mapping={
@@ -389,7 +414,7 @@ class JobRunner:
         # needed once its result is stored: shorter life, smaller exposure.
         await self.batch.script(
             FINISH_LUA,
-            [job_key(job.job_id), failed_key(job.batch), batch_key(job.batch), payload_key(job.job_id)],
+            [job_key(job.job_id), failed_key(job.batch), batch_key(job.batch), payload_key(job.job_id), WATCH_KEY],
             [_now(), self.settings.results_ttl_s, job.job_id],
         )
 
@@ -413,6 +438,7 @@ class JobRunner:
         )
         pipe.hdel(job_key(job.job_id), "lease_until", "run_id")
         pipe.zadd(failed_key(job.batch), {job.job_id: time.time()})
+        pipe.zrem(WATCH_KEY, job.job_id)
         pipe.persist(job_key(job.job_id))
         pipe.persist(payload_key(job.job_id))
         pipe.persist(batch_key(job.batch))
@@ -425,6 +451,39 @@ class JobRunner:
         if latency_ms is not None:
             out["latency_ms"] = round(latency_ms, 1)
         return out
+
+    # ------------------------------------------------------------ orphans
+
+    async def sweep_orphans(self) -> int:
+        """Send again the started jobs whose message is gone (never silently dropped).
+        Returns how many. A second message for a job is harmless: the lease and the final
+        state keep it from running twice."""
+        ids = await self._claim(keys=[WATCH_KEY], args=[int(self.orphan_grace_s * 1000), 500])
+        if not ids:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(job_key(job_id), "status")
+        statuses = await pipe.execute()
+        live = [j for j, s in zip(ids, statuses) if s in (JobStatus.RUNNING.value, JobStatus.RETRYING.value)]
+        done = [j for j, s in zip(ids, statuses) if s not in (JobStatus.RUNNING.value, JobStatus.RETRYING.value)]
+        if done:
+            await self.r.zrem(WATCH_KEY, *done)
+        if live:
+            await asyncio.to_thread(_send_again, live)
+            metrics.incr("medq_orphans_resent_total", len(live))
+            log.warning("%d started job(s) untouched for %.0fs (message lost with a worker?); sent again: %s",
+                        len(live), self.orphan_grace_s, ", ".join(live[:10]))
+        return len(live)
+
+    async def sweep_forever(self) -> None:
+        period = min(60.0, max(1.0, self.orphan_grace_s / 4))
+        while True:
+            await asyncio.sleep(period * (0.5 + random.random()))  # workers spread out
+            try:
+                await self.sweep_orphans()
+            except redis.RedisError as exc:
+                log.warning("orphan sweep: %s", type(exc).__name__)
 
     # ------------------------------------------------------------ leases
 
@@ -440,7 +499,7 @@ class JobRunner:
         while True:
             await asyncio.sleep(FLUSH_S)
             try:
-                await metrics.flush(self.r)
+                await metrics.flush(self.r, self._who, len(self._active))
             except redis.RedisError as exc:
                 log.warning("metrics flush: %s", type(exc).__name__)
 
@@ -455,7 +514,7 @@ class JobRunner:
             try:
                 pipe = self.r.pipeline(transaction=False)
                 for job_id, run_id in held:
-                    await self._renew(keys=[job_key(job_id)], args=[run_id, self.lease_ms], client=pipe)
+                    await self._renew(keys=[job_key(job_id), WATCH_KEY], args=[run_id, self.lease_ms, job_id], client=pipe)
                 await pipe.execute()
             except redis.RedisError as exc:
                 log.warning("lease heartbeat: %s", type(exc).__name__)
@@ -472,6 +531,7 @@ class Engine:
         self._thread = threading.Thread(target=self.loop.run_forever, name="medq-engine", daemon=True)
         self._thread.start()
         self.runner: JobRunner = self.call(self._make_runner(settings))
+        self._sweeper = asyncio.run_coroutine_threadsafe(self.runner.sweep_forever(), self.loop)
 
     @staticmethod
     async def _make_runner(settings: Settings) -> JobRunner:
@@ -489,6 +549,13 @@ class Engine:
     def run_many(self, job_ids: list[str]) -> list[dict[str, Any] | RetryLater | BaseException]:
         result: list[dict[str, Any] | RetryLater | BaseException] = self.call(self.runner.run_many(job_ids))
         return result
+
+
+def _send_again(job_ids: list[str]) -> None:
+    from worker.celery_app import app
+
+    for job_id in job_ids:
+        app.send_task(TASK_EXTRACT, args=[job_id], task_id=job_id, queue=QUEUE)
 
 
 _engine: Engine | None = None

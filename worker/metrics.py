@@ -9,12 +9,14 @@ serves them, with gauges read at scrape time (queue length, endpoint slots), at
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
 from medq.contract import KEY_PREFIX
 
 METRICS_KEY = f"{KEY_PREFIX}:metrics"
+RUNNING_KEY = f"{KEY_PREFIX}:metrics:running"  # worker process -> "jobs held, unix time"
 FLUSH_S = 2.0
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -74,14 +76,14 @@ class Metrics:
             for k, v in counts.items():
                 self._counts[k] += v
 
-    async def flush(self, r: Any) -> None:
+    async def flush(self, r: Any, who: str, running: int) -> None:
+        """Add the counts to Redis, and say how many jobs this process holds now."""
         counts = self.take()
-        if not counts:
-            return
         try:
             pipe = r.pipeline(transaction=False)
             for k, v in counts.items():
                 pipe.hincrbyfloat(METRICS_KEY, k, v)
+            pipe.hset(RUNNING_KEY, who, f"{running} {time.time():.0f}")
             await pipe.execute()
         except Exception:
             self.give_back(counts)

@@ -69,7 +69,9 @@ def test_kill_9_workers_and_their_children_under_load(
         f"{kills['main']} main-process kills, {kills['children']} rounds of child kills",
     )
     assert kills["main"] >= 3 and kills["children"] >= 3, kills
-    assert (o.succeeded, o.failed, o.lost, o.duplicated, o.results) == (n, 0, 0, 0, n), (c, o)
+    stuck = [{k.decode(): v.decode() for k, v in r.hgetall(job_key(st.job_id)).items()}
+             for st in iter_states(r, "kill9") if st.status != "succeeded"]
+    assert (o.succeeded, o.failed, o.lost, o.duplicated, o.results) == (n, 0, 0, 0, n), (c, o, stuck)
     assert o.rerun > 0  # the kills did hit running jobs, and those ran again
 
 

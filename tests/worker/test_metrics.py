@@ -79,3 +79,15 @@ def test_metrics_count_jobs_calls_tokens_reasks_and_truncations(
     # exporter knows (a counter is only served once something was counted)
     known = {name for name, _ in got} | {f"{k}{suffix}" for k in HELP for suffix in ("_total", "_bucket", "_sum", "_count")}
     assert len(asked) >= 10 and asked <= known, asked - known
+
+    # jobs in progress show as running: three answers that never come (the worker waits
+    # for its 10 s timeout meanwhile)
+    assert got[("medq_jobs_running", ())] == 0
+    httpx.post(base.removesuffix("/v1") + "/sim/script", json={"outcomes": ["timeout"] * 3}).raise_for_status()
+    slow = tmp_path / "slow.jsonl"
+    slow.write_text("".join(json.dumps({"id": f"s{i}", "text": f"{50 + i}-year-old man."}) + "\n" for i in range(3)))
+    assert run_cli(["enqueue", str(slow), "--schema", "clinical_note", "--batch", "slow"], medq_env).returncode == 0
+    deadline = time.monotonic() + 8
+    while _samples(httpx.get(url, timeout=10).text).get(("medq_jobs_running", ())) != 3:
+        assert time.monotonic() < deadline, "the three held jobs never showed as running"
+        time.sleep(0.3)

@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import redis
 
-from medq.contract import job_key
+from medq.contract import QUEUE, WATCH_KEY, job_key
 from medq.settings import Settings
-from producer.batches import iter_states
+from producer.batches import iter_states, job_ids
 from producer.enqueue import Producer
-from tests.conftest import free_port, run_cli
+from tests.conftest import Proc, free_port, run_cli
 from worker.results import open_store
 
 NOTE = "Patient {i} is a {age}-year-old male with hypertension on amlodipine 5 mg."
@@ -107,7 +107,8 @@ def test_jobs_fail_over_from_a_dead_endpoint_and_spread_by_weight(
     heavy, light = simulator("--latency-ms", "20"), simulator("--latency-ms", "20")
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
     endpoints = f"{heavy}*3,{light},{dead}"
-    worker(heavy, env={"MEDQ_LLM__ENDPOINTS": endpoints})
+    # caps high enough that no endpoint is ever full: a full one goes last, whatever its weight
+    worker(heavy, env={"MEDQ_LLM__ENDPOINTS": endpoints, "MEDQ_LLM__MAX_IN_FLIGHT": "64"})
     assert _enqueue_wait(medq_env, _records(tmp_path / "recs.jsonl", 120), "spread") == 0
     docs = _results(medq_env, "spread")
     used = Counter(d["endpoint"] for d in docs)
@@ -116,3 +117,26 @@ def test_jobs_fail_over_from_a_dead_endpoint_and_spread_by_weight(
     shown = [json.loads(x) for x in run_cli(["endpoints", "--json"], {**medq_env, "MEDQ_LLM__ENDPOINTS": endpoints}).stdout.splitlines()]
     assert [e["url"] for e in shown] == [heavy, light, dead]
     assert shown[2]["trips"] >= 1 and shown[2]["ok"] == 0
+
+
+def test_a_started_job_whose_message_was_lost_is_sent_again(
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., Proc], tmp_path: Path
+) -> None:
+    env = {"MEDQ_WORKER__VISIBILITY_TIMEOUT_S": "2", "MEDQ_WORKER__LEASE_S": "1"}
+    res = run_cli(["enqueue", str(_records(tmp_path / "one.jsonl", 1)), "--schema", "clinical_note", "--batch", "orphan"],
+                  {**medq_env, **env})
+    assert res.returncode == 0, res.stderr
+    # as if a worker had started it and died, and its message had been lost with it
+    [job_id] = job_ids(r, "orphan")
+    r.delete(QUEUE)
+    r.hset(job_key(job_id), mapping={"status": "running", "lease_until": 0, "run_id": "gone"})
+    r.zadd(WATCH_KEY, {job_id: 0})
+    proc = worker(simulator(), env=env)
+    deadline = time.monotonic() + 45  # untouched for 2 + 1 + 1 + 5 s, swept every ~2 s
+    while r.hget(job_key(job_id), "status") != b"succeeded":
+        assert time.monotonic() < deadline, proc.log[-2000:]
+        time.sleep(0.5)
+    assert "sent again" in proc.log
+    assert r.zscore(WATCH_KEY, job_id) is None  # finished: no longer watched
+    [doc] = _results(medq_env, "orphan")
+    assert doc["status"] == "succeeded"
