@@ -13,7 +13,7 @@ import redis
 from medq.contract import QUEUE, batch_key, job_key, payload_key
 from medq.errors import UnknownSchema
 from medq.settings import Settings
-from producer import InputError, Producer, enqueue
+from producer import InputError, enqueue
 from producer.records import check, read_path
 from tests.conftest import MEDQ
 
