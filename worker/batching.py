@@ -8,8 +8,7 @@ queue goes out as one pipeline once the loop has run everything else that was re
 so 64 jobs in flight make a few round trips, not hundreds.
 
 Scripts go as ``EVALSHA``; after a Redis restart (empty script cache) they are loaded
-again and resent. Only single commands and scripts are batched: a multi-command
-step that must be atomic is a script.
+again and resent. Every batched step is a script, so each is atomic on its own.
 """
 
 from __future__ import annotations
@@ -58,14 +57,9 @@ class Batcher:
         self._scripts: dict[str, str] = {}  # sha -> source
         self._shas: dict[str, str] = {}  # source -> sha
 
-    def call(self, *command: Any) -> asyncio.Future[Any]:
-        """One Redis command, e.g. ``await batcher.call("HGET", key, field)``. Queued
-        when called: calls reach Redis in the order they were made."""
-        return self._queue(command, None)
-
     def script(self, source: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        """Run a Lua script (by its SHA; loaded on first use or after a restart).
-        Queued when called, like :meth:`call`."""
+        """Run a Lua script (by its SHA; loaded on first use or after a restart). Queued
+        when called: calls reach Redis in the order they were made."""
         sha = self._shas.get(source)
         if sha is None:
             sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()

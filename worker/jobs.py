@@ -45,7 +45,7 @@ import redis
 import redis.asyncio
 
 from medq.contract import QUEUE, TASK_EXTRACT, WATCH_KEY, JobStatus, batch_key, failed_key, job_key, payload_key, result_key
-from medq.crypto import Sealer, open_text, seal_doc
+from medq.crypto import Sealer, open_text
 from medq.errors import (
     MedqError,
     NoCapacity,
@@ -352,8 +352,8 @@ class JobRunner:
 
     async def _put(self, doc: dict[str, Any]) -> bool:
         """Store a result: on this loop for the Redis store, in a thread for the others."""
-        if self._put_batched:
-            value = json.dumps(seal_doc(doc, self.sealer), ensure_ascii=False)
+        if isinstance(self.store, RedisResultStore) and self._put_batched:
+            value = self.store.encode(doc)  # the store's own encoding (sealed with its key)
             return bool(await self.batch.script(PUT_LUA, [result_key(doc["job_id"])], [value, self.settings.results_ttl_s]))
         aput = getattr(self.store, "aput", None)
         if aput is not None:

@@ -315,7 +315,7 @@ class MedicalDataProcessor:
             try:
                 completion = self.client.complete(
                     messages,
-                    response_format=response_format_for(mode, sch.name, sch.json_schema),
+                    response_format=self._response_format(mode, sch),
                     max_tokens=max_tokens,
                     temperature=self.temperature,
                 )
