@@ -534,6 +534,37 @@ def flower(
     os.execve(sys.executable, args, env)
 
 
+# ---------------------------------------------------------------- api
+
+
+@app.command()
+def api(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Tokens travel in plain HTTP: keep it on "
+                             "loopback or a private network, or put a TLS proxy in front."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth",
+                                          help="Run without tokens (anyone who reaches the port can enqueue and read)."),
+) -> None:
+    """The HTTP service for other services: enqueue records and batches, read states and results.
+    Bearer tokens from MEDQ_API__TOKENS (CLIENT:TOKEN, comma-separated); OpenAPI at /docs and /openapi.json."""
+    import logging
+
+    import uvicorn
+
+    from medq.api import create_app
+    from medq.errors import SchemaError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        application = create_app(_settings(), insecure_no_auth=insecure_no_auth)
+    except (ValueError, SchemaError) as exc:
+        raise _fail(str(exc)) from None
+    if insecure_no_auth:
+        err.print("[yellow]warning:[/yellow] medq api without tokens (--insecure-no-auth)", highlight=False)
+    # uvicorn's access log prints paths and query strings; medq.api logs route templates instead.
+    uvicorn.run(application, host=host, port=port, access_log=False, log_level="info", server_header=False)
+
+
 # ---------------------------------------------------------------- llm
 
 

@@ -55,6 +55,16 @@ def failed_key(batch: str) -> str:
     return f"{KEY_PREFIX}:failed:{batch}"
 
 
+def owner_key(batch: str) -> str:
+    """String with the ``medq api`` client that created the batch (only it may read it)."""
+    return f"{KEY_PREFIX}:owner:{batch}"
+
+
+def upload_key(upload_id: str) -> str:
+    """Hash of the records of a ``medq api`` upload still arriving (field: position), with a TTL."""
+    return f"{KEY_PREFIX}:upload:{upload_id}"
+
+
 WATCH_KEY = f"{KEY_PREFIX}:watch"
 """Sorted set of the unfinished jobs that have started (running, or waiting to retry),
 scored by the time (ms) by which something must happen to them again."""

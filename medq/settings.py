@@ -125,7 +125,10 @@ class FlowerSettings(BaseModel):
 
 
 class APISettings(BaseModel):
+    # ``medq api``'s bearer tokens: CLIENT:TOKEN pairs (or bare tokens), comma-separated.
+    # A batch belongs to the client that created it.
     tokens: SecretStr | None = None
+    max_batch_bytes: int = Field(default=256 * 2**20, gt=0)  # one POST /v1/batches body
 
 
 class Settings(BaseSettings):

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from medq.contract import JobStatus, batch_key, failed_key, job_key, payload_key, result_key
+from medq.contract import JobStatus, batch_key, failed_key, job_key, owner_key, payload_key, result_key
 from medq.errors import RetryableError
 
 _CHUNK = 1000
@@ -142,8 +142,38 @@ def purge(r: redis.Redis, batch: str, results: bool = False) -> PurgeReport:
         jobs += sum(out[1::step])
         if results:
             res += sum(out[2::step])
-    r.delete(batch_key(batch), failed_key(batch))
+    r.delete(batch_key(batch), failed_key(batch), owner_key(batch))
     return PurgeReport(jobs, payloads, res)
+
+
+# KEYS[1] owner string, KEYS[2] batch set; ARGV[1] client.
+# Returns the batch's owner after the call: the client if it was free, "" if the batch
+# exists without an owner (made by ``medq enqueue`` or ``from producer import enqueue``).
+CLAIM_BATCH_LUA = """
+local owner = redis.call('GET', KEYS[1])
+if owner then return owner end
+if redis.call('EXISTS', KEYS[2]) == 1 then return '' end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+
+
+def claim_batch(r: redis.Redis, batch: str, client: str) -> str:
+    """Make ``client`` the owner of ``batch`` unless it has one; returns the owner ("" for a
+    batch that exists without one)."""
+    return _s(r.eval(CLAIM_BATCH_LUA, 2, owner_key(batch), batch_key(batch), client))
+
+
+def owner_of(r: redis.Redis, batch: str) -> str | None:
+    """The client that owns ``batch``; "" if it exists without one, None if there is no such batch."""
+    pipe = r.pipeline(transaction=False)
+    pipe.get(owner_key(batch))
+    pipe.exists(batch_key(batch))
+    pipe.exists(failed_key(batch))
+    owner, exists, has_failed = pipe.execute()
+    if owner is not None:
+        return _s(owner)
+    return "" if exists or has_failed else None
 
 
 def _s(x: Any) -> str:

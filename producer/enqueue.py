@@ -7,9 +7,10 @@ must be able to enqueue without the worker's dependencies).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
@@ -17,25 +18,33 @@ from celery import Celery
 
 from medq.contract import QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY, batch_key, job_key, make_job_id, payload_key
 from medq.crypto import Sealer, seal_text
-from medq.schemas import SchemaLoader
+from medq.schemas import ExtractionSchema, SchemaLoader
 from medq.settings import Settings, get_settings
 from producer.records import CheckedRecords, InputError, Record, check, from_objects
 
 # Create a job only if it does not exist, all at once, so a crash cannot leave half a job.
-# KEYS[1] job hash, KEYS[2] payload string, KEYS[3] batch set
+# KEYS[1] job hash, KEYS[2] payload string, KEYS[3] batch set, KEYS[4] (optional) a staged
+# upload: a hash of payloads parked there while the rest of the upload arrived
 # ARGV[1] batch, ARGV[2] record id, ARGV[3] schema, ARGV[4] schema version,
-# ARGV[5] now (iso), ARGV[6] payload JSON, ARGV[7] payload TTL seconds, ARGV[8] job id,
-# ARGV[9] position in the input (results are exported in input order)
-# Returns 1 if created, 2 if it exists but its message may never have been sent, 0 otherwise.
+# ARGV[5] now (iso), ARGV[6] payload JSON (or, with KEYS[4], its field there),
+# ARGV[7] payload TTL seconds, ARGV[8] job id, ARGV[9] position in the input (results are
+# exported in input order)
+# Returns 1 if created, 2 if it exists but its message may never have been sent, 0 otherwise,
+# -1 if the staged payload is gone (the upload expired).
 CREATE_JOB_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'sent') then return 0 end
   return 2
 end
+local payload = ARGV[6]
+if KEYS[4] then
+  payload = redis.call('HGET', KEYS[4], ARGV[6])
+  if not payload then return -1 end
+end
 redis.call('HSET', KEYS[1], 'batch', ARGV[1], 'record_id', ARGV[2], 'schema', ARGV[3],
            'schema_version', ARGV[4], 'status', 'queued', 'attempts', 0, 'enqueued_at', ARGV[5],
            'updated_at', ARGV[5], 'seq', ARGV[9])
-redis.call('SET', KEYS[2], ARGV[6], 'EX', ARGV[7])
+redis.call('SET', KEYS[2], payload, 'EX', ARGV[7])
 redis.call('SADD', KEYS[3], ARGV[8])
 return 1
 """
@@ -94,22 +103,32 @@ class Producer:
         if checked.problems and not skip_invalid:
             raise InputError(checked.problems)
         batch = batch or default_batch_id(checked.records, sch.name, sch.version)
+        return self.write_jobs(batch, sch, ((rec.id, _payload(rec, self.sealer)) for rec in checked.records))
+
+    def write_jobs(
+        self, batch: str, sch: ExtractionSchema, items: Iterable[tuple[str, str]], staged: str | None = None
+    ) -> EnqueueResult:
+        """Create a job per ``(record id, payload)`` and send it, 128 at a time. With
+        ``staged``, each payload is instead the field of that hash where it was parked."""
         job_ids: list[str] = []
         created = sent = 0
         now_iso = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-        for i in range(0, len(checked.records), _CHUNK):
-            chunk = checked.records[i : i + _CHUNK]
-            ids = [make_job_id(batch, rec.id, sch.name, sch.version) for rec in chunk]
+        extra_keys = [staged] if staged else []
+        seq = 0
+        for chunk in _chunks(items, _CHUNK):
+            ids = [make_job_id(batch, rid, sch.name, sch.version) for rid, _ in chunk]
             pipe = self.r.pipeline(transaction=False)
-            for seq, (rec, job_id) in enumerate(zip(chunk, ids), start=i):
+            for (rid, payload), job_id in zip(chunk, ids):
                 self._create(
-                    keys=[job_key(job_id), payload_key(job_id), batch_key(batch)],
-                    args=[batch, rec.id, sch.name, sch.version, now_iso, _payload(rec, self.sealer),
-                          self.settings.payload_ttl_s, job_id, seq],
+                    keys=[job_key(job_id), payload_key(job_id), batch_key(batch), *extra_keys],
+                    args=[batch, rid, sch.name, sch.version, now_iso, payload, self.settings.payload_ttl_s, job_id, seq],
                     client=pipe,
                 )
+                seq += 1
             to_send = []
             for job_id, outcome in zip(ids, pipe.execute()):
+                if outcome == -1:
+                    raise UploadExpired(f"the upload's staged records expired before batch {batch} was written")
                 created += outcome == 1
                 if outcome:
                     to_send.append(job_id)
@@ -151,10 +170,34 @@ def _payload(rec: Record, sealer: Sealer | None = None) -> str:
 
 def default_batch_id(records: list[Record], schema: str, version: int) -> str:
     """Derived from the content, so enqueuing the same file twice lands in the same batch."""
-    h = hashlib.sha256(f"{schema}\x1f{version}".encode())
+    h = BatchHasher(schema, version)
     for rec in records:
-        h.update(b"\x1e" + rec.id.encode() + b"\x1f" + rec.text.encode())
-    return "b-" + h.hexdigest()[:12]
+        h.add(rec)
+    return h.batch_id()
+
+
+class BatchHasher:
+    """The content-derived batch id, built record by record. ``salt`` (``medq api``'s
+    client name) keeps two clients who send the same records in batches of their own."""
+
+    def __init__(self, schema: str, version: int, salt: str = "") -> None:
+        self._h = hashlib.sha256(f"{schema}\x1f{version}".encode() + (b"\x1d" + salt.encode() if salt else b""))
+
+    def add(self, rec: Record) -> None:
+        self._h.update(b"\x1e" + rec.id.encode() + b"\x1f" + rec.text.encode())
+
+    def batch_id(self) -> str:
+        return "b-" + self._h.hexdigest()[:12]
+
+
+class UploadExpired(RuntimeError):
+    """Staged records were gone when their jobs were written (the upload outlived its TTL)."""
+
+
+def _chunks(items: Iterable[tuple[str, str]], n: int) -> Iterator[list[tuple[str, str]]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
 
 
 def enqueue(

@@ -32,6 +32,7 @@ class RecordProblem:
     where: str  # "notes.jsonl:12", "notes/abc.txt", "record 3"
     message: str
     record_id: str | None = None
+    field: str | None = None  # the record field at fault: "id", "text", "metadata"
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
@@ -78,23 +79,30 @@ def read_path(path: str | Path, fmt: str | None = None) -> Iterator[RawItem]:
 
 def _read_jsonl(fh: Any, name: str) -> Iterator[RawItem]:
     for line_no, raw in enumerate(fh, start=1):
-        where = f"{name}:{line_no}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield where, RecordProblem(where, f"not valid UTF-8 (byte {exc.start} of the line)")
-            continue
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield where, RecordProblem(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(obj, dict):
-            yield where, RecordProblem(where, 'expected a JSON object like {"id": ..., "text": ...}')
-            continue
-        yield where, obj
+        item = parse_jsonl_line(raw, f"{name}:{line_no}")
+        if item is not None:
+            yield item
+
+
+def parse_jsonl_line(raw: bytes, where: str) -> RawItem | None:
+    """One JSONL line as a raw record (or the problem with it); None for a blank line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return where, RecordProblem(where, f"not valid UTF-8 (byte {exc.start} of the line)")
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return where, RecordProblem(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+    return where, object_or_problem(obj, where)
+
+
+def object_or_problem(obj: Any, where: str) -> dict[str, Any] | RecordProblem:
+    if isinstance(obj, dict):
+        return obj
+    return RecordProblem(where, 'expected a JSON object like {"id": ..., "text": ...}')
 
 
 def _read_csv(data: bytes, name: str) -> Iterator[RawItem]:
@@ -150,24 +158,37 @@ def from_objects(items: Iterable[Any]) -> Iterator[RawItem]:
 def check(items: Iterable[RawItem], max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> CheckedRecords:
     """Validate raw records: id present and unique, text non-empty, within the size limit."""
     out = CheckedRecords()
-    first_seen: dict[str, str] = {}
+    checker = RecordChecker(max_record_bytes)
     for where, item in items:
+        checked = checker.check(where, item)
+        if isinstance(checked, RecordProblem):
+            out.problems.append(checked)
+        else:
+            out.records.append(checked)
+    return out
+
+
+class RecordChecker:
+    """Checks raw records one at a time, ids unique among all it has seen: for input
+    that arrives as a stream and is not kept (``medq api``'s batch uploads)."""
+
+    def __init__(self, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
+        self.max_record_bytes = max_record_bytes
+        self._first_seen: dict[str, str] = {}
+
+    def check(self, where: str, item: dict[str, Any] | RecordProblem) -> Record | RecordProblem:
         if isinstance(item, RecordProblem):
-            out.problems.append(item)
-            continue
-        problem = _check_one(where, item, max_record_bytes)
+            return item
+        problem = _check_one(where, item, self.max_record_bytes)
         if problem is not None:
-            out.problems.append(problem)
-            continue
+            return problem
         rid = _id_of(item)
         assert rid is not None
-        if rid in first_seen:
-            out.problems.append(RecordProblem(where, f"duplicate id {rid!r} (first at {first_seen[rid]})", rid))
-            continue
-        first_seen[rid] = where
+        if rid in self._first_seen:
+            return RecordProblem(where, f"duplicate id {rid!r} (first at {self._first_seen[rid]})", rid, "id")
+        self._first_seen[rid] = where
         metadata = item.get("metadata") or {}
-        out.records.append(Record(id=rid, text=item["text"], metadata=metadata if isinstance(metadata, dict) else {}))
-    return out
+        return Record(id=rid, text=item["text"], metadata=metadata if isinstance(metadata, dict) else {})
 
 
 def _id_of(item: dict[str, Any]) -> str | None:
@@ -181,21 +202,30 @@ def _id_of(item: dict[str, Any]) -> str | None:
 def _check_one(where: str, item: dict[str, Any], max_record_bytes: int) -> RecordProblem | None:
     rid = _id_of(item)
     if rid is None:
-        return RecordProblem(where, 'missing "id" (a non-empty string or integer)')
+        return RecordProblem(where, 'missing "id" (a non-empty string or integer)', None, "id")
+    try:
+        rid.encode("utf-8")
+    except UnicodeEncodeError:
+        return RecordProblem(where, '"id" is not valid UTF-8 (lone surrogate)', None, "id")
     text = item.get("text")
     if not isinstance(text, str):
-        return RecordProblem(where, f'record {rid!r}: missing "text" (a string)', rid)
+        return RecordProblem(where, f'record {rid!r}: missing "text" (a string)', rid, "text")
     if not text.strip():
-        return RecordProblem(where, f"record {rid!r}: text is empty", rid)
+        return RecordProblem(where, f"record {rid!r}: text is empty", rid, "text")
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:  # lone surrogates, e.g. from JSON "\\udc80"
-        return RecordProblem(where, f"record {rid!r}: text is not valid UTF-8 (lone surrogate)", rid)
+        return RecordProblem(where, f"record {rid!r}: text is not valid UTF-8 (lone surrogate)", rid, "text")
     if size > max_record_bytes:
         return RecordProblem(
-            where, f"record {rid!r}: text is {size} bytes, over the limit of {max_record_bytes} (MEDQ_MAX_RECORD_BYTES)", rid
+            where, f"record {rid!r}: text is {size} bytes, over the limit of {max_record_bytes} (MEDQ_MAX_RECORD_BYTES)",
+            rid, "text",
         )
     meta = item.get("metadata")
     if meta is not None and not isinstance(meta, dict):
-        return RecordProblem(where, f'record {rid!r}: "metadata" must be an object', rid)
+        return RecordProblem(where, f'record {rid!r}: "metadata" must be an object', rid, "metadata")
+    try:
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError):
+        return RecordProblem(where, f'record {rid!r}: "metadata" holds text that is not valid UTF-8', rid, "metadata")
     return None

@@ -43,6 +43,7 @@ _CLEARED_ENV = (
     "MEDQ_RESULTS_URL",
     "MEDQ_ENCRYPTION_KEY",
     "MEDQ_IMAGE",
+    "MEDQ_API__TOKENS",
     "COMPOSE_FILE",
     "COMPOSE_PROFILES",
     "COMPOSE_PROJECT_NAME",
@@ -177,6 +178,17 @@ def test_postgres_only_with_its_profile(compose) -> None:
     assert _env(with_profile["services"]["postgres"])["POSTGRES_PASSWORD"] == "pgpw"
 
 
+def test_api_only_with_its_profile_and_gets_the_tokens(compose) -> None:
+    without = _rendered(compose(REQUIRED_ENV))
+    assert "api" not in _active_services(without)
+
+    data = _rendered(compose({**REQUIRED_ENV, "MEDQ_API__TOKENS": "ward-a:0123456789abcdef0123"}, profiles=("api",)))
+    assert _active_services(data, ("api",)) == CORE_SERVICES | {"api"}
+    env = _env(data["services"]["api"])
+    assert env["MEDQ_API__TOKENS"] == "ward-a:0123456789abcdef0123"
+    assert env["MEDQ_REDIS_URL"] == "redis://:s3cretredis@redis:6379/0"
+
+
 def test_config_without_redis_password_fails_naming_it(compose) -> None:
     env = {k: v for k, v in REQUIRED_ENV.items() if k != "REDIS_PASSWORD"}
     proc = compose(env)
@@ -215,7 +227,7 @@ def test_compose_specification_without_version_key(spec: dict) -> None:
     # docker-compose 1.29 accepts the Compose Specification without `version:`,
     # and docker compose v2 warns that the key is obsolete.
     assert "version" not in spec
-    assert set(spec["services"]) == CORE_SERVICES | {"postgres"}
+    assert set(spec["services"]) == CORE_SERVICES | {"postgres", "api"}
 
 
 def test_images(spec: dict) -> None:
@@ -300,6 +312,18 @@ def test_flower_binds_loopback_and_requires_credentials(spec: dict) -> None:
     assert env["MEDQ_FLOWER__USER"].startswith("${MEDQ_FLOWER__USER:?")
     assert env["MEDQ_FLOWER__PASSWORD"].startswith("${MEDQ_FLOWER__PASSWORD:?")
     assert "FLOWER_BASIC_AUTH" not in env  # built by medq flower; the password is written once
+
+
+def test_api_binds_loopback_runs_medq_api_and_checks_its_health(spec: dict) -> None:
+    api = spec["services"]["api"]
+    assert api["profiles"] == ["api"]
+    assert api["command"].split()[:2] == ["medq", "api"]
+    assert [_host_ip(p) for p in api["ports"]] == ["127.0.0.1"]
+    assert "/healthz" in " ".join(api["healthcheck"]["test"])
+    assert api["image"] == spec["services"]["worker"]["image"]
+    env = _env(api)
+    # Records are sealed and results read with the workers' key and store.
+    assert {"MEDQ_API__TOKENS", "MEDQ_ENCRYPTION_KEY", "MEDQ_RESULTS_URL"} <= set(env)
 
 
 def test_nothing_is_published_beyond_loopback(spec: dict) -> None:

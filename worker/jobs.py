@@ -535,7 +535,10 @@ class Engine:
 
     @staticmethod
     async def _make_runner(settings: Settings) -> JobRunner:
-        return JobRunner(settings)
+        runner = JobRunner(settings)
+        # From the start, not at the first job: an idle worker is seen too (``medq api``'s /healthz).
+        runner._flusher = asyncio.get_running_loop().create_task(runner._flush_metrics())
+        return runner
 
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run ``coro`` on the engine's loop and wait for its result (from another thread)."""

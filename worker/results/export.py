@@ -35,6 +35,15 @@ def iter_results(r: redis.Redis, store: ResultStore, batch: str) -> Iterator[dic
             yield doc
 
 
+def job_doc(r: redis.Redis, store: ResultStore, job_id: str) -> dict[str, Any] | None:
+    """One job's document in the CONTRACT format; None if no such job (or its state expired)."""
+    states = list(iter_states(r, "", [job_id]))
+    if not states:
+        return None
+    stored = store.get(job_id)
+    return stored if stored is not None and stored["status"] == states[0].status else _from_state(states[0], stored)
+
+
 def _from_state(st: JobState, stored: dict[str, Any] | None) -> dict[str, Any]:
     error = {"kind": st.error_kind, "message": st.error_message} if st.error_kind else None
     doc = dict(stored) if stored else {}
