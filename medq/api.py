@@ -217,6 +217,7 @@ class Health(BaseModel):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "No token, or not one of MEDQ_API__TOKENS."},
     422: {"model": ErrorOut, "description": "A parameter or the body is invalid; the message names it."},
+    503: {"model": ErrorOut, "description": "Redis cannot be reached (MEDQ_REDIS_URL); try again."},
 }
 _OWNED = {**_ERRORS, 403: {"model": ErrorOut, "description": "Another client's batch."},
           404: {"model": ErrorOut, "description": "No such batch or job."}}

@@ -41,7 +41,7 @@ def api(start_process: Callable[..., Proc], medq_env: dict[str, str], r: redis.R
             name="api",
         )
         url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/healthz", proc)
+        wait_http(f"{url}/openapi.json", proc)  # /healthz is a 503 while Redis is away
         return url, proc
 
     return start
@@ -327,3 +327,137 @@ def test_schemathesis_finds_no_server_error(api: Callable[..., tuple[str, Proc]]
     assert "Selected: 10/10" in summary and "Tested: 10" in summary, summary
     print(summary[-1500:], file=sys.stderr)
     assert " 500 " not in proc.log and " 503 " not in proc.log
+
+
+def test_the_readme_curl_examples_work_as_written(
+    simulator: Callable[..., str], worker: Callable[..., Proc], medq_env: dict[str, str], tmp_path: Path, r: redis.Redis,
+) -> None:
+    """The README's two API blocks, run by bash as they are written; only the port is a free one."""
+    import os
+    import re
+    import signal
+
+    worker(simulator("--latency-ms", "5"))
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("<!-- api-example: start -->")[1].split("<!-- api-example: end -->")[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    script = "set -e\n" + "\n".join(blocks).replace("8000", str(free_port()))
+    (tmp_path / "medq" / "samples").mkdir(parents=True)
+    (tmp_path / "medq" / "samples" / "clinical_note.jsonl").symlink_to(REPO / "medq" / "samples" / "clinical_note.jsonl")
+    env = {**medq_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # output to files: the background `medq api` keeps a pipe open after bash is done
+    with open(tmp_path / "out.txt", "w") as fo, open(tmp_path / "err.txt", "w") as fe:
+        proc = subprocess.Popen(["bash", "-c", script], env=env, cwd=tmp_path, stdout=fo, stderr=fe,
+                                start_new_session=True)
+    try:
+        proc.wait(timeout=120)
+        out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the `medq api &` of the first block
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, err[-3000:]
+    assert '"status":"no_workers"' in out or '"status":"ok"' in out  # /healthz
+    assert '"id":"note-1","created":true' in out
+    assert '"batch":"ward-a-demo","jobs":' in out
+    docs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    samples = (REPO / "medq" / "samples" / "clinical_note.jsonl").read_text().splitlines()
+    assert len(docs) == len(samples) and {d["status"] for d in docs} == {"succeeded"}
+
+
+def test_uploads_at_once_each_get_their_jobs(api: Callable[..., tuple[str, Proc]], r: redis.Redis) -> None:
+    """Requests run side by side in the service's threads: four batch uploads and twenty
+    single records at once, each ending with exactly its own jobs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _ = api()
+
+    def batch(k: int) -> dict:
+        return httpx.post(f"{url}/v1/batches", params={"schema": "clinical_note", "batch": f"par-{k}"}, headers=A,
+                          content=_jsonl(500, start=k * 1000), timeout=60).json()
+
+    def one(k: int) -> dict:
+        return httpx.post(f"{url}/v1/jobs", headers=B, timeout=60,
+                          json={"schema": "clinical_note", "id": f"s{k}", "text": f"note {k}", "batch": "singles"}).json()
+
+    with ThreadPoolExecutor(8) as pool:
+        batches = list(pool.map(batch, range(4)))
+        singles = list(pool.map(one, range(20)))
+    assert [b["created"] for b in batches] == [500] * 4
+    assert len({s["job_id"] for s in singles}) == 20 and all(s["created"] for s in singles)
+    for k in range(4):
+        assert httpx.get(f"{url}/v1/batches/par-{k}", headers=A).json()["queued"] == 500
+    assert httpx.get(f"{url}/v1/batches/singles", headers=B).json()["total"] == 20
+    assert len(r.keys("medq:job:*")) == 2020 and not r.keys("medq:upload:*")
+
+
+def test_records_are_sealed_in_redis_with_a_key(
+    api: Callable[..., tuple[str, Proc]], simulator: Callable[..., str], worker: Callable[..., Proc],
+    r: redis.Redis,
+) -> None:
+    """With MEDQ_ENCRYPTION_KEY, what the API parks and stores is sealed (no canary in any
+    Redis key, parked uploads included), and the results come back opened."""
+    from cryptography.fernet import Fernet
+
+    from producer.enqueue import Producer
+    from producer.uploads import BodyParser, Upload
+    from medq.settings import Settings
+
+    key = Fernet.generate_key().decode()
+    wk = worker(simulator("--latency-ms", "5"), env={"MEDQ_ENCRYPTION_KEY": key})
+    url, proc = api(MEDQ_ENCRYPTION_KEY=key)
+
+    # parked records, before the upload is committed
+    producer = Producer(Settings(redis_url=_url(r), encryption_key=key))
+    upload = Upload(producer, "clinical_note")
+    parser = BodyParser(100_000)
+    upload.add(parser.feed(_jsonl(200).encode()) + parser.end())
+    upload.flush()
+    parked = r.hgetall(upload.key)
+    assert len(parked) == 200 and not any(CANARY.encode() in v for v in parked.values())
+    upload.discard()
+
+    res = httpx.post(f"{url}/v1/batches", params={"schema": "clinical_note"}, headers=A, content=_jsonl(20))
+    assert res.status_code == 202, res.text
+    batch = res.json()["batch"]
+    _wait_done(url, batch)
+    docs = [json.loads(line) for line in httpx.get(f"{url}/v1/batches/{batch}/results", headers=A).text.splitlines()]
+    assert len(docs) == 20 and all(d["status"] == "succeeded" and d["data"] for d in docs)
+    for k in r.keys("*"):
+        for v in _all_values(r, k):
+            assert CANARY.encode() not in v, k
+    assert CANARY not in proc.log and CANARY not in wk.log
+
+
+def _url(r: redis.Redis) -> str:
+    kw = r.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/{kw['db']}"
+
+
+def _all_values(r: redis.Redis, key: bytes) -> list[bytes]:
+    t = r.type(key)
+    if t == b"string":
+        return [r.get(key) or b""]
+    if t == b"hash":
+        return [k + b"=" + v for k, v in r.hgetall(key).items()]
+    if t == b"list":
+        return r.lrange(key, 0, -1)
+    if t == b"set":
+        return list(r.smembers(key))
+    if t == b"zset":
+        return [m for m, _ in r.zrange(key, 0, -1, withscores=True)]
+    return []
+
+
+def test_redis_away_is_a_503_that_names_the_setting(api: Callable[..., tuple[str, Proc]]) -> None:
+    url, proc = api(MEDQ_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    assert httpx.get(f"{url}/healthz").json() == {"status": "redis_unreachable", "redis": False, "workers": 0}
+    for res in (
+        httpx.post(f"{url}/v1/jobs", headers=A, json={"schema": "clinical_note", "id": "n", "text": f"{CANARY} x"}),
+        httpx.post(f"{url}/v1/batches", params={"schema": "clinical_note"}, headers=A, content=_jsonl(3)),
+        httpx.get(f"{url}/v1/batches/x/results", headers=A),
+    ):
+        assert res.status_code == 503 and "MEDQ_REDIS_URL" in res.json()["detail"], res.text
+    assert "Traceback" not in proc.log and CANARY not in proc.log
