@@ -266,6 +266,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
     r: redis.Redis = producer.r
     max_item = max_item_bytes(settings.max_record_bytes)
     max_body = settings.api.max_batch_bytes
+    max_records = settings.api.max_batch_records
     stats = _Stats(settings, r)
     app.add_middleware(_Guard, stats=stats)
 
@@ -362,7 +363,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
     # ------------------------------------------------------------ batches
 
     @app.post("/v1/batches", status_code=202, response_model=BatchAccepted, tags=["batches"],
-              responses={**_ERRORS, 403: _OWNED[403], 413: {"model": ErrorOut, "description": "Over MEDQ_API__MAX_BATCH_BYTES."}},
+              responses={**_ERRORS, 403: _OWNED[403], 413: {"model": ErrorOut, "description": "Over MEDQ_API__MAX_BATCH_BYTES or MEDQ_API__MAX_BATCH_RECORDS."}},
               openapi_extra={"requestBody": {"required": True, "description": (
                   "Records as JSON lines (application/x-ndjson) or one JSON array (application/json) of "
                   '{"id", "text", "metadata"} objects. Read as a stream.'),
@@ -393,6 +394,11 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
             raise APIError(413, f"the body is {declared} bytes, over the limit of {max_body} (MEDQ_API__MAX_BATCH_BYTES)")
         parser = BodyParser(max_item)
         size = 0
+
+        def too_many() -> None:
+            if len(upload.record_ids) + upload.problem_count > max_records:
+                raise APIError(413, f"the body holds more than {max_records} records (MEDQ_API__MAX_BATCH_RECORDS); "
+                                    "send them as several batches")
         try:
             async for chunk in request.stream():
                 size += len(chunk)
@@ -401,7 +407,9 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
                 items = parser.feed(chunk)
                 if items:
                     await run_in_threadpool(upload.add, items)
+                    too_many()
             await run_in_threadpool(upload.add, parser.end())
+            too_many()
             if parser.fatal is not None:
                 upload.note_problem(parser.fatal)
                 raise APIError(422, f"the body cannot be read past {parser.fatal.where}; nothing was enqueued",

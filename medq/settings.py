@@ -129,6 +129,9 @@ class APISettings(BaseModel):
     # A batch belongs to the client that created it.
     tokens: SecretStr | None = None
     max_batch_bytes: int = Field(default=256 * 2**20, gt=0)  # one POST /v1/batches body
+    # Records in one POST /v1/batches: the service keeps each one's id while the body
+    # arrives, so this bounds its memory (about 150 bytes a record).
+    max_batch_records: int = Field(default=100_000, gt=0)
 
 
 class Settings(BaseSettings):
