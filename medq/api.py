@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import kombu.exceptions
 import redis
 from fastapi import FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -607,7 +608,7 @@ class _Guard:
         try:
             await self.app(scope, receive, send_logged)
         except Exception as exc:  # noqa: BLE001 - answered here, so uvicorn prints no traceback with a message
-            if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)):
                 code, detail = 503, "cannot reach Redis (MEDQ_REDIS_URL); try again"
             else:
                 code, detail = 500, f"internal error ({type(exc).__name__}); the service log has the request"

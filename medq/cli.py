@@ -543,7 +543,8 @@ def api(
                              "loopback or a private network, or put a TLS proxy in front."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth",
-                                          help="Run without tokens (anyone who reaches the port can enqueue and read)."),
+                                          help="Run without tokens when MEDQ_API__TOKENS is empty (anyone who reaches "
+                                               "the port can enqueue and read)."),
 ) -> None:
     """The HTTP service for other services: enqueue records and batches, read states and results.
     Bearer tokens from MEDQ_API__TOKENS (CLIENT:TOKEN, comma-separated); OpenAPI at /docs and /openapi.json."""
@@ -559,7 +560,7 @@ def api(
         application = create_app(_settings(), insecure_no_auth=insecure_no_auth)
     except (ValueError, SchemaError) as exc:
         raise _fail(str(exc)) from None
-    if insecure_no_auth:
+    if application.state.token_digests is None:
         err.print("[yellow]warning:[/yellow] medq api without tokens (--insecure-no-auth)", highlight=False)
     # uvicorn's access log prints paths and query strings; medq.api logs route templates instead.
     uvicorn.run(application, host=host, port=port, access_log=False, log_level="info", server_header=False)
