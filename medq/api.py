@@ -32,9 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medq.contract import job_key
+from medq.contract import JobStatus, job_key
 from medq.errors import MedqError, UnknownSchema
 from medq.settings import Settings
+from producer.batches import claim_batch, counts, owner_of, requeue
+from producer.enqueue import Producer
+from producer.records import RecordChecker, RecordProblem
+from producer.uploads import BodyParser, Upload, max_item_bytes, problem_json
+from worker.results import open_store_for
+from worker.results.export import iter_results, job_doc, to_jsonl
 
 log = logging.getLogger("medq.api")
 
@@ -178,7 +184,7 @@ class ResultDoc(BaseModel):
     batch: str
     schema_name: str = Field(alias="schema")
     schema_version: int
-    status: Literal["queued", "running", "retrying", "succeeded", "failed"]
+    status: JobStatus
     data: dict[str, Any] | None
     error: ErrorDoc | None
     model: str | None = None
@@ -230,13 +236,6 @@ _OWNED = {**_ERRORS, 403: {"model": ErrorOut, "description": "Another client's b
 def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI:
     """The service. Raises ``ValueError`` when ``MEDQ_API__TOKENS`` is missing or malformed
     (unless ``insecure_no_auth``)."""
-    from producer.batches import claim_batch, counts, owner_of, requeue
-    from producer.enqueue import Producer
-    from producer.records import InputError, RecordChecker, RecordProblem
-    from producer.uploads import BodyParser, Upload, max_item_bytes, problem_json
-    from worker.results import open_store_for
-    from worker.results.export import iter_results, job_doc, to_jsonl
-
     raw = settings.api.tokens.get_secret_value() if settings.api.tokens else ""
     pairs = parse_tokens(raw)
     if not pairs and not insecure_no_auth:
@@ -263,7 +262,6 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
     record_item["properties"] = {k: v for k, v in job_in["properties"].items() if k in ("id", "text", "metadata")}
     record_item["required"] = ["id", "text"]
     store = open_store_for(settings)
-    app.state.producer, app.state.store = producer, store
     r: redis.Redis = producer.r
     max_item = max_item_bytes(settings.max_record_bytes)
     max_body = settings.api.max_batch_bytes
@@ -296,10 +294,6 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         if owner != client and app.state.token_digests is not None:
             whose = "another client's" if owner else "not created through the API"
             raise APIError(403, f"batch {batch!r} is {whose}; this token may not read it")
-
-    def bad_input(exc: InputError, detail: str) -> APIError:
-        shown = [problem_json(p) for p in exc.problems[:MAX_PROBLEMS_SHOWN]]
-        return APIError(422, detail, shown, len(exc.problems))
 
     # ------------------------------------------------------------ jobs
 
@@ -426,10 +420,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
             bid = upload.batch_id(batch)
             if await run_in_threadpool(claim_batch, r, bid, client) != client and app.state.token_digests is not None:
                 raise APIError(403, f"batch {bid!r} belongs to another client")
-            try:
-                result = await run_in_threadpool(upload.commit, bid, True)
-            except InputError as exc:  # not reached: problems were handled above
-                raise bad_input(exc, "invalid records; nothing was enqueued") from None
+            result = await run_in_threadpool(upload.commit, bid, True)  # the problems were answered above
         except BaseException:  # a bad body, a client gone mid-upload, Redis away: nothing stays parked
             await run_in_threadpool(upload.discard)
             raise
@@ -455,8 +446,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
                                         "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}})
     def get_results(
         batch: str,
-        status: Literal["queued", "running", "retrying", "succeeded", "failed"] | None = Query(
-            None, description="Only jobs in this state."),
+        status: JobStatus | None = Query(None, description="Only jobs in this state."),
         client: str = Security(client_of),
     ) -> StreamingResponse:
         """The batch's results as JSON lines, one per job in input order; data is null until a job succeeds."""
@@ -465,7 +455,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
 
         def lines() -> Iterator[str]:
             for doc in docs:
-                if status is None or doc["status"] == status:
+                if status is None or doc["status"] == status.value:
                     yield to_jsonl(doc) + "\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")

@@ -103,7 +103,7 @@ class Producer:
         if checked.problems and not skip_invalid:
             raise InputError(checked.problems)
         batch = batch or default_batch_id(checked.records, sch.name, sch.version)
-        return self.write_jobs(batch, sch, ((rec.id, _payload(rec, self.sealer)) for rec in checked.records))
+        return self.write_jobs(batch, sch, ((rec.id, sealed_payload(rec, self.sealer)) for rec in checked.records))
 
     def write_jobs(
         self, batch: str, sch: ExtractionSchema, items: Iterable[tuple[str, str]], staged: str | None = None
@@ -164,7 +164,8 @@ class Producer:
         self.r.close()
 
 
-def _payload(rec: Record, sealer: Sealer | None = None) -> str:
+def sealed_payload(rec: Record, sealer: Sealer | None = None) -> str:
+    """What is stored under the payload key: the record as JSON, sealed when a key is set."""
     return seal_text(json.dumps({"text": rec.text, "metadata": rec.metadata}, ensure_ascii=False), sealer)
 
 

@@ -6,6 +6,10 @@ lines, or the items of one JSON array) holding at most one record's bytes, and
 ``MEDQ_ENCRYPTION_KEY`` is set; the hash expires on its own), so memory holds ids,
 not notes. Only when the whole body has been read and checked does ``commit`` turn
 the parked records into jobs, all or none, as ``medq enqueue`` does for a file.
+
+Why not ijson for the array: it streams items but tells no position, and every
+problem must name its line. ``json.JSONDecoder.raw_decode`` reads one item at a
+time from a known offset, so the line of each item is counted on the way.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from medq.contract import upload_key
-from producer.enqueue import BatchHasher, EnqueueResult, Producer, _payload
+from producer.enqueue import BatchHasher, EnqueueResult, Producer, sealed_payload
 from producer.records import InputError, RawItem, Record, RecordChecker, RecordProblem, object_or_problem, parse_jsonl_line
 
 STAGE_TTL_S = 3600  # an upload that never commits (the service died) leaves nothing for long
@@ -220,7 +224,7 @@ class Upload:
 
     def _stage(self, rec: Record) -> None:
         self._hasher.add(rec)
-        self._pending[str(len(self.record_ids))] = _payload(rec, self.producer.sealer)
+        self._pending[str(len(self.record_ids))] = sealed_payload(rec, self.producer.sealer)
         self.record_ids.append(rec.id)
 
     def flush(self) -> None:
