@@ -454,3 +454,21 @@ def test_redis_away_is_a_503_that_names_the_setting(api: Callable[..., tuple[str
     ):
         assert res.status_code == 503 and "MEDQ_REDIS_URL" in res.json()["detail"], res.text
     assert "Traceback" not in proc.log and CANARY not in proc.log
+
+
+def test_a_retried_upload_sends_what_was_never_sent(api: Callable[..., tuple[str, Proc]], r: redis.Redis) -> None:
+    """As if the service lost the broker after writing a job and before sending it: the
+    client sends the same body again, and exactly that job's message goes out."""
+    url, _ = api()
+    first = httpx.post(f"{url}/v1/batches", params={"schema": "clinical_note", "batch": "resend"}, headers=A,
+                       content=_jsonl(3)).json()
+    assert first["created"] == 3
+    ids = [json.loads(line)["job_id"] for line in
+           httpx.get(f"{url}/v1/batches/resend/results", headers=A).text.splitlines()]
+    r.delete("medq")
+    r.hdel(f"medq:job:{ids[1]}", "sent")
+    again = httpx.post(f"{url}/v1/batches", params={"schema": "clinical_note", "batch": "resend"}, headers=A,
+                       content=_jsonl(3)).json()
+    assert again["created"] == 0 and again["existing"] == 3
+    messages = r.lrange("medq", 0, -1)
+    assert len(messages) == 1 and ids[1].encode() in messages[0]
