@@ -94,9 +94,18 @@ def parse_jsonl_line(raw: bytes, where: str) -> RawItem | None:
         return None
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return where, RecordProblem(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit number, or nesting too deep, is not JSONDecodeError
+        return where, RecordProblem(where, f"not valid JSON ({json_error_text(exc)})")
     return where, object_or_problem(obj, where)
+
+
+def json_error_text(exc: BaseException, of: str = "") -> str:
+    """Why ``json`` refused a text: its message and column (``of``: "the body" adds the line)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno} of {of}" if of else f"{exc.msg} at column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return "a number too long to read"
 
 
 def object_or_problem(obj: Any, where: str) -> dict[str, Any] | RecordProblem:

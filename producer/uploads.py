@@ -22,7 +22,9 @@ from typing import Any
 
 from medq.contract import upload_key
 from producer.enqueue import BatchHasher, EnqueueResult, Producer, sealed_payload
-from producer.records import InputError, RawItem, Record, RecordChecker, RecordProblem, object_or_problem, parse_jsonl_line
+from producer.records import (
+    InputError, RawItem, Record, RecordChecker, RecordProblem, json_error_text, object_or_problem, parse_jsonl_line,
+)
 
 STAGE_TTL_S = 3600  # an upload that never commits (the service died) leaves nothing for long
 MAX_PROBLEMS_KEPT = 1000  # more are counted, not kept
@@ -147,7 +149,7 @@ class BodyParser:
                     if len(text) - pos > self.max_item:
                         self._fail(f"item {self._items + 1} is longer than {self.max_item} bytes or not valid JSON")
                     else:
-                        self._fail(f"item {self._items + 1}: not valid JSON ({_json_error(exc)})")
+                        self._fail(f"item {self._items + 1}: not valid JSON ({json_error_text(exc, 'the body')})")
                     break
                 if end - pos > self.max_item:  # as it would be had it come in small chunks
                     self._fail(f"item {self._items + 1} is longer than {self.max_item} bytes")
@@ -182,14 +184,6 @@ class BodyParser:
         where = f"line {self._line}"
         self.fatal = RecordProblem(where, message)
         self._text = ""
-
-
-def _json_error(exc: BaseException) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"{exc.msg} at line {exc.lineno} column {exc.colno} of the body"
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    return "a number too long to read"
 
 
 class Upload:

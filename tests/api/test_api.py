@@ -245,6 +245,12 @@ def test_bad_input_is_named_by_line_and_field_and_nothing_is_enqueued(
     res = httpx.post(f"{url}/v1/batches", params={"schema": "clinical_note"}, headers=A, content=_jsonl(301))
     assert res.status_code == 413 and "more than 300 records (MEDQ_API__MAX_BATCH_RECORDS)" in res.json()["detail"]
     assert not r.keys("medq:upload:*") and len(r.keys("medq:job:*")) == 2
+    # JSON that Python's json refuses with ValueError / RecursionError rather than JSONDecodeError
+    res = httpx.post(f"{url}/v1/batches", params={"schema": "clinical_note"}, headers=A,
+                     content='{"id": "n", "text": "t", "n": ' + "7" * 5000 + '}\n' + "[" * 50_000 + "]" * 50_000)
+    assert res.status_code == 422, res.text
+    assert [p["message"] for p in res.json()["problems"]] == ["not valid JSON (a number too long to read)",
+                                                             "not valid JSON (nested too deeply)"]
     # empty body, unknown schema, bad batch id
     assert httpx.post(f"{url}/v1/batches", params={"schema": "clinical_note"}, headers=A, content=b"").status_code == 422
     res = httpx.post(f"{url}/v1/batches", params={"schema": "nope"}, headers=A, content=_jsonl(1))

@@ -125,6 +125,17 @@ def test_each_bad_record_is_named_with_its_line(tmp_path: Path, line: object, me
     assert [rec.id for rec in checked.records] == ["ok"]
 
 
+@pytest.mark.parametrize(("raw", "message"), [
+    ('{"id": "e", "text": "x", "n": ' + "7" * 5000 + "}", "not valid JSON (a number too long to read)"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON (nested too deeply)"),
+])
+def test_json_that_python_refuses_is_a_bad_line_not_a_crash(tmp_path: Path, raw: str, message: str) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"id": "ok", "text": "fine"}) + "\n" + raw + "\n", encoding="utf-8")
+    checked = check(read_path(path))
+    assert [(p.where, p.message) for p in checked.problems] == [("in.jsonl:2", message)]
+
+
 def test_duplicate_id_names_both_lines(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}])
     [problem] = check(read_path(path)).problems
