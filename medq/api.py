@@ -36,7 +36,7 @@ from medq.contract import JobStatus, job_key
 from medq.errors import MedqError, UnknownSchema
 from medq.settings import Settings
 from producer.batches import claim_batch, counts, owner_of, requeue
-from producer.enqueue import Producer
+from producer.enqueue import BatchHasher, Producer, sealed_payload
 from producer.records import RecordChecker, RecordProblem
 from producer.uploads import BodyParser, Upload, max_item_bytes, problem_json
 from worker.results import open_store_for
@@ -323,15 +323,14 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         if isinstance(checked, RecordProblem):
             raise APIError(422, f"field {checked.field!r}: {checked.message}" if checked.field else checked.message,
                            [problem_json(checked)], 1)
-        upload = Upload(producer, sch.name, salt=client)
+        hasher = BatchHasher(sch.name, sch.version, salt=client)
+        hasher.add(checked)
+        bid = batch or hasher.batch_id()
 
-        def write() -> Any:
-            upload.add([("body", doc)])
-            bid = upload.batch_id(batch)
+        def write() -> Any:  # one record: written directly, not parked like a batch's
             if claim_batch(r, bid, client) != client and app.state.token_digests is not None:
-                upload.discard()
                 raise APIError(403, f"batch {bid!r} belongs to another client")
-            return upload.commit(bid)
+            return producer.write_jobs(bid, sch, [(checked.id, sealed_payload(checked, producer.sealer))])
 
         result = await run_in_threadpool(write)
         log.info("job %s in batch %s (%s) from %s", result[0], result.batch, "new" if result.created else "existing",
