@@ -39,6 +39,7 @@ from producer.batches import claim_batch, counts, owner_of, requeue
 from producer.enqueue import BatchHasher, Producer, sealed_payload
 from producer.records import RecordChecker, RecordProblem
 from producer.uploads import BodyParser, Upload, max_item_bytes, problem_json
+from worker.metrics import RUNNING_KEY, worker_processes
 from worker.results import open_store_for
 from worker.results.export import iter_results, job_doc, to_jsonl
 
@@ -565,11 +566,8 @@ class _Stats:
                                  registry=self.registry)
 
     def live_workers(self) -> int:
-        from worker.metrics import FLUSH_S, RUNNING_KEY
-
-        now = time.time()
         held: dict[bytes, bytes] = self.r.hgetall(RUNNING_KEY)  # type: ignore[assignment]
-        return sum(1 for v in held.values() if now - float(v.split()[1]) <= 3 * FLUSH_S)
+        return len(worker_processes(held, time.time())[0])
 
 
 class _Guard:

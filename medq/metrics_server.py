@@ -17,7 +17,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.registry import Collector
 
 from medq.contract import QUEUE
-from worker.metrics import FLUSH_S, METRICS_KEY, RUNNING_KEY, parse_field
+from worker.metrics import METRICS_KEY, RUNNING_KEY, parse_field, worker_processes
 
 
 HELP = {
@@ -84,13 +84,8 @@ class MedqCollector(Collector):
         pipe.hlen("unacked")
         pipe.hgetall(RUNNING_KEY)
         waiting, unacked, held = pipe.execute()
-        running, now, gone = 0, time.time(), []
-        for who, value in held.items():
-            n, at = value.decode().split()
-            if now - float(at) <= 3 * FLUSH_S:
-                running += int(n)
-            elif now - float(at) > 3600:
-                gone.append(who)  # a worker process that stopped long ago
+        live, gone = worker_processes(held, time.time())
+        running = sum(live)
         if gone:
             self.r.hdel(RUNNING_KEY, *gone)
         yield GaugeMetricFamily("medq_jobs_running", "Jobs held by running worker processes (started, not finished).",

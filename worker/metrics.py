@@ -90,4 +90,17 @@ class Metrics:
             raise
 
 
+def worker_processes(held: dict[bytes, bytes], now: float) -> tuple[list[int], list[bytes]]:
+    """From ``RUNNING_KEY``: the jobs held by each worker process seen in the last three
+    flushes, and the entries of processes gone for an hour (to delete)."""
+    live, gone = [], []
+    for who, value in held.items():
+        n, at = value.decode().split()
+        if now - float(at) <= 3 * FLUSH_S:
+            live.append(int(n))
+        elif now - float(at) > 3600:
+            gone.append(who)
+    return live, gone
+
+
 metrics = Metrics()  # the process's counts; the engine flushes them
