@@ -233,24 +233,19 @@ class AsyncLLMClient:
         fixed: int = 0,
     ) -> Completion:
         """``fixed``: how many leading messages are the same for every record (see ``_body``)."""
+        data = self._body(messages, response_format, max_tokens, temperature, fixed)
         if self.gate is None:
-            return await self._complete(messages, response_format, max_tokens, temperature, fixed)
+            return await self._post(data, messages)
 
         async def call() -> tuple[Completion, int]:
-            c = await self._complete(messages, response_format, max_tokens, temperature, fixed)
+            c = await self._post(data, messages)
             return c, c.prompt_tokens + c.completion_tokens
 
         result: Completion = await self.gate.acall(estimate_tokens(messages, max_tokens), call)
         return result
 
-    async def _complete(
-        self,
-        messages: list[dict[str, str]],
-        response_format: dict[str, Any] | None,
-        max_tokens: int,
-        temperature: float,
-        fixed: int,
-    ) -> Completion:
+    async def _post(self, data: bytes, messages: list[dict[str, str]]) -> Completion:
+        """One request with the encoded body; ``messages`` only to explain a refusal."""
         import aiohttp
 
         if self._session is None:
@@ -261,7 +256,6 @@ class AsyncLLMClient:
         where = self.base_url
         started = time.perf_counter()
         try:
-            data = self._body(messages, response_format, max_tokens, temperature, fixed)
             async with self._session.post(self._url, data=data, headers=self._headers) as resp:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
