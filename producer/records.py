@@ -234,7 +234,8 @@ def _check_one(where: str, item: dict[str, Any], max_record_bytes: int) -> Recor
     if meta is not None and not isinstance(meta, dict):
         return RecordProblem(where, f'record {rid!r}: "metadata" must be an object', rid, "metadata")
     try:
-        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        if meta:  # only metadata can still hold a lone surrogate; most records have none
+            json.dumps(meta, ensure_ascii=False).encode("utf-8")
     except (UnicodeEncodeError, ValueError):
         return RecordProblem(where, f'record {rid!r}: "metadata" holds text that is not valid UTF-8', rid, "metadata")
     return None
