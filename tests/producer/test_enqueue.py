@@ -113,6 +113,7 @@ def test_unknown_schema_enqueues_nothing(r: redis.Redis, settings: Settings) -> 
         ({"id": "e"}, 'missing "text"'),
         ({"id": "e", "text": "x", "metadata": "ward 3"}, '"metadata" must be an object'),
         ({"id": "e", "text": "\udc80 lone surrogate"}, "not valid UTF-8"),
+        ({"id": "e", "text": "x", "metadata": {"ward": "\udc80"}}, '"metadata" holds text that is not valid UTF-8'),
         ("not an object", "expected a JSON object"),
     ],
 )
