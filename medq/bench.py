@@ -29,14 +29,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
+from urllib.request import Request, urlopen
 
-import httpx
 import redis
 from rich.console import Console
 from rich.table import Table
 
-from medq.demo import DemoError, Supervisor, _free_port, _wait_until, ensure_redis
+from medq.processes import DemoError, Supervisor, _free_port, _wait_until, answers, ensure_redis
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Bench:
             dict(os.environ),
         )
         base = f"http://127.0.0.1:{port}/v1"
-        _wait_until(lambda: _answers(f"{base}/models"), "the simulator", self.sup, 30)
+        _wait_until(lambda: answers(f"{base}/models"), "the simulator", self.sup, 30)
         return base, proc.popen.pid
 
     def start_workers(self, base_url: str) -> list[int]:
@@ -173,9 +174,7 @@ class Bench:
                 body.pop("response_format", None)
             if base_url is None:
                 return body
-            resp = httpx.post(f"{base_url}/chat/completions", json=body, timeout=600,
-                              headers={"Authorization": f"Bearer {key}"})
-            if resp.status_code == 200:
+            if _accepted(f"{base_url}/chat/completions", body, key):
                 return body
         raise DemoError(f"{base_url} refused every response_format; is it an OpenAI-compatible chat endpoint?")
 
@@ -388,8 +387,15 @@ def report_table(res: dict[str, Any]) -> Table:
     return t
 
 
-def _answers(url: str) -> bool:
+def _accepted(url: str, body: dict[str, Any], api_key: str) -> bool:
+    """Whether the endpoint answers this chat completion with 200 (a refused
+    response_format is a 4xx or 5xx)."""
+    req = Request(url, data=json.dumps(body).encode(), method="POST",
+                  headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})
     try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
+        with urlopen(req, timeout=600) as resp:
+            return bool(resp.status == 200)
+    except HTTPError:
         return False
+    except (URLError, OSError) as exc:
+        raise DemoError(f"cannot reach {url}: {exc}") from None
