@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -38,7 +39,8 @@ EXIT_TIMEOUT = 3
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    # escaped: Rich reads any [word] as markup and drops it (it ate the "[local]" of an install hint)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -101,7 +103,7 @@ def enqueue(
         raise _fail(str(exc)) from None
     if checked.problems:
         for p in checked.problems[:50]:
-            err.print(f"[red]invalid[/red] {p}", highlight=False, soft_wrap=True)
+            err.print(f"[red]invalid[/red] {escape(str(p))}", highlight=False, soft_wrap=True)
         if len(checked.problems) > 50:
             err.print(f"... and {len(checked.problems) - 50} more", highlight=False)
         if not skip_invalid:
@@ -210,7 +212,7 @@ def failed(
     for col in ("record", "kind", "attempts", "reason"):
         table.add_column(col)
     for st in rows:
-        table.add_row(st.record_id, st.error_kind or "", str(st.attempts), st.error_message or "")
+        table.add_row(escape(st.record_id), st.error_kind or "", str(st.attempts), escape(st.error_message or ""))
     out.print(table)
 
 
@@ -291,7 +293,7 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Per-field scores of a batch against gold labels: accuracy, precision / recall / F1, macro."""
-    from medq.errors import UnknownSchema
+    from medq.errors import SchemaVersionUnavailable, UnknownSchema
     from medq.evaluate import evaluate, records_by_id
     from medq.report import score_table
     from medq.schemas import SchemaLoader
@@ -314,8 +316,9 @@ def eval_(
     except ValueError as exc:
         raise _fail(f"{gold}: {exc}") from None
     try:
-        sch = SchemaLoader(s.schema_dirs).get(schema or docs[0]["schema"])
-    except UnknownSchema as exc:
+        # the batch's own version unless another schema is named
+        sch = SchemaLoader(s.schema_dirs).get(schema or docs[0]["schema"], None if schema else docs[0].get("schema_version"))
+    except (UnknownSchema, SchemaVersionUnavailable) as exc:
         raise _fail(exc.message) from None
     unfinished = sum(d["status"] not in ("succeeded", "failed") for d in docs)
     report = evaluate(sch, {d["id"]: d["data"] for d in docs}, {k: v for k, v in golds.items() if v is not None})
@@ -382,7 +385,7 @@ def bench(
     endpoint -> results), utilisation = medq / ceiling, the latency-0 overhead phase
     with CPU ms per job, and p50/p95 latency per job."""
     from medq.bench import Bench, BenchOptions, report_table
-    from medq.demo import DemoError
+    from medq.processes import DemoError
 
     opts = BenchOptions(jobs=jobs, latency_ms=latency_ms, parallel=parallel, workers=workers, concurrency=concurrency,
                         pool=pool, endpoint=endpoint, model=model, overhead_jobs=overhead_jobs, skip_overhead=no_overhead)
@@ -404,7 +407,7 @@ def bench(
 
 @schemas_app.command("list")
 def schemas_list() -> None:
-    """The schemas found in configs/schemas and MEDQ_SCHEMAS_DIRS."""
+    """The schemas found in medq's configs/schemas, ./configs/schemas and MEDQ_SCHEMAS_DIRS, every loaded version."""
     from medq.errors import SchemaError
     from medq.schemas import SchemaLoader
 
@@ -415,20 +418,23 @@ def schemas_list() -> None:
     table = Table()
     for col in ("name", "version", "fields", "description"):
         table.add_column(col)
-    for sch in loader.all():
-        table.add_row(sch.name, str(sch.version), ", ".join(sch.field_names), sch.description)
+    for sch in loader.all_versions():
+        table.add_row(sch.name, str(sch.version), ", ".join(sch.field_names), escape(sch.description))
     out.print(table)
 
 
 @schemas_app.command("show")
-def schemas_show(name: str = typer.Argument(..., help="Schema name.")) -> None:
+def schemas_show(
+    name: str = typer.Argument(..., help="Schema name."),
+    version: Optional[int] = typer.Option(None, "--version", help="A loaded version (default: the newest)."),
+) -> None:
     """A schema as the JSON Schema sent to the model."""
-    from medq.errors import SchemaError, UnknownSchema
+    from medq.errors import SchemaError, SchemaVersionUnavailable, UnknownSchema
     from medq.schemas import SchemaLoader
 
     try:
-        sch = SchemaLoader(_settings().schema_dirs).get(name)
-    except (SchemaError, UnknownSchema) as exc:
+        sch = SchemaLoader(_settings().schema_dirs).get(name, version)
+    except (SchemaError, UnknownSchema, SchemaVersionUnavailable) as exc:
         raise _fail(exc.message) from None
     print(json.dumps(
         {"name": sch.name, "version": sch.version, "description": sch.description,

@@ -8,8 +8,10 @@
     │   ├── Overloaded            HTTP 503, Ollama's "server busy", "loading model" (back-pressure)
     │   ├── ServerError           other HTTP 5xx                             (charged)
     │   ├── TimeLimitExceeded     the extraction ran past MEDQ_WORKER__TASK_TIME_LIMIT_S (charged)
-    │   └── NoCapacity            medq's own limits (requests/tokens per minute, in-flight cap,
-    │                             an endpoint cooling down) had no room in time (back-pressure)
+    │   ├── NoCapacity            medq's own limits (requests/tokens per minute, in-flight cap,
+    │   │                         an endpoint cooling down) had no room in time (back-pressure)
+    │   └── SchemaVersionUnavailable  the job's schema version is not loaded in this worker; one
+    │                             that has it takes the job (back-pressure: a rolling upgrade)
     └── PermanentError            retrying cannot help; the job goes to dead letters at once
         ├── WorkerLost            the job's worker died during MEDQ_WORKER__MAX_LOST_RUNS runs (poison)
         ├── InvalidRecord         the record itself is unusable (empty, too large, bad UTF-8)
@@ -76,6 +78,14 @@ class Overloaded(RetryableError):
 
 class NoCapacity(RetryableError):
     kind = "no_capacity"
+    charged = False
+
+
+class SchemaVersionUnavailable(RetryableError):
+    """The job was enqueued under a schema version this worker does not have (a rolling
+    schema upgrade): put back for a worker that has it, never run under another version."""
+
+    kind = "schema_version_unavailable"
     charged = False
 
 

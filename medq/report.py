@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from medq.evaluate import Report, ScoreKind
@@ -64,6 +65,7 @@ def results_table(docs: Iterable[dict[str, Any]], fields: list[str], max_fields:
         status = doc["status"] if doc["status"] != "failed" else f"[red]failed: {(doc.get('error') or {}).get('kind')}[/red]"
         latency = doc.get("latency_ms")
         table.add_row(
-            doc["id"], status, *[_short(data.get(f)) for f in shown], f"{latency / 1000:.1f}" if latency else "-"
+            escape(doc["id"]), status, *[escape(_short(data.get(f))) for f in shown],
+            f"{latency / 1000:.1f}" if latency else "-",
         )
     return table

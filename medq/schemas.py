@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from medq.errors import SchemaError, UnknownSchema
+from medq.errors import SchemaError, SchemaVersionUnavailable, UnknownSchema
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _SCALARS: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": bool}
@@ -42,7 +42,12 @@ class ExtractionSchema:
 
 
 class SchemaLoader:
-    """Loads every ``*.yaml`` in ``dirs`` once; later folders override earlier ones."""
+    """Loads every ``*.yaml`` in ``dirs`` once; later folders override earlier ones.
+
+    Several versions of one schema load side by side (``lab_report.yaml`` at version 2
+    beside ``lab_report.v1.yaml`` at version 1): a job runs under the version it was
+    enqueued with, so a rolling schema upgrade never labels v2's answer as v1. New jobs
+    get the highest version."""
 
     def __init__(self, dirs: Iterable[Path | str] | None = None) -> None:
         if dirs is None:
@@ -50,26 +55,45 @@ class SchemaLoader:
 
             dirs = get_settings().schema_dirs
         self.dirs = [Path(d) for d in dirs]
-        self._schemas: dict[str, ExtractionSchema] = {}
+        self._schemas: dict[str, dict[int, ExtractionSchema]] = {}
         for d in self.dirs:
             if not d.is_dir():
                 continue
             for path in sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")):
                 schema = load_schema_file(path)
-                self._schemas[schema.name] = schema
+                self._schemas.setdefault(schema.name, {})[schema.version] = schema
 
     def names(self) -> list[str]:
         return sorted(self._schemas)
 
     def all(self) -> list[ExtractionSchema]:
-        return [self._schemas[n] for n in self.names()]
+        """The newest version of each schema, by name."""
+        return [self.get(n) for n in self.names()]
 
-    def get(self, name: str) -> ExtractionSchema:
-        try:
-            return self._schemas[name]
-        except KeyError:
+    def all_versions(self) -> list[ExtractionSchema]:
+        return [self._schemas[n][v] for n in self.names() for v in sorted(self._schemas[n])]
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._schemas.get(name, {}))
+
+    def get(self, name: str, version: int | None = None) -> ExtractionSchema:
+        """The schema ``name`` at ``version`` (default: the newest loaded). Raises
+        ``UnknownSchema``, or ``SchemaVersionUnavailable`` for a version not loaded here."""
+        versions = self._schemas.get(name)
+        if not versions:
             known = ", ".join(self.names()) or "none (check configs/schemas and MEDQ_SCHEMAS_DIRS)"
-            raise UnknownSchema(f"unknown schema {name!r}; known schemas: {known}") from None
+            raise UnknownSchema(f"unknown schema {name!r}; known schemas: {known}")
+        if version is None:
+            return versions[max(versions)]
+        try:
+            return versions[version]
+        except KeyError:
+            loaded = ", ".join(str(v) for v in sorted(versions))
+            raise SchemaVersionUnavailable(
+                f"schema {name} version {version} is not loaded here (this worker has version {loaded}); "
+                f"a worker that has it will take the job. Keep the old file (e.g. {name}.v{version}.yaml) "
+                "beside the new one until its jobs are done"
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._schemas

@@ -25,13 +25,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "configs/medq.yaml"
 
 
-def _config_dir() -> Path:
-    """``configs/`` of the current directory if it has one, else the one medq ships."""
-    here = Path.cwd() / "configs"
-    return here if (here / "medq.yaml").is_file() or (here / "schemas").is_dir() else REPO_ROOT / "configs"
+def _config_file() -> Path:
+    """``configs/medq.yaml`` of the current directory if there is one, else the one medq ships."""
+    here = Path.cwd() / CONFIG_FILE
+    return here if here.is_file() else REPO_ROOT / CONFIG_FILE
 
 
-ResponseFormat = Literal["auto", "json_schema", "json_object_schema", "json_object", "none"]
+ResponseFormat = Literal["auto", "json_schema", "json_object_schema", "tgi", "json_object", "none"]
 
 
 class EndpointSettings(BaseModel):
@@ -172,7 +172,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_file = _config_dir() / "medq.yaml"
+        yaml_file = _config_file()
         return (
             init_settings,
             env_settings,
@@ -185,7 +185,13 @@ class Settings(BaseSettings):
 
     @property
     def schema_dirs(self) -> list[Path]:
-        dirs = [_config_dir() / "schemas"]
+        """The bundled schemas, then ``configs/schemas`` of the current directory, then
+        ``MEDQ_SCHEMAS_DIRS``; a later folder overrides an earlier one's schema of the same
+        name and version. A ``configs/medq.yaml`` of the user's never hides the bundled ones."""
+        dirs = [REPO_ROOT / "configs" / "schemas"]
+        here = Path.cwd() / "configs" / "schemas"
+        if here.is_dir() and here.resolve() != dirs[0].resolve():
+            dirs.append(here)
         dirs += [Path(p) for p in self.schemas_dirs.split(os.pathsep) if p]
         return dirs
 

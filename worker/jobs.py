@@ -293,6 +293,9 @@ class JobRunner:
 
     async def _extract(self, job: Job, text: str) -> Extraction:
         """The first endpoint that answers; endpoint errors fail over to the next."""
+        # The version the job was enqueued under, never another one (SchemaVersionUnavailable
+        # puts it back for a worker that has it): the result says the version that produced it.
+        sch = self.processor.schema_loader.get(job.schema, job.schema_version)
         last: RetryableError | None = None
         for endpoint in await self.pool.aorder():
             try:
@@ -398,6 +401,7 @@ class JobRunner:
         doc = self._doc(job, JobStatus.SUCCEEDED, attempts)
         doc.update(
             data=ex.data_dict(),
+            schema_version=ex.schema.version,
             model=prov.model,
             endpoint=prov.endpoint,
             usage=prov.usage,
