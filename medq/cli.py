@@ -161,14 +161,21 @@ def results(
     batch: str = typer.Argument(..., help="Batch id."),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to this file instead of stdout."),
+    csv_data: str = typer.Option(
+        "flat", "--csv-data",
+        help="CSV only: flat (a column per extracted value: age, medications[0].name, ...) or json (one data column).",
+    ),
 ) -> None:
     """Export a batch's results (CONTRACT format): one document per job."""
     from medq.errors import MedqError
+    from medq.schemas import SchemaLoader
     from worker.results import open_store_for
-    from worker.results.export import csv_header, iter_results, to_csv, to_jsonl
+    from worker.results.export import csv_lines, iter_results, to_jsonl
 
     if fmt not in ("jsonl", "csv"):
         raise _fail("--format must be jsonl or csv")
+    if csv_data not in ("flat", "json"):
+        raise _fail("--csv-data must be flat or json")
     r = _redis()
     s = _settings()
     store = open_store_for(s)
@@ -176,9 +183,14 @@ def results(
     n = 0
     try:
         if fmt == "csv":
-            fh.write(csv_header() + "\n")
-        for doc in iter_results(r, store, batch):
-            fh.write((to_csv(doc) if fmt == "csv" else to_jsonl(doc)) + "\n")
+            # flat reads the batch twice (the first pass sizes the list columns), never all of it at once
+            lines = csv_lines(lambda: iter_results(r, store, batch), "flat" if csv_data == "flat" else "json",
+                              SchemaLoader(s.schema_dirs) if csv_data == "flat" else None)
+            fh.write(next(lines) + "\n")  # the header
+        else:
+            lines = (to_jsonl(doc) for doc in iter_results(r, store, batch))
+        for line in lines:
+            fh.write(line + "\n")
             n += 1
     except MedqError as exc:  # e.g. encrypted results and no key for them
         raise _fail(exc.message) from None
