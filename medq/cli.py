@@ -276,23 +276,28 @@ def purge(
 @app.command()
 def endpoints(as_json: bool = typer.Option(False, "--json", help="Print JSON lines.")) -> None:
     """The configured endpoints as the workers share them: adaptive in-flight cap,
-    requests in flight, cool-down, successes and errors."""
+    requests in flight, cool-down, successes and errors; and whether each serves its
+    model (ok, not served, unreachable), checked now as a starting worker does."""
+    from rich.markup import escape
+
+    from worker.model_check import check_models
     from worker.rate_limit import endpoint_snapshots
 
     r = _redis()
     s = _settings()
     rows = endpoint_snapshots(r, [ep.url for ep in s.llm.all_endpoints], s.llm.max_in_flight)
+    checks = check_models(s)
     if as_json:
-        for row in rows:
-            print(json.dumps(row))
+        for row, check in zip(rows, checks):
+            print(json.dumps({**row, "model": check.as_dict()}))
         return
     table = Table(title="endpoints")
-    for col in ("url", "in flight", "cap", "cooling (s)", "ok", "errors", "cap cuts", "cool-downs"):
+    for col in ("url", "model", "in flight", "cap", "cooling (s)", "ok", "errors", "cap cuts", "cool-downs"):
         table.add_column(col)
-    for row in rows:
+    for row, check in zip(rows, checks):
         table.add_row(
-            row["url"], str(row["in_flight"]), f"{row['limit']:g}", f"{row['cooling_s']:g}",
-            str(row["ok"]), str(row["errors"]), str(row["cuts"]), str(row["trips"]),
+            row["url"], escape(f"{check.model}: {check.summary()}"), str(row["in_flight"]), f"{row['limit']:g}",
+            f"{row['cooling_s']:g}", str(row["ok"]), str(row["errors"]), str(row["cuts"]), str(row["trips"]),
         )
     out.print(table)
 
@@ -624,6 +629,17 @@ def llm_simulate(
     reject_json_schema: bool = typer.Option(
         False, help="Refuse response_format json_schema (HTTP 500, as llama-cpp-python's server does)."
     ),
+    dialect: str = typer.Option(
+        "openai", help="openai, or tgi: take only TGI's response_format (type json + value), refuse others with TGI's 422."
+    ),
+    served_model: Optional[list[str]] = typer.Option(
+        None, "--served-model", help="Serve only these models (repeat, or comma-separated): /v1/models lists them and "
+        "a request for another gets Ollama's 404 'model not found'. Default: any model name is taken.",
+    ),
+    context_tokens: Optional[int] = typer.Option(
+        None, "--context-tokens", min=1, help="Cut longer prompts to this many tokens without an error and report that "
+        "many prompt tokens, as Ollama does with its default context.",
+    ),
 ) -> None:
     """An OpenAI-compatible endpoint that answers schema-valid JSON without a model (load and fault tests)."""
     from medq.simulator import serve
@@ -636,6 +652,9 @@ def llm_simulate(
         faults=fault,
         seed=seed,
         reject_json_schema=reject_json_schema,
+        dialect=dialect,
+        served_models=tuple(name.strip() for names in served_model or [] for name in names.split(",") if name.strip()),
+        context_tokens=context_tokens,
     )
 
 

@@ -19,6 +19,11 @@
         ├── UnknownSchema         no schema by that name
         ├── SchemaError           a schema file is malformed
         ├── RequestRejected       HTTP 4xx other than 429: the request is wrong for the endpoint
+        ├── EndpointMisconfigured the endpoint is set up wrong for medq, not the record: fix the
+        │   │                     server or the settings, then plain `medq requeue` runs them again
+        │   ├── ModelNotFound     HTTP 404: the server does not serve MEDQ_LLM__MODEL
+        │   └── PromptTruncated   the server read fewer prompt tokens than the prompt has: its
+        │                         context is too small and it cut the note without saying so
         ├── OutputInvalid         still not valid JSON for the schema after the re-asks
         └── OutputTruncated       still cut off at max_tokens_cap
 
@@ -123,6 +128,20 @@ class SchemaError(PermanentError):
 
 class RequestRejected(PermanentError):
     kind = "request_rejected"
+
+
+class EndpointMisconfigured(PermanentError):
+    """Every job would fail the same way until the endpoint is fixed; then they can run again."""
+
+    kind = "endpoint_misconfigured"
+
+
+class ModelNotFound(EndpointMisconfigured):
+    kind = "model_not_found"
+
+
+class PromptTruncated(EndpointMisconfigured):
+    kind = "prompt_truncated"
 
 
 class OutputInvalid(PermanentError):

@@ -70,7 +70,8 @@ class LLMSettings(BaseModel):
     model: str = "local"
     api_key: SecretStr = SecretStr("sk-local")
     # How to ask for schema-constrained output; "auto" probes json_schema first and
-    # falls back per endpoint (llama-cpp-python's server only takes json_object+schema).
+    # falls back per endpoint (llama-cpp-python's server only takes json_object+schema,
+    # TGI only {"type": "json", "value": schema}); order in worker.llm.RESPONSE_FORMATS.
     response_format: ResponseFormat = "auto"
     timeout_s: float = 120.0
     temperature: float = 0.0

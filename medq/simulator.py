@@ -11,12 +11,20 @@ deterministically:
   (see ``Outcome``); ``POST /sim/script`` forces the next outcomes in order.
 - ``--reject-json-schema`` answers 400 to ``response_format: json_schema``, as
   llama-cpp-python's server does, so the client's fallback can be tested.
+- ``--dialect tgi`` takes only TGI's ``{"type": "json", "value": schema}`` (or no
+  response_format) and answers any other response_format with TGI's 422.
+- ``--served-model NAME`` lists only those models in ``/v1/models`` and answers a
+  request for any other with Ollama's 404 (``model "x" not found, try pulling it
+  first``); without it every model name is taken, as llama-cpp-python's server does.
+- ``--context-tokens N`` cuts a prompt longer than N tokens without an error and
+  reports N prompt tokens, as Ollama does with its default context.
 - ``GET /stats`` tells what arrived and when, for load tests and benchmarks.
 
 Where the schema comes from, in order: ``response_format.json_schema.schema``
-(OpenAI), ``response_format.schema`` with type ``json_object`` (llama.cpp), the
-first JSON object after a ``JSON Schema:`` line in the messages (what the
-processor writes into its system prompt). With none, the answer is ``{}``.
+(OpenAI), ``response_format.schema`` with type ``json_object`` (llama.cpp),
+``response_format.value`` with type ``json`` (TGI), the first JSON object after a
+``JSON Schema:`` line in the messages (what the processor writes into its system
+prompt). With none, the answer is ``{}``.
 
 It is a test tool, but the requests carry clinical notes all the same, so it
 never logs or prints a request body.
@@ -39,7 +47,9 @@ from enum import Enum
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from medq.tokens import estimate_text_tokens
 
 MODEL_ID = "medq-simulator"
 SCHEMA_MARKER = "JSON Schema:"
@@ -59,6 +69,9 @@ class Outcome(str, Enum):
     INVENTED = "invented"  # 200, schema-valid JSON whose strings and numbers are not in the note
     REJECTED = "400"  # the request itself was refused (stats only; never drawn)
 
+
+# Whose request format the server takes: "openai" (every form medq sends) or "tgi".
+DIALECTS = ("openai", "tgi")
 
 FAULT_KINDS: tuple[str, ...] = tuple(
     o.value for o in Outcome if o not in (Outcome.OK, Outcome.REJECTED)
@@ -110,6 +123,9 @@ class SimConfig:
     faults: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
     reject_json_schema: bool = False
+    dialect: str = "openai"
+    served_models: tuple[str, ...] = ()  # empty: any model name is taken
+    context_tokens: int | None = None  # longer prompts are cut to this, silently
     # Long enough that any sane client timeout fires first.
     timeout_hold_s: float = 300.0
 
@@ -118,6 +134,10 @@ class SimConfig:
             raise ValueError(f"parallel must be at least 1, got {self.parallel}")
         if not self.latency_ms >= 0:
             raise ValueError(f"latency_ms must be 0 or more, got {self.latency_ms}")
+        if self.context_tokens is not None and self.context_tokens < 1:
+            raise ValueError(f"context_tokens must be at least 1, got {self.context_tokens}")
+        if self.dialect not in DIALECTS:
+            raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}, got {self.dialect!r}")
         # Re-check so that a SimConfig built in Python is as safe as one from the CLI.
         parse_faults(",".join(f"{k}:{v}" for k, v in self.faults.items()))
 
@@ -137,6 +157,8 @@ class Stats:
         self.arrivals: list[float] = []
         self.outcomes: Counter[str] = Counter()
         self.max_tokens: list[int | None] = []
+        # response_format "type" per request ("none" without one), refused ones included.
+        self.response_formats: Counter[str] = Counter()
         # in_flight is a live gauge: zeroing it under running requests would drive it negative.
         self.max_in_flight = self.in_flight
 
@@ -160,6 +182,7 @@ class Stats:
             "in_flight": self.in_flight,
             "outcomes": dict(self.outcomes),
             "max_tokens": list(self.max_tokens),
+            "response_formats": dict(self.response_formats),
         }
 
 
@@ -408,12 +431,31 @@ def request_schema(body: dict[str, Any]) -> dict[str, Any] | None:
                 return spec["schema"]
         if isinstance(fmt.get("schema"), dict):  # llama.cpp: {"type": "json_object", "schema": {...}}
             return fmt["schema"]
+        if fmt.get("type") in _TGI_JSON_TYPES and isinstance(fmt.get("value"), dict):  # TGI
+            return fmt["value"]
     messages = body.get("messages")
     return schema_from_messages(messages) if isinstance(messages, list) else None
 
 
 def _estimate_tokens(text: str) -> int:
-    return max(1, len(text) // 4)
+    return max(1, estimate_text_tokens(text))
+
+
+# TGI's JSON grammar type and the alias it also takes; the content is always in "value".
+_TGI_JSON_TYPES = ("json", "json_object")
+
+
+def tgi_refusal(fmt: Any) -> str | None:
+    """What TGI (axum + serde) answers, as plain text with HTTP 422, to a response_format
+    it cannot read; None for one it takes."""
+    prefix = "Failed to deserialize the JSON body into the target type: response_format: "
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in _TGI_JSON_TYPES:
+        return None if isinstance(fmt.get("value"), dict) else prefix + "missing field `value`"
+    if kind == "regex":  # TGI takes it, but the simulator cannot answer to a regex
+        return "response_format regex: not simulated"
+    shown = kind if isinstance(kind, str) else "<not a string>"
+    return prefix + f"unknown variant `{shown}`, expected `json` or `regex`"
 
 
 LLAMA_CPP_JSON_SCHEMA_REFUSAL = (
@@ -461,6 +503,9 @@ class _Simulator:
             raw = body.get("max_tokens", body.get("max_completion_tokens"))
             max_tokens = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
         self.stats.arrive(arrived_at_s, max_tokens)
+        if isinstance(body, dict):
+            fmt = body.get("response_format")
+            self.stats.response_formats[str(fmt.get("type")) if isinstance(fmt, dict) else "none"] += 1
 
         refusal = self._refusal(body)
         if refusal is not None:
@@ -483,14 +528,22 @@ class _Simulator:
             finally:
                 self.stats.leave()
 
-    def _refusal(self, body: Any) -> JSONResponse | None:
+    def _refusal(self, body: Any) -> Response | None:
         if not isinstance(body, dict):
             return _error(400, "request body must be a JSON object", "invalid_request_error")
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             return _error(400, "messages must be a non-empty list", "invalid_request_error")
         if body.get("stream"):
             return _error(400, "stream is not supported by the simulator", "invalid_request_error")
+        model = body.get("model")
+        if self.config.served_models and model not in self.config.served_models:
+            # Ollama's answer, word for word, to a model it has not pulled.
+            return _error(404, f'model "{model}" not found, try pulling it first', "not_found_error")
         fmt = body.get("response_format")
+        if self.config.dialect == "tgi" and fmt is not None:
+            refused = tgi_refusal(fmt)
+            if refused is not None:
+                return PlainTextResponse(refused, status_code=422)
         if self.config.reject_json_schema and isinstance(fmt, dict) and fmt.get("type") == "json_schema":
             # What llama-cpp-python's server (0.3.x) answers: a 500 carrying pydantic's
             # validation error, not a 400, so clients must read the message, not the status.
@@ -523,6 +576,11 @@ class _Simulator:
         messages = body["messages"]
         schema = request_schema(body)
         text = record_text(messages)
+        prompt_text = "".join(_content_text(m.get("content")) for m in messages if isinstance(m, dict))
+        prompt_tokens = _estimate_tokens(prompt_text)
+        if self.config.context_tokens is not None and prompt_tokens > self.config.context_tokens:
+            text = _cut_to_context(text, prompt_tokens, self.config.context_tokens)
+            prompt_tokens = self.config.context_tokens
         instance = generate(schema, text) if schema is not None else {}
         content = json.dumps(instance, ensure_ascii=False)
         finish_reason = "stop"
@@ -536,8 +594,6 @@ class _Simulator:
         elif outcome is Outcome.INVENTED:
             content = json.dumps(generate(schema, INVENTED_TEXT) if schema is not None else {}, ensure_ascii=False)
 
-        prompt_text = "".join(_content_text(m.get("content")) for m in messages if isinstance(m, dict))
-        prompt_tokens = _estimate_tokens(prompt_text)
         completion_tokens = _estimate_tokens(content)
         if outcome is Outcome.TRUNCATED and max_tokens:
             completion_tokens = max_tokens  # a real server stops because it reached max_tokens
@@ -579,6 +635,14 @@ class _Simulator:
         return JSONResponse({"queued": len(self.script)})
 
 
+def _cut_to_context(note: str, prompt_tokens: int, context_tokens: int) -> str:
+    """What is left of the note when the prompt is cut to ``context_tokens``: the rest of
+    the prompt (instructions, schema) is kept, the note loses what does not fit."""
+    note_tokens = _estimate_tokens(note)
+    keep_tokens = max(0, context_tokens - (prompt_tokens - note_tokens))
+    return note[: len(note) * min(keep_tokens, note_tokens) // note_tokens]
+
+
 def create_app(config: SimConfig) -> FastAPI:
     """The simulator as an ASGI app; each app has its own stats, script and random stream."""
     sim = _Simulator(config)
@@ -587,7 +651,8 @@ def create_app(config: SimConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "owned_by": "medq"}]}
+        names = config.served_models or (MODEL_ID,)
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "medq"} for name in names]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -617,6 +682,9 @@ def serve(
     faults: str = "",
     seed: int | None = None,
     reject_json_schema: bool = False,
+    dialect: str = "openai",
+    served_models: tuple[str, ...] = (),
+    context_tokens: int | None = None,
 ) -> None:
     """Run the simulator with uvicorn until interrupted; bad options fail before it starts."""
     import typer
@@ -633,6 +701,9 @@ def serve(
             faults=fault_rates,
             seed=seed,
             reject_json_schema=reject_json_schema,
+            dialect=dialect,
+            served_models=served_models,
+            context_tokens=context_tokens,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -10,7 +10,7 @@ from typing import Any
 import redis
 
 from medq.contract import JobStatus, batch_key, failed_key, job_key, owner_key, payload_key, result_key
-from medq.errors import RetryableError
+from medq.errors import EndpointMisconfigured, RetryableError
 
 _CHUNK = 1000
 _FIELDS = ("record_id", "status", "attempts", "error_kind", "error_message", "schema", "schema_version", "updated_at", "batch", "seq")
@@ -19,6 +19,13 @@ _FIELDS = ("record_id", "status", "attempts", "error_kind", "error_message", "sc
 TRANSIENT_KINDS: frozenset[str] = frozenset(
     cls.kind for cls in (RetryableError, *RetryableError.__subclasses__())  # type: ignore[attr-defined]
 )
+# Permanent for the job as it ran, but the endpoint's doing (a model it does not serve, a
+# context too small for the note): once the server or the settings are fixed, they run.
+ENDPOINT_FIX_KINDS: frozenset[str] = frozenset(
+    cls.kind for cls in (EndpointMisconfigured, *EndpointMisconfigured.__subclasses__())  # type: ignore[attr-defined]
+)
+# What plain `medq requeue` takes.
+REQUEUE_KINDS: frozenset[str] = TRANSIENT_KINDS | ENDPOINT_FIX_KINDS
 
 
 @dataclass(frozen=True)
@@ -94,10 +101,11 @@ class RequeueReport:
 
 
 def requeue(producer: Any, batch: str, all_failed: bool = False) -> RequeueReport:
-    """Send failed jobs again: by default those whose error was transient; with
-    ``all_failed`` every failed job. A job whose stored record is gone is reported."""
+    """Send failed jobs again: by default those whose error was transient or the
+    endpoint's set-up (``REQUEUE_KINDS``); with ``all_failed`` every failed job. A job
+    whose stored record is gone is reported."""
     r = producer.r
-    chosen = [st for st in failed(r, batch) if all_failed or st.error_kind in TRANSIENT_KINDS]
+    chosen = [st for st in failed(r, batch) if all_failed or st.error_kind in REQUEUE_KINDS]
     pipe = r.pipeline(transaction=False)
     for st in chosen:
         pipe.exists(payload_key(st.job_id))

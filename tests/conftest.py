@@ -57,6 +57,9 @@ def medq_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
         MEDQ_REDIS_URL=redis_url,
         PYTHONUNBUFFERED="1",
         MEDQ_LLM__TIMEOUT_S="10",
+        # The model the simulator lists, so that a starting worker finds it there and
+        # sends no probe request (which would take a scripted outcome and count in /stats).
+        MEDQ_LLM__MODEL="medq-simulator",
         MEDQ_WORKER__RETRY_BACKOFF_S="0.2",
         MEDQ_WORKER__RETRY_BACKOFF_MAX_S="2",
     )

@@ -40,6 +40,7 @@ _CLEARED_ENV = (
     "POSTGRES_PASSWORD",
     "OLLAMA_MODEL",
     "OLLAMA_NUM_PARALLEL",
+    "OLLAMA_CONTEXT_LENGTH",
     "MEDQ_RESULTS_URL",
     "MEDQ_ENCRYPTION_KEY",
     "MEDQ_IMAGE",
@@ -341,6 +342,15 @@ def test_ollama_pulls_its_model_and_has_a_healthcheck(spec: dict) -> None:
     assert env["OLLAMA_NUM_PARALLEL"] == "${OLLAMA_NUM_PARALLEL:-8}"
     assert ollama["healthcheck"]["test"]
     assert any(v.split(":")[0] in spec["volumes"] for v in ollama["volumes"])
+
+
+def test_ollama_context_holds_medqs_prompt_and_answer(spec: dict) -> None:
+    # Ollama's default context cuts a long prompt silently; medq's fixed prompt is ~1,000
+    # tokens and 1,024 are kept for the answer, so a note needs several thousand more.
+    env = _env(spec["services"]["ollama"])
+    assert "OLLAMA_CONTEXT_LENGTH" in env, "the ollama service must set OLLAMA_CONTEXT_LENGTH"
+    assert int(_interpolate(str(env["OLLAMA_CONTEXT_LENGTH"]), {})) >= 8192
+    assert int(_interpolate(str(env["OLLAMA_CONTEXT_LENGTH"]), {"OLLAMA_CONTEXT_LENGTH": "16384"})) == 16384
 
 
 def test_postgres_is_optional(spec: dict) -> None:

@@ -89,7 +89,7 @@ app.conf.update(
 @worker_init.connect
 def _check_config(**_: Any) -> None:
     """Fail at start, not at the first job: schemas must load, the encryption key must
-    be well-formed, and every endpoint must pass the privacy guard. Celery logs and ignores an exception from a signal
+    be well-formed, every endpoint must pass the privacy guard and serve its model. Celery logs and ignores an exception from a signal
     handler, so a failed check ends the process itself."""
     from medq.crypto import Sealer
     from medq.errors import MedqError
@@ -106,6 +106,28 @@ def _check_config(**_: Any) -> None:
         logging.getLogger("medq.worker").critical("medq worker cannot start: %s", exc)
         print(f"medq worker cannot start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    _check_models()  # after the privacy guard: never probe an endpoint it refuses
+
+
+def _check_models() -> None:
+    """A model the endpoint does not serve would fail every job (``model_not_found``):
+    refuse to start and say what to change. An endpoint that does not answer yet only
+    gets a warning: it may come up after the workers (a compose start, a restart)."""
+    from worker.model_check import ModelStatus, check_models
+
+    log = logging.getLogger("medq.worker")
+    checks = check_models(settings)
+    for check in checks:
+        if check.status is ModelStatus.UNREACHABLE:
+            log.warning("cannot reach %s to check model %s; starting anyway, jobs wait for it", check.url, check.model)
+        elif check.status is ModelStatus.UNCONFIRMED:
+            log.warning("%s did not confirm model %s (%s); starting anyway", check.url, check.model, check.reason)
+    wrong = [check.problem() for check in checks if check.status is ModelStatus.NOT_SERVED]
+    if wrong:
+        for problem in wrong:
+            log.error("medq worker cannot start: %s", problem)
+            print(f"medq worker cannot start: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 @worker_process_init.connect

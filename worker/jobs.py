@@ -299,7 +299,7 @@ class JobRunner:
         last: RetryableError | None = None
         for endpoint in await self.pool.aorder():
             try:
-                return await endpoint.processor.aprocess(text, job.schema, record_id=job.record_id)
+                return await endpoint.processor.aprocess(text, sch, record_id=job.record_id)
             except RetryableError as exc:
                 if last is not None and isinstance(exc, NoCapacity) and not isinstance(last, NoCapacity):
                     continue  # keep the more telling error

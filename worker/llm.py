@@ -9,7 +9,10 @@ two retry loops would multiply (3 SDK tries x 6 task tries = 18 calls).
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +23,7 @@ from medq.errors import (
     EndpointTimeout,
     EndpointUnavailable,
     MedqError,
+    ModelNotFound,
     Overloaded,
     RateLimited,
     RequestRejected,
@@ -35,8 +39,11 @@ _BACKPRESSURE_WORDS = ("busy", "loading", "no slots", "overloaded", "unavailable
 
 # How a request asks for schema-constrained output, from most to least constrained.
 # "json_schema": OpenAI, vLLM, Ollama; "json_object_schema": llama-cpp-python's server,
-# which rejects json_schema but turns {"type": "json_object", "schema": ...} into a grammar.
-RESPONSE_FORMATS = ("json_schema", "json_object_schema", "json_object", "none")
+# which rejects json_schema but turns {"type": "json_object", "schema": ...} into a grammar;
+# "tgi": Text Generation Inference, which takes {"type": "json", "value": schema} and answers
+# 422 to both forms above ("unknown variant `json_schema`", "missing field `value`").
+# "auto" walks this order and stays on the first form the endpoint accepts.
+RESPONSE_FORMATS = ("json_schema", "json_object_schema", "tgi", "json_object", "none")
 
 _QUOTE_WINDOW = 16  # a server message sharing this many characters with the request is not repeated
 
@@ -82,6 +89,13 @@ def response_format_for(mode: str, name: str, schema: dict[str, Any]) -> dict[st
         return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
     if mode == "json_object_schema":
         return {"type": "json_object", "schema": grammar_schema(schema)}
+    if mode == "tgi":
+        # The plain schema, not grammar_schema: TGI compiles it to a regex and then a
+        # token automaton (outlines), which already puts ``enum`` before ``type``, and
+        # the bounds grammar_schema adds would be unrolled there (maxItems copies an
+        # item's regex 12 times, maxLength adds 120 states per string), a compile that
+        # can pin TGI's CPU (huggingface/text-generation-inference#2681).
+        return {"type": "json", "value": schema}
     if mode == "json_object":
         return {"type": "json_object"}
     return None
@@ -353,7 +367,15 @@ def error_for_status(status: int, headers: Any, body: Any, where: str, messages:
         return ServerError(text, retry_after_s=retry_after_s)
     if status in (400, 422) and "schema" in lowered:
         return FormatRejected(text)
+    if status == 404 and _is_model_not_found(lowered):
+        return ModelNotFound(text + " (set MEDQ_LLM__MODEL, or the endpoint's model in MEDQ_LLM__ENDPOINTS)")
     return RequestRejected(text)
+
+
+def _is_model_not_found(lowered: str) -> bool:
+    # Ollama: 'model "x" not found, try pulling it first'; vLLM and OpenAI: 'The model
+    # `x` does not exist'. A 404 for the path (a base URL without /v1) is not one.
+    return "model" in lowered and ("not found" in lowered or "does not exist" in lowered)
 
 
 def _cause(exc: openai.APIError) -> BaseException | None:
@@ -362,15 +384,45 @@ def _cause(exc: openai.APIError) -> BaseException | None:
     return None if isinstance(exc, openai.APIStatusError) else exc
 
 
-def _retry_after_s(headers: Any) -> float | None:
+def _retry_after_s(headers: Any, now_s: float | None = None) -> float | None:
+    """How long the server asks us to wait, from ``retry-after-ms`` (OpenAI's) or
+    ``Retry-After`` in either of its forms (RFC 9110): seconds, or an HTTP-date.
+
+    A date is counted from the answer's own ``Date`` header when it has one, so that
+    a worker whose clock is off does not wait too long or not at all; else from
+    ``now_s`` (the worker's clock). Never negative; None when absent or unreadable."""
     try:
         if "retry-after-ms" in headers:
-            return float(headers["retry-after-ms"]) / 1000
-        if "retry-after" in headers:
-            return float(headers["retry-after"])
+            return _non_negative(float(headers["retry-after-ms"]) / 1000)
+        if "retry-after" not in headers:
+            return None
+        value = str(headers["retry-after"]).strip()
     except (TypeError, ValueError):
         return None
-    return None
+    try:
+        return _non_negative(float(value))
+    except ValueError:
+        pass
+    retry_at = _http_date_s(value)
+    if retry_at is None:
+        return None
+    server_now = _http_date_s(str(headers.get("date", "")))
+    reference = server_now if server_now is not None else (time.time() if now_s is None else now_s)
+    return max(retry_at - reference, 0.0)
+
+
+def _non_negative(seconds: float) -> float | None:
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
+
+
+def _http_date_s(value: str) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are always GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
 
 
 def _server_message(body: Any, messages: list[dict[str, str]]) -> str:

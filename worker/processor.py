@@ -9,6 +9,10 @@ The loop, per call to the model:
 3. validate with pydantic; on errors, show the model its errors (field paths and
    messages, never values) and ask again, ``reasks`` times at most.
 
+Before any of that, an answer whose ``usage.prompt_tokens`` is below a safe lower
+bound of the prompt's size fails as ``PromptTruncated``: the server cut the prompt
+to its context and answered from part of the note.
+
 Strategies: ``single`` asks for the whole schema in one call; ``fields`` asks one
 question per top-level field, each with a small schema, and merges the answers.
 Which is better depends on the model: measure with ``medq demo`` / ``medq eval``
@@ -31,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from medq.errors import InvalidRecord, OutputInvalid, OutputTruncated
+from medq.errors import InvalidRecord, OutputInvalid, OutputTruncated, PromptTruncated
 from medq.schemas import ExtractionSchema, SchemaLoader, build_schema
 from medq.settings import EndpointSettings
 from worker.grounding import drop_ungrounded, ungrounded_paths
@@ -278,9 +282,11 @@ class MedicalDataProcessor:
         base_len = len(messages)
         max_tokens = self.max_tokens
         reasks_left = self.reasks
+        min_prompt_tokens = _min_prompt_tokens(messages)  # re-asks only add to the prompt
         while True:
             completion = yield (messages, sch, max_tokens, prov, base_len - 1)
             usage.add(completion)
+            _check_prompt_read(completion, min_prompt_tokens, prov.endpoint, record_id)
             prov.model = completion.model
             prov.finish_reason = completion.finish_reason
             if completion.finish_reason == "length":
@@ -410,6 +416,32 @@ class MedicalDataProcessor:
             schema_json = json.dumps(sub.json_schema, ensure_ascii=False)
             parts.append(_Part(sub, system, question, (), schema_json))
         return parts
+
+
+# A lower bound of any tokenizer's count: real ones take 2-5 UTF-8 bytes a token for
+# notes, prompts and JSON (whitespace runs, which some merge into one token, are counted
+# as one byte). Below the minimum the bound says too little to judge by.
+_BYTES_PER_TOKEN_MAX = 8
+_MIN_CHECKED_PROMPT_TOKENS = 256
+
+
+def _min_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    size = sum(len(" ".join(m["content"].split()).encode("utf-8")) for m in messages)
+    return size // _BYTES_PER_TOKEN_MAX
+
+
+def _check_prompt_read(completion: Completion, min_prompt_tokens: int, endpoint: str, record_id: str) -> None:
+    """Ollama (and llama.cpp servers of old) cut a prompt longer than their context
+    without an error and answer from what is left: a confident extraction from part of
+    the note. The server's own count of the prompt tokens it read gives it away.
+    0 means the server reports no usage, which is not a cut."""
+    read = completion.prompt_tokens
+    if min_prompt_tokens < _MIN_CHECKED_PROMPT_TOKENS or read <= 0 or read >= min_prompt_tokens:
+        return
+    raise PromptTruncated(
+        f"record {record_id}: {endpoint} read {read} of at least {min_prompt_tokens} prompt tokens, so it cut "
+        f"the note; raise the server's context (e.g. OLLAMA_CONTEXT_LENGTH, llama-server -c), then medq requeue"
+    )
 
 
 def _type_words(prop: dict[str, Any]) -> str:

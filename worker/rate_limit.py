@@ -12,7 +12,7 @@ What a lease checks, per endpoint:
   counted for ``WINDOW_S`` seconds plus one second of slack for the transit to the
   server, so the server never sees more than the limit in any 60 s. Tokens are
   estimated before the call (prompt characters / 4 + ``max_tokens``, as OpenAI counts
-  them) and settled with the real usage afterwards.
+  them, but one token per CJK character) and settled with the real usage afterwards.
 - **requests in flight**, as leased slots in a sorted set scored by their expiry: a
   worker killed mid-call frees its slot when the lease runs out.
 - The in-flight cap is **adaptive** (AIMD, as TCP does it): it halves on back-pressure
@@ -50,6 +50,7 @@ from medq.errors import (
     RateLimited,
     ServerError,
 )
+from medq.tokens import estimate_text_tokens
 from worker.batching import new_id
 from worker.metrics import metrics
 
@@ -203,8 +204,12 @@ def outcome_of(exc: BaseException | None) -> str:
 
 
 def estimate_tokens(messages: list[dict[str, str]], max_tokens: int) -> int:
-    chars = sum(len(m.get("content") or "") for m in messages)
-    return chars // 4 + max_tokens
+    """What a call may cost before it is made: the prompt's tokens plus ``max_tokens``.
+
+    The prompt is counted by :func:`medq.tokens.estimate_text_tokens`: characters / 4,
+    except CJK characters at one token each, since characters / 4 would admit a Chinese
+    note at a quarter (or less) of what the server then charges against the limit."""
+    return sum(estimate_text_tokens(m.get("content") or "") for m in messages) + max_tokens
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ SERVER_FLAGS: dict[str, list[str]] = {
     "plain": [],
     "reject": ["--reject-json-schema"],
     "parallel": ["--parallel", "2", "--latency-ms", "300"],
+    "served": ["--served-model", "qwen2.5:1.5b", "--served-model", "llama3.2:1b,gemma3:1b"],
+    "context": ["--context-tokens", "100"],
     **{f"fault-{kind}": ["--fault", f"{kind}:1", "--seed", "1"] for kind in FAULT_KINDS},
 }
 
@@ -249,6 +251,37 @@ def test_seeded_fault_draws_repeat_and_follow_the_rates() -> None:
 def test_models_lists_the_simulator(http: httpx.Client, sims: dict[str, str]) -> None:
     body = http.get(f"{sims['plain']}/models").json()
     assert body == {"object": "list", "data": [{"id": "medq-simulator", "object": "model", "owned_by": "medq"}]}
+
+
+def test_served_models_are_listed_and_another_gets_ollamas_404(http: httpx.Client, sims: dict[str, str]) -> None:
+    from medq.errors import ModelNotFound
+    from worker.llm import LLMClient
+
+    listed = [m["id"] for m in http.get(f"{sims['served']}/models").json()["data"]]
+    assert listed == ["qwen2.5:1.5b", "llama3.2:1b", "gemma3:1b"]
+    assert chat(http, sims["served"], model="llama3.2:1b").status_code == 200
+    refused = chat(http, sims["served"], model="qwen2.5")
+    assert refused.status_code == 404
+    assert refused.json()["error"]["message"] == 'model "qwen2.5" not found, try pulling it first'
+    # the worker's client reads it as a wrong model name, not as a refused request
+    with pytest.raises(ModelNotFound, match="MEDQ_LLM__MODEL"):
+        LLMClient(sims["served"], "x", "qwen2.5").complete(
+            [{"role": "user", "content": NOTE}], response_format=None, max_tokens=8, temperature=0.0
+        )
+
+
+def test_context_tokens_cut_a_long_prompt_silently(http: httpx.Client, sims: dict[str, str], schemas: Schemas) -> None:
+    schema = schemas["clinical_note"]
+    short = chat(http, sims["context"], response_format=json_schema_format(schema))
+    assert short.status_code == 200 and short.json()["usage"]["prompt_tokens"] < 100
+    assert json.loads(content_of(short))["age"] == 72
+    # 1,000 tokens of history first, the age at the end: the end is what Ollama's cut loses
+    long_note = "Seen in clinic for a routine review. " * 110 + "She is a 72-year-old woman."
+    cut = chat(http, sims["context"], response_format=json_schema_format(schema),
+               messages=[{"role": "user", "content": long_note}])
+    assert cut.status_code == 200 and cut.json()["choices"][0]["finish_reason"] == "stop"  # no error at all
+    assert cut.json()["usage"]["prompt_tokens"] == 100
+    assert json.loads(content_of(cut))["age"] is None  # answered from the part that was kept
 
 
 def test_openai_client_gets_schema_valid_json_via_json_schema(sims: dict[str, str], schemas: Schemas) -> None:

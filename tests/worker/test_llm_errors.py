@@ -6,7 +6,15 @@ import httpx
 import openai
 import pytest
 
-from medq.errors import EndpointTimeout, EndpointUnavailable, Overloaded, RateLimited, RequestRejected, ServerError
+from medq.errors import (
+    EndpointTimeout,
+    EndpointUnavailable,
+    ModelNotFound,
+    Overloaded,
+    RateLimited,
+    RequestRejected,
+    ServerError,
+)
 from worker.llm import FormatRejected, LLMClient
 
 MESSAGES = [{"role": "user", "content": "Patient is a 70-year-old man."}]
@@ -31,6 +39,9 @@ def status_error(status: int, message: str, headers: dict[str, str] | None = Non
         (500, "CUDA error: an illegal memory access was encountered", ServerError, True),
         (500, "1 validation error for ... response_format", FormatRejected, None),  # llama-cpp-python
         (400, "max_tokens is too large", RequestRejected, None),
+        (404, 'model "qwen2.5" not found, try pulling it first', ModelNotFound, None),  # Ollama
+        (404, "The model `Qwen/Qwen2.5-7B` does not exist.", ModelNotFound, None),  # vLLM
+        (404, "404 page not found", RequestRejected, None),  # a base URL without /v1: not the model
     ],
 )
 def test_server_errors_are_classified(status: int, message: str, expected: type, charged: bool | None) -> None:

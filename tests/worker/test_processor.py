@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import httpx
@@ -13,13 +14,15 @@ from medq.errors import (
     OutputInvalid,
     OutputTruncated,
     Overloaded,
+    PromptTruncated,
     RateLimited,
     RequestRejected,
     ServerError,
 )
 from medq.schemas import SchemaLoader
 from tests.conftest import free_port
-from worker.processor import MedicalDataProcessor
+from worker.llm import Completion
+from worker.processor import MedicalDataProcessor, _check_prompt_read
 
 NOTE = "CANARY-P1 Mr Lee is a 72-year-old male with hypertension. Metformin 500 mg twice daily. Never smoker."
 
@@ -170,3 +173,43 @@ def test_invented_values_are_flagged_or_dropped(sim: str) -> None:
     dropped = _processor(sim, grounding="drop").process(NOTE, "clinical_note")
     assert dropped.provenance.dropped_fields == flagged.provenance.ungrounded_fields
     assert dropped.data.age is None and dropped.data.diagnoses == [] and dropped.data.medications == []
+
+
+@pytest.mark.parametrize("strategy", ["single", "fields"])
+def test_a_prompt_the_server_cut_to_its_context_fails_as_prompt_truncated(
+    simulator: Callable[..., str], strategy: str
+) -> None:
+    sim = simulator("--context-tokens", "2048")  # cuts longer prompts silently, as Ollama does
+    long_note = NOTE + " Seen yearly in clinic, blood pressure reviewed, no change." * 300
+    proc = _processor(sim, strategy=strategy)
+    with pytest.raises(PromptTruncated, match=r"^record r7: .* read 2048 of at least \d+ prompt tokens") as exc:
+        proc.process(long_note, "clinical_note", record_id="r7")
+    assert "clinic" not in str(exc.value) and "OLLAMA_CONTEXT_LENGTH" in str(exc.value)
+
+    async def engine_path() -> None:  # the worker engine's way: aprocess, the same check
+        try:
+            await proc.aprocess(long_note, "clinical_note", record_id="r8")
+        finally:
+            await proc.aclient.close()
+
+    with pytest.raises(PromptTruncated, match="^record r8: "):
+        asyncio.run(engine_path())
+    assert proc.process(NOTE, "clinical_note").data.age == 72  # a note that fits is read whole
+
+
+@pytest.mark.parametrize(
+    ("prompt_tokens", "at_least", "cut"),
+    [
+        (1500, 3000, True),  # read half of it
+        (3100, 3000, False),
+        (0, 3000, False),  # the server reports no usage: not a cut
+        (100, 200, False),  # a prompt this small: the bound says too little
+    ],
+)
+def test_prompt_read_check(prompt_tokens: int, at_least: int, cut: bool) -> None:
+    answer = Completion(content="{}", finish_reason="stop", model="m", prompt_tokens=prompt_tokens)
+    if cut:
+        with pytest.raises(PromptTruncated, match=f"read {prompt_tokens} of at least {at_least}"):
+            _check_prompt_read(answer, at_least, "http://e/v1", "r1")
+    else:
+        _check_prompt_read(answer, at_least, "http://e/v1", "r1")
