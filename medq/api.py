@@ -36,7 +36,7 @@ from medq.contract import JobStatus, job_key
 from medq.errors import MedqError, UnknownSchema
 from medq.settings import Settings
 from producer.batches import claim_batch, counts, owner_of, requeue
-from producer.enqueue import BatchHasher, Producer, sealed_payload
+from producer.enqueue import BatchHasher, Producer, record_digest, sealed_payload
 from producer.records import RecordChecker, RecordProblem
 from producer.uploads import BodyParser, Upload, max_item_bytes, problem_json
 from worker.metrics import RUNNING_KEY, worker_processes
@@ -46,7 +46,7 @@ from worker.results.export import iter_results, job_doc, to_jsonl
 log = logging.getLogger("medq.api")
 
 BATCH_ID = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
-JOB_ID = r"^[0-9a-f]{32}$"
+JOB_ID = r"^[0-9a-f]{32}(-r[0-9]+)?$"  # a revision of a record (medq enqueue --replace) ends in -r<n>
 MIN_TOKEN_CHARS = 16
 MAX_PROBLEMS_SHOWN = 100
 NO_TEXT = "the record's text is never echoed"
@@ -148,7 +148,8 @@ class JobAccepted(BaseModel):
     job_id: str
     batch: str
     id: str = Field(description="The record id.")
-    created: bool = Field(description="False when the same record was already enqueued (nothing runs twice).")
+    created: bool = Field(description="False when the same record was already enqueued (nothing runs twice); "
+                                      "the same id with different text is a 409.")
 
 
 class BatchAccepted(BaseModel):
@@ -158,6 +159,10 @@ class BatchAccepted(BaseModel):
     existing: int
     skipped: list[ProblemOut] = Field(default_factory=list, description="With skip_invalid: the records left out.")
     skipped_count: int = 0
+    conflicts: list[str] = Field(default_factory=list, description=(
+        "Ids of records the batch already held with different text or metadata: their new text was NOT enqueued "
+        "(the first 100)."))
+    conflict_count: int = 0
 
 
 class BatchStatus(BaseModel):
@@ -299,7 +304,8 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
     # ------------------------------------------------------------ jobs
 
     @app.post("/v1/jobs", status_code=202, response_model=JobAccepted, tags=["jobs"],
-              responses={**_ERRORS, 403: _OWNED[403], 413: {"model": ErrorOut}},
+              responses={**_ERRORS, 403: _OWNED[403], 413: {"model": ErrorOut}, 409: {
+                  "model": ErrorOut, "description": "The batch already holds this record id with different text."}},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": job_in}}}})
     async def post_job(request: Request, client: str = Security(client_of)) -> JSONResponse:
         """Enqueue one record. The same record sent again gets the same job id and runs once."""
@@ -331,9 +337,15 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         def write() -> Any:  # one record: written directly, not parked like a batch's
             if claim_batch(r, bid, client) != client and app.state.token_digests is not None:
                 raise APIError(403, f"batch {bid!r} belongs to another client")
-            return producer.write_jobs(bid, sch, [(checked.id, sealed_payload(checked, producer.sealer))])
+            return producer.write_jobs(
+                bid, sch, [(checked.id, sealed_payload(checked, producer.sealer), record_digest(checked))]
+            )
 
         result = await run_in_threadpool(write)
+        if result.conflicts:
+            raise APIError(409, f"record {checked.id!r} is already in batch {result.batch!r} (job {result[0]}) with "
+                                "different text or metadata; the new text was NOT enqueued. Send the correction "
+                                "under another batch or record id.")
         log.info("job %s in batch %s (%s) from %s", result[0], result.batch, "new" if result.created else "existing",
                  client)
         return JSONResponse(
@@ -345,7 +357,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
     def get_job(job_id: str, client: str = Security(client_of)) -> JSONResponse:
         """A job's state, and its result once it has one (the CONTRACT result format)."""
         if not re.fullmatch(JOB_ID, job_id):
-            raise APIError(404, "no such job (job ids are 32 hex digits)")
+            raise APIError(404, "no such job (job ids are 32 hex digits, then -r<n> for a revision)")
         batch = r.hget(job_key(job_id), "batch")
         if batch is None:
             raise APIError(404, f"no job {job_id}")
@@ -429,7 +441,8 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         return JSONResponse(
             {"batch": result.batch, "jobs": len(result), "created": result.created, "existing": result.existing,
              "skipped": [problem_json(p) for p in upload.problems[:MAX_PROBLEMS_SHOWN]],
-             "skipped_count": upload.problem_count},
+             "skipped_count": upload.problem_count,
+             "conflicts": result.conflicts[:MAX_PROBLEMS_SHOWN], "conflict_count": len(result.conflicts)},
             status_code=202, headers={"Location": f"/v1/batches/{result.batch}"},
         )
 

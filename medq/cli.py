@@ -85,6 +85,8 @@ def enqueue(
     timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="With --wait: give up after this many seconds (exit 3)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Enqueue the good records even if some are bad."),
     fmt: Optional[str] = typer.Option(None, "--format", help="jsonl or csv; default: from the file extension."),
+    replace: bool = typer.Option(False, "--replace", help="A record the batch already holds with different text runs "
+                                 "again with the new text, as a new revision that replaces the old job and its result."),
 ) -> None:
     """Enqueue records for extraction; prints the batch id."""
     from medq.errors import UnknownSchema
@@ -111,14 +113,31 @@ def enqueue(
         err.print(f"skipping {len(checked.problems)} invalid record(s)", highlight=False)
     if not checked.records:
         raise _fail("no valid records to enqueue")
-    result = producer.enqueue(checked, schema, batch, skip_invalid=True)  # problems were reported above
+    result = producer.enqueue(checked, schema, batch, skip_invalid=True, replace=replace)  # problems were reported above
+    replaced = f", {len(result.replaced)} replaced by a new revision" if result.replaced else ""
+    conflicts = f", {len(result.conflicts)} NOT enqueued (conflict)" if result.conflicts else ""
     err.print(
-        f"batch {result.batch}: {len(result)} jobs ({result.created} new, {result.existing} already enqueued)",
+        f"batch {result.batch}: {len(result)} jobs ({result.created} new, {result.existing} already enqueued"
+        f"{replaced}{conflicts})",
         highlight=False,
     )
     print(result.batch)
+    if result.conflicts:
+        raise _report_conflicts(result.batch, result.conflicts, len(result) - len(result.conflicts))
     if wait:
         _wait(producer.r, result.batch, timeout_s)
+
+
+def _report_conflicts(batch: str, record_ids: list[str], others: int) -> typer.Exit:
+    """A corrected record is never dropped quietly: each is named, with the way to run it."""
+    for rid in record_ids[:50]:
+        err.print(f"[red]conflict[/red] record {escape(repr(rid))} is already in batch {escape(batch)} with different "
+                  "text; the new text was NOT enqueued", highlight=False, soft_wrap=True)
+    if len(record_ids) > 50:
+        err.print(f"... and {len(record_ids) - 50} more", highlight=False)
+    return _fail(f"{len(record_ids)} record(s) conflict with batch {batch} (the other {others} record(s) were enqueued); "
+                "to run the new text as a new revision of those records, replacing their results in the batch, "
+                "run the same command again with --replace")
 
 
 def _wait(r, batch: str, timeout_s: float | None) -> None:  # noqa: ANN001

@@ -36,7 +36,9 @@ class JobStatus(str, Enum):
 
 
 def job_key(job_id: str) -> str:
-    """Hash with the job's PHI-free state: batch, record id, schema, status, attempts, error."""
+    """Hash with the job's PHI-free state: batch, record id, schema, status, attempts, error;
+    ``digest`` (of the stored record, to tell a corrected text from the same one) and, on a
+    job replaced by a newer revision of its record, ``superseded_by`` (see ``revision_job_id``)."""
     return f"{KEY_PREFIX}:job:{job_id}"
 
 
@@ -79,3 +81,23 @@ def make_job_id(batch: str, record_id: str, schema: str, schema_version: int) ->
     """Deterministic job id, so enqueuing the same records twice runs nothing twice."""
     raw = "\x1f".join((batch, record_id, schema, str(schema_version)))
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:32]
+
+
+REVISION_MARK = "-r"
+
+
+def revision_job_id(base_job_id: str, revision: int) -> str:
+    """The job id of a record's ``revision``: a corrected text enqueued with ``--replace``.
+
+    Revision 0 is the record's first job (``make_job_id``); revision n is that id plus
+    ``-r<n>``. A revision is a new job id, so the result stores' rule "the first success
+    of a job id is kept" still holds, and the batch lists only the newest revision.
+    The first job's hash stays as the record's pointer (``superseded_by``: the newest
+    revision's id) for as long as that revision lives."""
+    return base_job_id if revision == 0 else f"{base_job_id}{REVISION_MARK}{revision}"
+
+
+def split_revision(job_id: str) -> tuple[str, int]:
+    """``(first job id, revision)`` of a job id made by ``revision_job_id``."""
+    base, mark, n = job_id.rpartition(REVISION_MARK)
+    return (base, int(n)) if mark and n.isdigit() else (job_id, 0)

@@ -9,11 +9,14 @@ from typing import Any
 
 import redis
 
-from medq.contract import JobStatus, batch_key, failed_key, job_key, owner_key, payload_key, result_key
+from medq.contract import (
+    JobStatus, batch_key, failed_key, job_key, owner_key, payload_key, result_key, revision_job_id, split_revision,
+)
 from medq.errors import EndpointMisconfigured, RetryableError
 
 _CHUNK = 1000
-_FIELDS = ("record_id", "status", "attempts", "error_kind", "error_message", "schema", "schema_version", "updated_at", "batch", "seq")
+_FIELDS = ("record_id", "status", "attempts", "error_kind", "error_message", "schema", "schema_version", "updated_at", "batch", "seq",
+           "superseded_by")
 
 # Error kinds that a later run may not hit again (the endpoint was down, slow, busy).
 TRANSIENT_KINDS: frozenset[str] = frozenset(
@@ -63,6 +66,8 @@ def iter_states(r: redis.Redis, batch: str, ids: list[str] | None = None) -> Ite
             v = [_s(x) if x is not None else None for x in vals]
             if v[1] is None:
                 continue  # state expired or purged
+            if v[10] is not None:
+                continue  # replaced by a newer revision of its record; a late run of it is no part of the batch
             states.append(JobState(
                 job_id=job_id,
                 record_id=v[0] or "",
@@ -150,8 +155,21 @@ def purge(r: redis.Redis, batch: str, results: bool = False) -> PurgeReport:
         jobs += sum(out[1::step])
         if results:
             res += sum(out[2::step])
+        _purge_replaced(r, chunk, results)
     r.delete(batch_key(batch), failed_key(batch), owner_key(batch))
     return PurgeReport(jobs, payloads, res)
+
+
+def _purge_replaced(r: redis.Redis, ids: list[str], results: bool) -> None:
+    """The jobs that revisions in ``ids`` replaced (``medq enqueue --replace``): no longer in
+    the batch set, but their hashes (and results) stay until they expire."""
+    pipe = r.pipeline(transaction=False)
+    for job_id in ids:
+        first, revision = split_revision(job_id)
+        for old in (revision_job_id(first, n) for n in range(revision)):
+            pipe.delete(job_key(old), payload_key(old), *([result_key(old)] if results else []))
+    if len(pipe):
+        pipe.execute()
 
 
 # KEYS[1] owner string, KEYS[2] batch set; ARGV[1] client.

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from medq.contract import upload_key
-from producer.enqueue import BatchHasher, EnqueueResult, Producer, sealed_payload
+from producer.enqueue import BatchHasher, EnqueueResult, Producer, record_digest, sealed_payload
 from producer.records import (
     InputError, RawItem, Record, RecordChecker, RecordProblem, json_error_text, object_or_problem, parse_jsonl_line,
 )
@@ -196,6 +196,7 @@ class Upload:
         self.key = upload_key(uuid.uuid4().hex)
         self.checker = RecordChecker(producer.settings.max_record_bytes)
         self.record_ids: list[str] = []
+        self.digests: list[str] = []  # one per record id: tells a corrected record from the same one
         self.problems: list[RecordProblem] = []
         self.problem_count = 0
         self._hasher = BatchHasher(self.schema.name, self.schema.version, salt)
@@ -220,6 +221,7 @@ class Upload:
         self._hasher.add(rec)
         self._pending[str(len(self.record_ids))] = sealed_payload(rec, self.producer.sealer)
         self.record_ids.append(rec.id)
+        self.digests.append(record_digest(rec))
 
     def flush(self) -> None:
         if not self._pending:
@@ -240,7 +242,7 @@ class Upload:
             if self.problems and not skip_invalid:
                 raise InputError(self.problems)
             self.flush()
-            items = ((rid, str(i)) for i, rid in enumerate(self.record_ids))
+            items = ((rid, str(i), digest) for i, (rid, digest) in enumerate(zip(self.record_ids, self.digests)))
             return self.producer.write_jobs(self.batch_id(batch), self.schema, items, staged=self.key)
         finally:
             self.discard()

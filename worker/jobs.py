@@ -44,7 +44,9 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from medq.contract import QUEUE, TASK_EXTRACT, WATCH_KEY, JobStatus, batch_key, failed_key, job_key, payload_key, result_key
+from medq.contract import (
+    QUEUE, TASK_EXTRACT, WATCH_KEY, JobStatus, batch_key, failed_key, job_key, payload_key, result_key, split_revision,
+)
 from medq.crypto import Sealer, open_text
 from medq.errors import (
     MedqError,
@@ -75,8 +77,13 @@ START_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local h = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'first_run_ms', 'batch', 'record_id', 'schema',
-                     'schema_version', 'attempts')
+                     'schema_version', 'attempts', 'superseded_by')
 if not h[1] or not h[4] then return {'missing'} end
+if h[9] then
+  -- a newer revision of the record replaced this job (medq enqueue --replace): nothing to run
+  redis.call('ZREM', KEYS[3], ARGV[5])
+  return {'superseded', h[9]}
+end
 local job = {h[4], h[5] or '', h[6] or '', h[7] or '1'}
 local function reply(...)
   local out = {...}
@@ -101,12 +108,15 @@ return reply('run', tostring(attempts), f[1] or '0', f[2] or '0', f[3], f[4] or 
 """
 
 # A job succeeded: final state, no dead letter, state expires with results, note gone.
+# A revision's first job (the record's pointer to it) expires with it; a replaced job keeps
+# the expiry it was given when replaced (a first job's lives as long as its newest revision).
 FINISH_LUA = """
--- KEYS: job, failed, batch, payload, watch   ARGV: now_iso, results_ttl_s, job_id
+-- KEYS: job, failed, batch, payload, watch, [first job of this revision]   ARGV: now_iso, results_ttl_s, job_id
 redis.call('HSET', KEYS[1], 'status', 'succeeded', 'updated_at', ARGV[1])
 redis.call('HDEL', KEYS[1], 'error_kind', 'error_message', 'lease_until', 'run_id')
 redis.call('ZREM', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+if redis.call('HEXISTS', KEYS[1], 'superseded_by') == 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if KEYS[6] and redis.call('HGET', KEYS[6], 'superseded_by') == ARGV[3] then redis.call('EXPIRE', KEYS[6], ARGV[2]) end
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[4])
 redis.call('ZREM', KEYS[5], ARGV[3])
@@ -228,6 +238,9 @@ class JobRunner:
             # Nothing to record the failure in: the job was purged or never written.
             log.warning("job %s: no job state in Redis (purged, expired or foreign); dropped", job_id)
             return {"job_id": job_id, "status": "unknown"}
+        if verdict == "superseded":
+            log.info("job %s: replaced by job %s (a corrected record); dropped", job_id, res[1])
+            return {"job_id": job_id, "status": "superseded", "superseded_by": res[1]}
         job = Job(job_id, batch=res[1], record_id=res[2], schema=res[3], schema_version=int(res[4]))
         res = [verdict, *res[5:]]
         if verdict == "final":
@@ -416,11 +429,11 @@ class JobRunner:
     async def _mark_succeeded(self, job: Job) -> None:
         # The state lives as long as results do, then goes with its batch; the note is not
         # needed once its result is stored: shorter life, smaller exposure.
-        await self.batch.script(
-            FINISH_LUA,
-            [job_key(job.job_id), failed_key(job.batch), batch_key(job.batch), payload_key(job.job_id), WATCH_KEY],
-            [_now(), self.settings.results_ttl_s, job.job_id],
-        )
+        keys = [job_key(job.job_id), failed_key(job.batch), batch_key(job.batch), payload_key(job.job_id), WATCH_KEY]
+        first, revision = split_revision(job.job_id)
+        if revision:
+            keys.append(job_key(first))
+        await self.batch.script(FINISH_LUA, keys, [_now(), self.settings.results_ttl_s, job.job_id])
 
     async def _fail(self, job: Job, attempts: int, exc: MedqError) -> None:
         metrics.incr("medq_jobs_total", schema=job.schema, outcome="failed")

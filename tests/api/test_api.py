@@ -87,7 +87,8 @@ def test_records_go_through_the_api_to_a_worker_and_back(
     res = httpx.post(f"{url}/v1/batches", params={"schema": "clinical_note"}, headers=A, content=_jsonl(30))
     assert res.status_code == 202, res.text
     batch = res.json()["batch"]
-    assert res.json() == {"batch": batch, "jobs": 30, "created": 30, "existing": 0, "skipped": [], "skipped_count": 0}
+    assert res.json() == {"batch": batch, "jobs": 30, "created": 30, "existing": 0, "skipped": [], "skipped_count": 0,
+                          "conflicts": [], "conflict_count": 0}
     array = [{"id": f"a{i}", "text": NOTE.format(canary=CANARY, i=i)} for i in range(5)]
     res = httpx.post(f"{url}/v1/batches", params={"schema": "discharge_summary", "batch": "ward-a.2026-11"},
                      headers=A, json=array)
@@ -478,3 +479,38 @@ def test_a_retried_upload_sends_what_was_never_sent(api: Callable[..., tuple[str
     assert again["created"] == 0 and again["existing"] == 3
     messages = r.lrange("medq", 0, -1)
     assert len(messages) == 1 and ids[1].encode() in messages[0]
+
+
+def test_a_corrected_record_is_a_409_or_a_listed_conflict_never_dropped(
+    api: Callable[..., tuple[str, Proc]], r: redis.Redis, medq_env: dict[str, str],
+) -> None:
+    url, proc = api()
+    job = {"schema": "clinical_note", "id": "n1", "text": NOTE.format(canary=CANARY, i=1), "batch": "fixes"}
+    first = httpx.post(f"{url}/v1/jobs", headers=A, json=job)
+    assert first.status_code == 202, first.text
+    res = httpx.post(f"{url}/v1/jobs", headers=A, json={**job, "text": NOTE.format(canary=CANARY, i=2)})
+    assert res.status_code == 409, res.text
+    assert "record 'n1' is already in batch 'fixes'" in res.json()["detail"] and "NOT enqueued" in res.json()["detail"]
+    assert CANARY not in res.text
+    same = httpx.post(f"{url}/v1/jobs", headers=A, json=job)
+    assert same.status_code == 202 and same.json()["created"] is False
+
+    params = {"schema": "clinical_note", "batch": "fixes-b"}
+    assert httpx.post(f"{url}/v1/batches", params=params, headers=A, content=_jsonl(3)).json()["created"] == 3
+    changed = _jsonl(3).replace(f"{CANARY}00001 67-year-old", f"{CANARY}00001 68-year-old")
+    body = httpx.post(f"{url}/v1/batches", params=params, headers=A, content=changed).json()
+    assert body["conflicts"] == ["r00001"] and body["conflict_count"] == 1
+    assert body["created"] == 0 and body["existing"] == 2
+
+    # run with `medq enqueue --replace` (here its Python form), the revision is a job the API shows
+    from medq.settings import Settings
+    from producer import enqueue
+
+    rev = enqueue([json.loads(line) for line in changed.splitlines()], schema="clinical_note", batch="fixes-b",
+                  replace=True, settings=Settings(redis_url=medq_env["MEDQ_REDIS_URL"]))
+    assert rev.replaced == ["r00001"] and rev[1].endswith("-r1")
+    got = httpx.get(f"{url}/v1/jobs/{rev[1]}", headers=A)
+    assert got.status_code == 200 and got.json()["id"] == "r00001"
+    lines = httpx.get(f"{url}/v1/batches/fixes-b/results", headers=A).text.splitlines()
+    assert [json.loads(line)["job_id"] for line in lines] == list(rev)
+    assert CANARY not in proc.log

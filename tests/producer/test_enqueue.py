@@ -241,3 +241,127 @@ def test_purge_removes_a_batch_and_its_dead_letters(r: redis.Redis, settings: Se
     assert not any(r.exists(k) for j in ids for k in (job_key(j), payload_key(j)))
     assert not r.exists(batch_key("gone")) and not r.exists(failed_key("gone"))
     assert r.exists(payload_key(keep[0])) and r.exists(job_key(keep[0]))
+
+
+# ---------------------------------------------------------------- corrected records
+
+
+def _h(r: redis.Redis, job_id: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in r.hgetall(job_key(job_id)).items()}
+
+
+def test_same_id_with_other_text_is_a_conflict_and_changes_nothing(r: redis.Redis, settings: Settings) -> None:
+    first = enqueue([{"id": "a", "text": "Age 40. CANARY-c0f"}, {"id": "b", "text": "note b"}],
+                    schema="clinical_note", batch="b", settings=settings)
+    before = {k: r.dump(k) for k in (job_key(first[0]), payload_key(first[0]))}
+    r.delete(QUEUE)
+    again = enqueue([{"id": "a", "text": "Age 41. CANARY-c0f"}, {"id": "b", "text": "note b"}, {"id": "c", "text": "new"}],
+                    schema="clinical_note", batch="b", settings=settings)
+    assert again.conflicts == ["a"] and again.replaced == []
+    assert again.created == 1 and again.existing == 1  # c is new, b the same
+    assert again[0] == first[0]  # the job already there
+    assert _queued_job_ids(r) == [again[2]]  # only c was sent
+    assert all(r.dump(k) == v for k, v in before.items())  # a's job and note untouched
+    assert json.loads(r.get(payload_key(first[0])))["text"] == "Age 40. CANARY-c0f"
+    # a metadata change is a change; the same metadata in another key order is not
+    m1 = enqueue([{"id": "m", "text": "t", "metadata": {"x": 1, "y": 2}}], schema="clinical_note", batch="b", settings=settings)
+    assert enqueue([{"id": "m", "text": "t", "metadata": {"y": 2, "x": 1}}], schema="clinical_note", batch="b",
+                   settings=settings).conflicts == []
+    m3 = enqueue([{"id": "m", "text": "t", "metadata": {"x": 1, "y": 3}}], schema="clinical_note", batch="b", settings=settings)
+    assert m3.conflicts == ["m"] and list(m3) == list(m1)
+
+
+def test_a_job_written_before_digests_is_taken_as_the_same(r: redis.Redis, settings: Settings) -> None:
+    first = enqueue([{"id": "a", "text": "old"}], schema="clinical_note", batch="b", settings=settings)
+    r.hdel(job_key(first[0]), "digest")  # as written by an older medq
+    again = enqueue([{"id": "a", "text": "other"}], schema="clinical_note", batch="b", settings=settings)
+    assert again.conflicts == [] and again.existing == 1 and list(again) == list(first)
+
+
+def test_replace_makes_a_new_revision_that_takes_the_old_jobs_place(r: redis.Redis, settings: Settings) -> None:
+    from medq.contract import failed_key, revision_job_id
+    from producer.batches import counts, failed, iter_states
+
+    first = enqueue([{"id": "a", "text": "Age 40"}, {"id": "b", "text": "note b"}], schema="clinical_note",
+                    batch="b", settings=settings)
+    old = first[0]
+    r.hset(job_key(old), mapping={"status": "failed", "error_kind": "output_invalid"})  # as a worker records a dead letter
+    r.zadd(failed_key("b"), {old: 1.0})
+    r.delete(QUEUE)
+
+    rep = enqueue([{"id": "a", "text": "Age 41"}, {"id": "b", "text": "note b"}], schema="clinical_note", batch="b",
+                  replace=True, settings=settings)
+    new = rep[0]
+    assert new == revision_job_id(old, 1) and rep[1] == first[1]
+    assert rep.replaced == ["a"] and rep.conflicts == [] and rep.created == 0 and rep.existing == 1
+    assert _queued_job_ids(r) == [new]
+    assert json.loads(r.get(payload_key(new)))["text"] == "Age 41"
+    assert not r.exists(payload_key(old))  # the old note is gone
+    assert _h(r, old)["superseded_by"] == new
+    assert {x.decode() for x in r.smembers(batch_key("b"))} == {new, first[1]}
+    assert r.zcard(failed_key("b")) == 0 and failed(r, "b") == []
+    assert [(st.record_id, st.job_id) for st in iter_states(r, "b")] == [("a", new), ("b", first[1])]  # input order kept
+    assert counts(r, "b")["queued"] == 2
+
+    # the same correction again creates nothing; the original again is a conflict with the newest revision
+    r.delete(QUEUE)
+    same = enqueue([{"id": "a", "text": "Age 41"}], schema="clinical_note", batch="b", replace=True, settings=settings)
+    assert list(same) == [new] and same.replaced == [] and same.sent == 0 and _queued_job_ids(r) == []
+    back = enqueue([{"id": "a", "text": "Age 40"}], schema="clinical_note", batch="b", settings=settings)
+    assert back.conflicts == ["a"] and list(back) == [new]
+    # a second correction: revision 2 replaces revision 1, and the first job points at it
+    third = enqueue([{"id": "a", "text": "Age 42"}], schema="clinical_note", batch="b", replace=True, settings=settings)
+    assert list(third) == [revision_job_id(old, 2)]
+    assert _h(r, new)["superseded_by"] == third[0] and _h(r, old)["superseded_by"] == third[0]
+    assert 0 < r.ttl(job_key(new)) and r.ttl(job_key(old)) == -1  # the first job lives as long as the newest
+    assert {x.decode() for x in r.smembers(batch_key("b"))} == {third[0], first[1]}
+
+
+def test_a_record_whose_newest_revision_is_gone_comes_back_as_a_new_one(r: redis.Redis, settings: Settings) -> None:
+    from medq.contract import revision_job_id
+
+    first = enqueue([{"id": "a", "text": "one"}], schema="clinical_note", batch="b", settings=settings)
+    rev = enqueue([{"id": "a", "text": "two"}], schema="clinical_note", batch="b", replace=True, settings=settings)
+    r.delete(job_key(rev[0]))  # its state expired before its first job's did
+    back = enqueue([{"id": "a", "text": "two"}], schema="clinical_note", batch="b", settings=settings)
+    # never the first job id again: a result may be stored under it, for the old text
+    assert back.created == 1 and list(back) == [revision_job_id(first[0], 2)]
+    assert json.loads(r.get(payload_key(back[0])))["text"] == "two"
+
+
+def test_purge_removes_replaced_jobs_too(r: redis.Redis, settings: Settings) -> None:
+    from producer.batches import purge
+
+    first = enqueue([{"id": "a", "text": "one"}], schema="clinical_note", batch="b", settings=settings)
+    enqueue([{"id": "a", "text": "two"}], schema="clinical_note", batch="b", replace=True, settings=settings)
+    enqueue([{"id": "a", "text": "three"}], schema="clinical_note", batch="b", replace=True, settings=settings)
+    purge(r, "b")
+    assert r.keys("medq:job:*") == [] and r.keys("medq:payload:*") == [], first
+
+
+def test_cli_names_a_conflict_and_runs_it_with_replace(r: redis.Redis, medq_env: dict[str, str], tmp_path: Path) -> None:
+    orig = _write_jsonl(tmp_path / "notes.jsonl", [{"id": "a", "text": "Age 40"}, {"id": "b", "text": "note b"}])
+    fixed = _write_jsonl(tmp_path / "fixed.jsonl", [{"id": "a", "text": "Age 41"}, {"id": "b", "text": "note b"},
+                                                     {"id": "c", "text": "note c"}])
+    assert _cli(["enqueue", str(orig), "--schema", "clinical_note", "--batch", "b7"], medq_env).returncode == 0
+    res = _cli(["enqueue", str(fixed), "--schema", "clinical_note", "--batch", "b7"], medq_env)
+    assert res.returncode == 2
+    assert res.stdout.strip() == "b7"  # the others were enqueued: a script still learns the batch
+    assert "record 'a' is already in batch b7 with different text; the new text was NOT enqueued" in res.stderr
+    assert "--replace" in res.stderr and "the other 2 record(s) were enqueued" in res.stderr
+    assert "1 new, 1 already enqueued, 1 NOT enqueued (conflict)" in res.stderr
+    assert "Age 41" not in res.stderr
+    assert r.scard(batch_key("b7")) == 3
+    assert not any(json.loads(r.get(k)).get("text") == "Age 41" for k in r.keys("medq:payload:*"))
+
+    res = _cli(["enqueue", str(fixed), "--schema", "clinical_note", "--batch", "b7", "--replace"], medq_env)
+    assert res.returncode == 0, res.stderr
+    assert "0 new, 2 already enqueued, 1 replaced by a new revision" in res.stderr
+    assert sorted(json.loads(r.get(k))["text"] for k in r.keys("medq:payload:*")) == ["Age 41", "note b", "note c"]
+
+    res = _cli(["enqueue", str(fixed), "--schema", "clinical_note", "--batch", "b7", "--replace"], medq_env)
+    assert res.returncode == 0 and "0 new, 3 already enqueued)" in res.stderr
+
+    res = _cli(["enqueue", str(orig), "--schema", "clinical_note", "--batch", "b7"], medq_env)
+    assert res.returncode == 2 and "record 'a' is already in batch b7" in res.stderr
+    assert r.scard(batch_key("b7")) == 3
