@@ -297,8 +297,6 @@ def endpoints(as_json: bool = typer.Option(False, "--json", help="Print JSON lin
     """The configured endpoints as the workers share them: adaptive in-flight cap,
     requests in flight, cool-down, successes and errors; and whether each serves its
     model (ok, not served, unreachable), checked now as a starting worker does."""
-    from rich.markup import escape
-
     from worker.model_check import check_models
     from worker.rate_limit import endpoint_snapshots
 
