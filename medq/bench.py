@@ -398,4 +398,6 @@ def _accepted(url: str, body: dict[str, Any], api_key: str) -> bool:
     except HTTPError:
         return False
     except (URLError, OSError) as exc:
-        raise DemoError(f"cannot reach {url}: {exc}") from None
+        from medq.urls import redact_url
+
+        raise DemoError(f"cannot reach {redact_url(url)}: {exc}") from None

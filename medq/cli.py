@@ -63,14 +63,10 @@ def _redis():  # noqa: ANN202
 
 
 def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    from urllib.parse import urlsplit, urlunsplit
+    """The URL without its userinfo, for messages (one redaction for every URL shown)."""
+    from medq.urls import redact_url
 
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    return redact_url(url)
 
 
 # ---------------------------------------------------------------- enqueue / status

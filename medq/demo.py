@@ -30,6 +30,7 @@ from medq.processes import (
     answers,
     ensure_redis,
 )
+from medq.urls import redact_url
 
 # What measured best per embedded model (README, "Extraction quality"; reproduce with
 # `medq demo --model M --strategy S --grounding G`).
@@ -143,7 +144,7 @@ def run_demo(opts: DemoOptions, console: Console) -> dict[str, Any]:
             summary = {
                 "batch": batch,
                 "model": model_name,
-                "endpoint": base_url,
+                "endpoint": redact_url(base_url),
                 "profile": profile,
                 "records": len(docs),
                 "succeeded": sum(d["status"] == "succeeded" for d in docs),

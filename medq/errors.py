@@ -21,6 +21,7 @@
         ├── RequestRejected       HTTP 4xx other than 429: the request is wrong for the endpoint
         ├── EndpointMisconfigured the endpoint is set up wrong for medq, not the record: fix the
         │   │                     server or the settings, then plain `medq requeue` runs them again
+        │   │                     (raised itself for an HTTP 3xx: redirects are not followed)
         │   ├── ModelNotFound     HTTP 404: the server does not serve MEDQ_LLM__MODEL
         │   └── PromptTruncated   the server read fewer prompt tokens than the prompt has: its
         │                         context is too small and it cut the note without saying so
@@ -33,7 +34,9 @@ timeout, a 500), counted against ``MEDQ_WORKER__MAX_RETRIES``, or *back-pressure
 delays the job, for at most ``MEDQ_WORKER__MAX_WAIT_S`` in all. A job whose error
 outlives its budget fails with that error's kind.
 Messages name a record by its id, never by its text, and never repeat the model's
-output or a validation error's input values: they end up in logs and in Flower.
+output, a validation error's input values or a server's error text (which may quote
+the request): they end up in logs and in Flower. Endpoint URLs in them have their
+userinfo redacted (``medq.urls.redact_url``).
 """
 
 from __future__ import annotations

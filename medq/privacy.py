@@ -14,6 +14,8 @@ import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from medq.urls import redact_url
+
 
 class RemoteEndpointRefused(Exception):
     """An endpoint outside the private network, not allowed by the settings."""
@@ -28,7 +30,7 @@ def why_not_private(url: str, allowed_hosts: Iterable[str] = ()) -> str | None:
     """None if ``url`` may receive patient text; else why not (naming no settings)."""
     host = (urlsplit(url).hostname or "").lower()
     if not host:
-        return f"{url!r} has no host"
+        return f"{redact_url(url)!r} has no host"
     if host in {h.lower() for h in allowed_hosts}:
         return None
     if host == "localhost" or host.endswith(".localhost"):
@@ -54,7 +56,7 @@ def check_endpoints(urls: Iterable[str], allowed_hosts: Iterable[str] = (), allo
         why = why_not_private(url, allowed)
         if why is not None:
             raise RemoteEndpointRefused(
-                f"refusing to send patient text to {url}: {why}. medq only talks to endpoints on this "
+                f"refusing to send patient text to {redact_url(url)}: {why}. medq only talks to endpoints on this "
                 f"machine or a private network. List the host in MEDQ_LLM__ALLOWED_HOSTS "
                 f"(e.g. MEDQ_LLM__ALLOWED_HOSTS='[\"gpu1.hospital.internal\"]'), or set "
                 f"MEDQ_ALLOW_REMOTE_LLM=true to allow any endpoint."

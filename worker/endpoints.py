@@ -15,6 +15,7 @@ import redis
 
 from medq.schemas import SchemaLoader
 from medq.settings import Settings
+from medq.urls import redact_url
 from worker.processor import MedicalDataProcessor
 from worker.rate_limit import EndpointGate, GateConfig, aendpoint_snapshots, endpoint_snapshots
 
@@ -55,7 +56,7 @@ class EndpointPool:
         for ep in settings.llm.all_endpoints:
             gate = EndpointGate(r, ep.url, config, batcher)
             proc = MedicalDataProcessor.from_settings(settings, loader, endpoint=ep, gate=gate)
-            out.append(Endpoint(ep.url, ep.weight, proc, gate))
+            out.append(Endpoint(redact_url(ep.url), ep.weight, proc, gate))
         return cls(out, r, batcher=batcher)
 
     @property

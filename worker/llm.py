@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
+import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import openai
 
 from medq.errors import (
+    EndpointMisconfigured,
     EndpointTimeout,
     EndpointUnavailable,
     MedqError,
@@ -29,6 +32,7 @@ from medq.errors import (
     RequestRejected,
     ServerError,
 )
+from medq.urls import redact_url, split_credentials
 from worker.metrics import metrics
 from worker.rate_limit import EndpointGate, estimate_tokens
 
@@ -45,7 +49,9 @@ _BACKPRESSURE_WORDS = ("busy", "loading", "no slots", "overloaded", "unavailable
 # "auto" walks this order and stays on the first form the endpoint accepts.
 RESPONSE_FORMATS = ("json_schema", "json_object_schema", "tgi", "json_object", "none")
 
-_QUOTE_WINDOW = 16  # a server message sharing this many characters with the request is not repeated
+# An error's ``type`` / ``code`` short enough and plain enough to be a name, not prose:
+# the only words of a server's error that medq repeats (see error_for_status).
+_TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 
 
 @dataclass
@@ -133,6 +139,22 @@ def grammar_schema(schema: Any) -> Any:
     return out
 
 
+def sdk_client(base_url: str, api_key: str, timeout_s: float) -> openai.OpenAI:
+    """The SDK's client for ``base_url``: no retries of its own, redirects not followed
+    (the privacy guard approved this endpoint, not wherever it points: a 3xx becomes
+    an error), and userinfo in the URL sent as basic auth but kept out of the URL the
+    SDK holds (and puts in its errors)."""
+    url, basic = split_credentials(base_url)
+    return openai.OpenAI(
+        base_url=url,
+        api_key=api_key,
+        max_retries=0,
+        timeout=timeout_s,
+        default_headers={"Authorization": basic} if basic else None,
+        http_client=openai.DefaultHttpxClient(follow_redirects=False),
+    )
+
+
 class LLMClient:
     """One endpoint, one model; thread-safe (the SDK's httpx client is).
 
@@ -142,10 +164,10 @@ class LLMClient:
     def __init__(
         self, base_url: str, api_key: str, model: str, timeout_s: float = 120.0, gate: EndpointGate | None = None
     ) -> None:
-        self.base_url = base_url
+        self.base_url = redact_url(base_url)  # as shown: in messages, metrics and results
         self.model = model
         self.gate = gate
-        self._client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
+        self._client = sdk_client(base_url, api_key, timeout_s)
 
     def complete(
         self,
@@ -188,7 +210,7 @@ class LLMClient:
                 **kwargs,
             )
         except openai.APIError as exc:
-            raise self._translate(exc, messages) from _cause(exc)
+            raise self._translate(exc) from _cause(exc)
         latency_ms = (time.perf_counter() - started) * 1000
         if not resp.choices:
             raise ServerError(f"{self.base_url} answered with no choices")
@@ -203,7 +225,7 @@ class LLMClient:
             latency_ms=latency_ms,
         )
 
-    def _translate(self, exc: openai.APIError, messages: list[dict[str, str]]) -> MedqError:
+    def _translate(self, exc: openai.APIError) -> MedqError:
         where = self.base_url
         # APITimeoutError subclasses APIConnectionError: test it first.
         if isinstance(exc, openai.APITimeoutError):
@@ -211,7 +233,7 @@ class LLMClient:
         if isinstance(exc, openai.APIConnectionError):
             return EndpointUnavailable(f"cannot connect to {where}")
         if isinstance(exc, openai.APIStatusError):
-            return error_for_status(exc.status_code, exc.response.headers, exc.body, where, messages)
+            return error_for_status(exc.status_code, exc.response.headers, exc.response.content or exc.body, where, self.model)
         return ServerError(f"unexpected answer from {where}: {type(exc).__name__}")
 
 
@@ -227,12 +249,15 @@ class AsyncLLMClient:
     def __init__(
         self, base_url: str, api_key: str, model: str, timeout_s: float = 120.0, gate: EndpointGate | None = None
     ) -> None:
-        self.base_url = base_url
+        self.base_url = redact_url(base_url)  # as shown: in messages, metrics and results
         self.model = model
         self.gate = gate
         self.timeout_s = timeout_s
-        self._url = base_url.rstrip("/") + "/chat/completions"
-        self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        url, basic = split_credentials(base_url)
+        self._url = url.rstrip("/") + "/chat/completions"
+        # Userinfo in the URL is sent as basic auth, as the SDK's httpx sends it (aiohttp
+        # refuses a URL with userinfo beside an Authorization header).
+        self._headers = {"Authorization": basic or f"Bearer {api_key}", "Content-Type": "application/json"}
         self._session: Any = None
         self._encoded: dict[tuple[str, str], str] = {}
         self._formats: dict[int, tuple[Any, str]] = {}  # id -> (the dict, kept alive; its JSON)
@@ -249,17 +274,18 @@ class AsyncLLMClient:
         """``fixed``: how many leading messages are the same for every record (see ``_body``)."""
         data = self._body(messages, response_format, max_tokens, temperature, fixed)
         if self.gate is None:
-            return await self._post(data, messages)
+            return await self._post(data)
 
         async def call() -> tuple[Completion, int]:
-            c = await self._post(data, messages)
+            c = await self._post(data)
             return c, c.prompt_tokens + c.completion_tokens
 
         result: Completion = await self.gate.acall(estimate_tokens(messages, max_tokens), call)
         return result
 
-    async def _post(self, data: bytes, messages: list[dict[str, str]]) -> Completion:
-        """One request with the encoded body; ``messages`` only to explain a refusal."""
+    async def _post(self, data: bytes) -> Completion:
+        """One request with the encoded body. Redirects are not followed: the privacy
+        guard approved this endpoint, not wherever it points (a 3xx is an error)."""
         import aiohttp
 
         if self._session is None:
@@ -270,7 +296,7 @@ class AsyncLLMClient:
         where = self.base_url
         started = time.perf_counter()
         try:
-            async with self._session.post(self._url, data=data, headers=self._headers) as resp:
+            async with self._session.post(self._url, data=data, headers=self._headers, allow_redirects=False) as resp:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
@@ -281,15 +307,14 @@ class AsyncLLMClient:
             raise EndpointUnavailable(f"cannot connect to {where} ({type(exc).__name__})") from None
         latency_ms = (time.perf_counter() - started) * 1000
         metrics.observe("medq_llm_request_seconds", latency_ms / 1000, endpoint=where)
+        if status >= 300:
+            err = error_for_status(status, headers, raw, where, self.model)
+            metrics.incr("medq_llm_errors_total", endpoint=where, kind=err.kind)
+            raise err
         try:
             doc = json.loads(raw)
         except ValueError:
             doc = None
-        if status >= 400:
-            body_doc = doc if doc is not None else raw.decode("utf-8", "replace")
-            err = error_for_status(status, headers, body_doc, where, messages)
-            metrics.incr("medq_llm_errors_total", endpoint=where, kind=err.kind)
-            raise err
         try:
             choice = doc["choices"][0]
             content = choice["message"].get("content") or ""
@@ -345,31 +370,48 @@ class AsyncLLMClient:
             self._session = None
 
 
-def error_for_status(status: int, headers: Any, body: Any, where: str, messages: list[dict[str, str]]) -> MedqError:
-    """An HTTP error answer as one of medq's errors (the SDK path and the engine's share it)."""
+def error_for_status(status: int, headers: Any, body: Any, where: str, model: str = "") -> MedqError:
+    """An HTTP error answer as one of medq's errors (the SDK path and the engine's share it).
+
+    ``body``: the raw bytes (or, from tests, text or parsed JSON); ``model``: the one
+    asked for, named by a "model not found" refusal. The message says what
+    the server said in kind only: the status, the error's ``type`` / ``code`` when they
+    are short names, and a digest of the body to find it in the server's own log. Never
+    its text: servers quote the request, and so the note, in their errors (vLLM,
+    llama.cpp, proxies), and no check can tell every quote (short lines, Chinese,
+    JSON-escaped text) from the rest. The text is read here, to classify, and dropped."""
     retry_after_s = _retry_after_s(headers)
-    said = _server_message(body, messages)
-    text = f"HTTP {status} from {where}" + (f": {said}" if said else "")
-    lowered = said.lower()
+    doc = _parsed(body)
+    lowered = _server_message(doc).lower()
+    head = f"HTTP {status} from {where}"
+    kind = f" ({_in_kind(doc, body)})"
+    if 300 <= status < 400:
+        return EndpointMisconfigured(
+            f"{head}: medq does not follow redirects on model calls; point MEDQ_LLM__BASE_URL "
+            f"(or the endpoint in MEDQ_LLM__ENDPOINTS) at the final address{kind}"
+        )
     # llama-cpp-python's server refuses json_schema with a 500 (pydantic's error
     # about response_format), others with 400/422: the message decides, not the status.
     if status in (400, 422, 500) and "response_format" in lowered:
-        return FormatRejected(text)
+        return FormatRejected(f"{head}: the response_format was refused{kind}")
     if status == 429:
-        return RateLimited(text, retry_after_s=retry_after_s)
+        return RateLimited(head + kind, retry_after_s=retry_after_s)
     if status == 503 or (status >= 500 and any(w in lowered for w in _BACKPRESSURE_WORDS)):
-        return Overloaded(text, retry_after_s=retry_after_s)
+        return Overloaded(head + kind, retry_after_s=retry_after_s)
     if status == 504 or status == 408:
-        return EndpointTimeout(text, retry_after_s=retry_after_s)
+        return EndpointTimeout(head + kind, retry_after_s=retry_after_s)
     if status == 502:
-        return EndpointUnavailable(text, retry_after_s=retry_after_s)
+        return EndpointUnavailable(head + kind, retry_after_s=retry_after_s)
     if status >= 500:
-        return ServerError(text, retry_after_s=retry_after_s)
+        return ServerError(head + kind, retry_after_s=retry_after_s)
     if status in (400, 422) and "schema" in lowered:
-        return FormatRejected(text)
+        return FormatRejected(f"{head}: the response_format was refused{kind}")
     if status == 404 and _is_model_not_found(lowered):
-        return ModelNotFound(text + " (set MEDQ_LLM__MODEL, or the endpoint's model in MEDQ_LLM__ENDPOINTS)")
-    return RequestRejected(text)
+        return ModelNotFound(
+            f"{head}: model {json.dumps(model)} not found{kind}; "
+            "set MEDQ_LLM__MODEL, or the endpoint's model in MEDQ_LLM__ENDPOINTS"
+        )
+    return RequestRejected(head + kind)
 
 
 def _is_model_not_found(lowered: str) -> bool:
@@ -425,25 +467,54 @@ def _http_date_s(value: str) -> float | None:
     return when.timestamp()
 
 
-def _server_message(body: Any, messages: list[dict[str, str]]) -> str:
-    """The server's error text, short, and withheld if it quotes the request."""
+def _parsed(body: Any) -> Any:
+    """The body as JSON when it is JSON, else as text."""
+    if isinstance(body, (bytes, bytearray)):
+        body = bytes(body).decode("utf-8", "replace")
+    if isinstance(body, str):
+        try:
+            return json.loads(body)
+        except ValueError:
+            return body
+    return body
+
+
+def _server_message(doc: Any) -> str:
+    """The server's error text, to classify the error by; never shown."""
     msg: Any = None
-    if isinstance(body, dict):
-        err = body.get("error", body)
+    if isinstance(doc, dict):
+        err = doc.get("error", doc)
         msg = err.get("message") or err.get("detail") if isinstance(err, dict) else err
     if msg is None:
-        msg = body if body is not None else ""
+        msg = doc if doc is not None else ""
     text = msg if isinstance(msg, str) else json.dumps(msg, ensure_ascii=False, default=str)
-    text = " ".join(text.split())[:300]
-    if _quotes_request(text, messages):
-        return "(server message withheld: it quotes the request)"
-    return text
+    return " ".join(text.split())[:300]
 
 
-def _quotes_request(text: str, messages: list[dict[str, str]]) -> bool:
-    contents = [m.get("content") or "" for m in messages if m.get("role") != "system"]
-    for i in range(0, max(len(text) - _QUOTE_WINDOW + 1, 0)):
-        window = text[i : i + _QUOTE_WINDOW]
-        if any(window in c for c in contents):
-            return True
-    return False
+def _in_kind(doc: Any, body: Any) -> str:
+    """What the server said, without its words: ``type X, code Y, body sha256 <12 hex>``.
+
+    ``type`` and ``code`` as OpenAI, vLLM and llama.cpp put them in ``{"error": {...}}``,
+    TGI's ``error_type`` beside its ``error``; each only when it is a short name."""
+    said: dict[str, str] = {}
+    if isinstance(doc, dict):
+        err = doc.get("error")
+        for source in (err if isinstance(err, dict) else {}, doc):
+            for key, label in (("type", "type"), ("code", "code"), ("error_type", "type")):
+                value = source.get(key)
+                named = isinstance(value, (str, int)) and not isinstance(value, bool) and _TOKEN.fullmatch(str(value))
+                if named and label not in said:
+                    said[label] = str(value)
+    raw = _raw_bytes(body)
+    digest = f"body sha256 {hashlib.sha256(raw).hexdigest()[:12]}" if raw else "empty body"
+    return ", ".join([*(f"{k} {v}" for k, v in said.items()), digest])
+
+
+def _raw_bytes(body: Any) -> bytes:
+    if body is None:
+        return b""
+    if isinstance(body, (bytes, bytearray)):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode()
+    return json.dumps(body, ensure_ascii=False, default=str).encode()

@@ -19,7 +19,8 @@ from typing import Any
 import openai
 
 from medq.errors import EndpointUnavailable, MedqError, ModelNotFound
-from worker.llm import LLMClient
+from medq.urls import redact_url
+from worker.llm import LLMClient, sdk_client
 
 # Short: a worker waits for this at start, and an endpoint that is down is only worth a warning.
 CHECK_TIMEOUT_S = 5.0
@@ -35,7 +36,7 @@ class ModelStatus(str, Enum):
 
 @dataclass(frozen=True)
 class ModelCheck:
-    url: str
+    url: str  # as shown: userinfo redacted
     model: str
     status: ModelStatus
     served: tuple[str, ...] = ()
@@ -65,27 +66,28 @@ class ModelCheck:
 def check_model(url: str, api_key: str, model: str, timeout_s: float = CHECK_TIMEOUT_S,
                 setting: str = "MEDQ_LLM__MODEL") -> ModelCheck:
     """Ask ``url`` whether it serves ``model``: its model list, then a one-token probe."""
-    client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=timeout_s)
+    shown = redact_url(url)
+    client = sdk_client(url, api_key, timeout_s)
     try:
         served = tuple(str(m.id) for m in client.models.list())
     except openai.APIConnectionError as exc:  # refused, DNS, or no answer in time
-        return ModelCheck(url, model, ModelStatus.UNREACHABLE, reason=type(exc).__name__, setting=setting)
+        return ModelCheck(shown, model, ModelStatus.UNREACHABLE, reason=type(exc).__name__, setting=setting)
     except Exception:  # noqa: BLE001 - no list here (a 404, TGI's single object): the probe decides
         served = ()
     finally:
         client.close()
     if model in served:
-        return ModelCheck(url, model, ModelStatus.OK, served, setting=setting)
+        return ModelCheck(shown, model, ModelStatus.OK, served, setting=setting)
     probe = LLMClient(url, api_key, model, timeout_s)
     try:
         probe.complete(PROBE_MESSAGES, response_format=None, max_tokens=1, temperature=0.0)
     except ModelNotFound:
-        return ModelCheck(url, model, ModelStatus.NOT_SERVED, served, setting=setting)
+        return ModelCheck(shown, model, ModelStatus.NOT_SERVED, served, setting=setting)
     except EndpointUnavailable:
-        return ModelCheck(url, model, ModelStatus.UNREACHABLE, served, "endpoint_unavailable", setting)
+        return ModelCheck(shown, model, ModelStatus.UNREACHABLE, served, "endpoint_unavailable", setting)
     except MedqError as exc:  # busy, loading the model, slow: the name may well be right
-        return ModelCheck(url, model, ModelStatus.UNCONFIRMED, served, exc.kind, setting)
-    return ModelCheck(url, model, ModelStatus.OK, served, setting=setting)
+        return ModelCheck(shown, model, ModelStatus.UNCONFIRMED, served, exc.kind, setting)
+    return ModelCheck(shown, model, ModelStatus.OK, served, setting=setting)
 
 
 def check_models(settings: Any, timeout_s: float = CHECK_TIMEOUT_S) -> list[ModelCheck]:

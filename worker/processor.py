@@ -38,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 from medq.errors import InvalidRecord, OutputInvalid, OutputTruncated, PromptTruncated
 from medq.schemas import ExtractionSchema, SchemaLoader, build_schema
 from medq.settings import EndpointSettings
+from medq.urls import redact_url
 from worker.grounding import drop_ungrounded, ungrounded_paths
 from worker.llm import (
     RESPONSE_FORMATS,
@@ -159,9 +160,10 @@ class MedicalDataProcessor:
         grounding: Grounding = "flag",
         gate: EndpointGate | None = None,
     ) -> None:
-        self.base_url = base_url or "https://api.openai.com/v1"
+        url = base_url or "https://api.openai.com/v1"
+        self.base_url = redact_url(url)  # as shown and stored (results, provenance): no userinfo
         self.schema_loader = schema_loader or SchemaLoader()
-        self.client = LLMClient(self.base_url, api_key, model, timeout_s, gate=gate)
+        self.client = LLMClient(url, api_key, model, timeout_s, gate=gate)
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
@@ -182,7 +184,7 @@ class MedicalDataProcessor:
         self._parts: dict[tuple[str, int], list[_Part]] = {}
         self._formats: dict[tuple[str, str, int], Any] = {}
         # The engine's client: same endpoint and gate, made now, connected on first use.
-        self.aclient = AsyncLLMClient(self.base_url, api_key, model, timeout_s, gate=gate)
+        self.aclient = AsyncLLMClient(url, api_key, model, timeout_s, gate=gate)
 
     @classmethod
     def from_settings(

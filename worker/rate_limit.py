@@ -51,6 +51,7 @@ from medq.errors import (
     ServerError,
 )
 from medq.tokens import estimate_text_tokens
+from medq.urls import redact_url
 from worker.batching import new_id
 from worker.metrics import metrics
 
@@ -181,7 +182,9 @@ return {0, tostring(limit)}
 
 
 def endpoint_id(url: str) -> str:
-    return hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:12]
+    # Of the URL as shown: a short hash of a password is no place to keep one, and the
+    # URL with or without its userinfo names the same endpoint's keys.
+    return hashlib.sha1(redact_url(url).rstrip("/").encode()).hexdigest()[:12]
 
 
 def endpoint_keys(url: str) -> tuple[str, str, str, str]:
@@ -258,7 +261,7 @@ class EndpointGate:
     waiter instead of letting it poll."""
 
     def __init__(self, r: redis.Redis, url: str, config: GateConfig, batcher: Any = None) -> None:
-        self.url = url
+        self.url = redact_url(url)  # in metrics labels and messages
         self.config = config
         self.keys = endpoint_keys(url)
         self._r = r
@@ -449,7 +452,7 @@ def _snapshots(urls: list[str], replies: list[Any], max_in_flight: int | None) -
         cool_until = float(h.get("cool_until", 0))
         limit = float(h["limit"]) if "limit" in h else float(max_in_flight or 0)
         out.append({
-            "url": url,
+            "url": redact_url(url),
             "in_flight": int(n),
             "limit": round(limit, 2),
             "cooling_s": round(max(cool_until - now_ms, 0) / 1000, 1),

@@ -51,7 +51,7 @@ def _stats(base_url: str) -> dict:
 )
 def test_tgi_refusals_are_format_rejections(said: str) -> None:
     # axum's rejection is a plain-text body, not an OpenAI error object
-    err = error_for_status(422, {}, said, "http://tgi:8080/v1", MESSAGES)
+    err = error_for_status(422, {}, said, "http://tgi:8080/v1")
     assert type(err) is FormatRejected  # auto mode steps down; a fixed mode fails the job permanently
 
 

@@ -17,9 +17,6 @@ from medq.errors import (
 )
 from worker.llm import FormatRejected, LLMClient
 
-MESSAGES = [{"role": "user", "content": "Patient is a 70-year-old man."}]
-
-
 def status_error(status: int, message: str, headers: dict[str, str] | None = None) -> openai.APIStatusError:
     request = httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
     response = httpx.Response(status, headers=headers or {}, request=request)
@@ -46,7 +43,7 @@ def status_error(status: int, message: str, headers: dict[str, str] | None = Non
 )
 def test_server_errors_are_classified(status: int, message: str, expected: type, charged: bool | None) -> None:
     client = LLMClient("http://127.0.0.1:1/v1", "x", "m")
-    err = client._translate(status_error(status, message, {"retry-after": "3"}), MESSAGES)
+    err = client._translate(status_error(status, message, {"retry-after": "3"}))
     assert type(err) is expected
     if charged is not None:
         assert err.charged is charged  # back-pressure waits; charged errors spend the retry budget

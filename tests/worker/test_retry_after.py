@@ -41,5 +41,5 @@ def test_retry_after_forms(headers: dict[str, str], expected_s: float | None) ->
 def test_a_429_with_a_date_waits_until_then() -> None:
     # httpx's headers as the SDK hands them over: case-insensitive
     headers = httpx.Headers({"Retry-After": "Tue, 14 Nov 2023 22:15:20 GMT", "Date": NOW_DATE})
-    err = error_for_status(429, headers, {"error": {"message": "slow down"}}, "http://llm:8000/v1", [])
+    err = error_for_status(429, headers, {"error": {"message": "slow down"}}, "http://llm:8000/v1")
     assert isinstance(err, RateLimited) and err.retry_after_s == 120.0
