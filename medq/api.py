@@ -2,7 +2,9 @@
 
 Every ``/v1`` route takes a bearer token from ``MEDQ_API__TOKENS`` (``CLIENT:TOKEN``
 pairs, or bare tokens, comma-separated). A batch belongs to the client that created
-it; another client's token gets 403 on it. ``/healthz`` and ``/metrics`` answer
+it; to another client's token it does not exist (404, the same answer as for a
+batch or job that was never made, so a token cannot tell whether another client's
+batch exists); adding to a batch id another client has taken gets 403. ``/healthz`` and ``/metrics`` answer
 without a token and say nothing about any record.
 
 Patient text is never logged: the access log names the route template (not the
@@ -13,6 +15,7 @@ ids. Batch bodies are read as a stream and parked in Redis record by record
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -32,12 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medq.contract import JobStatus, job_key
-from medq.errors import MedqError, UnknownSchema
+from medq.contract import BATCH_ID_PATTERN, JobStatus, job_key
+from medq.errors import MedqError, RedisFull, UnknownSchema
 from medq.settings import Settings
 from producer.batches import claim_batch, counts, owner_of, requeue
 from producer.enqueue import BatchHasher, Producer, record_digest, sealed_payload
-from producer.records import RecordChecker, RecordProblem
+from producer.records import RecordChecker, RecordProblem, limits_of
 from producer.uploads import BodyParser, Upload, max_item_bytes, problem_json
 from worker.metrics import RUNNING_KEY, worker_processes
 from worker.results import open_store_for
@@ -45,7 +48,7 @@ from worker.results.export import iter_results, job_doc, to_jsonl
 
 log = logging.getLogger("medq.api")
 
-BATCH_ID = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+BATCH_ID = BATCH_ID_PATTERN  # the one rule of medq.contract; enqueue checks it too
 JOB_ID = r"^[0-9a-f]{32}(-r[0-9]+)?$"  # a revision of a record (medq enqueue --replace) ends in -r<n>
 MIN_TOKEN_CHARS = 16
 MAX_PROBLEMS_SHOWN = 100
@@ -196,6 +199,7 @@ class ResultDoc(BaseModel):
     model: str | None = None
     endpoint: str | None = None
     attempts: int
+    deliveries: int | None = Field(default=None, description="Runs of the job: its attempts and those put back before any request (no capacity).")
     usage: dict[str, Any] | None = None
     latency_ms: float | None = None
     metadata: dict[str, Any] | None = None
@@ -232,8 +236,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorOut, "description": "A parameter or the body is invalid; the message names it."},
     503: {"model": ErrorOut, "description": "Redis cannot be reached (MEDQ_REDIS_URL); try again."},
 }
-_OWNED = {**_ERRORS, 403: {"model": ErrorOut, "description": "Another client's batch."},
-          404: {"model": ErrorOut, "description": "No such batch or job."}}
+_TAKEN: dict[str, Any] = {"model": ErrorOut, "description": "The batch id is another client's: choose another."}
+_OWNED = {**_ERRORS, 404: {"model": ErrorOut, "description": "No such batch or job, or another client's (the same answer)."}}
 
 
 # ---------------------------------------------------------------- the app
@@ -273,6 +277,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
     max_body = settings.api.max_batch_bytes
     max_records = settings.api.max_batch_records
     stats = _Stats(settings, r)
+    app.add_middleware(_BodyDeadline, timeout_s=settings.api.body_timeout_s)  # inside _Guard: its 408 is logged
     app.add_middleware(_Guard, stats=stats)
 
     @app.exception_handler(APIError)
@@ -293,18 +298,18 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         return JSONResponse({"detail": str(exc.detail), "problems": []}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    def own(client: str, batch: str) -> None:
+    def own(client: str, batch: str, missing: str | None = None) -> None:
+        """Another client's batch (or one from ``medq enqueue``) answers exactly as one that
+        does not exist: ``missing``, the caller's 404 for an unknown batch or job. A 403
+        would confirm to one client that another's batch or job exists."""
         owner = owner_of(r, batch)
-        if owner is None:
-            raise APIError(404, f"no batch {batch!r}")
-        if owner != client and app.state.token_digests is not None:
-            whose = "another client's" if owner else "not created through the API"
-            raise APIError(403, f"batch {batch!r} is {whose}; this token may not read it")
+        if owner is None or (owner != client and app.state.token_digests is not None):
+            raise APIError(404, missing or f"no batch {batch!r}")
 
     # ------------------------------------------------------------ jobs
 
     @app.post("/v1/jobs", status_code=202, response_model=JobAccepted, tags=["jobs"],
-              responses={**_ERRORS, 403: _OWNED[403], 413: {"model": ErrorOut}, 409: {
+              responses={**_ERRORS, 403: _TAKEN, 413: {"model": ErrorOut}, 409: {
                   "model": ErrorOut, "description": "The batch already holds this record id with different text."}},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": job_in}}}})
     async def post_job(request: Request, client: str = Security(client_of)) -> JSONResponse:
@@ -326,7 +331,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
             sch = producer.schema_loader.get(sch_name)
         except UnknownSchema as exc:
             raise APIError(422, f'field "schema": {exc.message}') from None
-        checked = RecordChecker(settings.max_record_bytes).check("body", doc)
+        checked = RecordChecker(**limits_of(settings)).check("body", doc)
         if isinstance(checked, RecordProblem):
             raise APIError(422, f"field {checked.field!r}: {checked.message}" if checked.field else checked.message,
                            [problem_json(checked)], 1)
@@ -361,7 +366,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         batch = r.hget(job_key(job_id), "batch")
         if batch is None:
             raise APIError(404, f"no job {job_id}")
-        own(client, batch.decode() if isinstance(batch, bytes) else batch)
+        own(client, batch.decode() if isinstance(batch, bytes) else batch, f"no job {job_id}")
         doc = _opened(lambda: job_doc(r, store, job_id))
         if doc is None:
             raise APIError(404, f"no job {job_id}")
@@ -370,7 +375,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
     # ------------------------------------------------------------ batches
 
     @app.post("/v1/batches", status_code=202, response_model=BatchAccepted, tags=["batches"],
-              responses={**_ERRORS, 403: _OWNED[403], 413: {"model": ErrorOut, "description": "Over MEDQ_API__MAX_BATCH_BYTES or MEDQ_API__MAX_BATCH_RECORDS."}},
+              responses={**_ERRORS, 403: _TAKEN, 413: {"model": ErrorOut, "description": "Over MEDQ_API__MAX_BATCH_BYTES or MEDQ_API__MAX_BATCH_RECORDS."}},
               openapi_extra={"requestBody": {"required": True, "description": (
                   "Records as JSON lines (application/x-ndjson) or one JSON array (application/json) of "
                   '{"id", "text", "metadata"} objects. Read as a stream.'),
@@ -610,6 +615,8 @@ class _Guard:
         except Exception as exc:  # noqa: BLE001 - answered here, so uvicorn prints no traceback with a message
             if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)):
                 code, detail = 503, "cannot reach Redis (MEDQ_REDIS_URL); try again"
+            elif isinstance(exc, RedisFull):  # the jobs not sent are sent by the same request again
+                code, detail = 503, exc.message.replace("run the same command again", "send the same request again")
             else:
                 code, detail = 500, f"internal error ({type(exc).__name__}); the service log has the request"
             log.error("%s %s failed: %s", scope["method"], _route(scope), type(exc).__name__)
@@ -626,6 +633,41 @@ class _Guard:
             log.info("%s %s %d %.0fms client=%s", scope["method"], route, status, elapsed * 1000, client)
             self.stats.requests.labels(route, scope["method"], str(status)).inc()
             self.stats.seconds.labels(route).observe(elapsed)
+
+
+class _BodyDeadline:
+    """A request's body must arrive whole within ``MEDQ_API__BODY_TIMEOUT_S`` of its headers,
+    or the client gets 408 and the connection is closed. uvicorn has no such bound (its
+    ``timeout_keep_alive`` only runs between requests), so a client sending a byte a
+    second would hold its connection, and an upload's parked records, for ever. Only the
+    body is bounded: once it is in, ``receive`` is passed through as it is (Starlette
+    waits on it for a disconnect while a response streams)."""
+
+    def __init__(self, app: Any, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        body_done = False
+
+        async def bounded_receive() -> dict[str, Any]:
+            nonlocal body_done
+            if body_done:
+                return await receive()  # type: ignore[no-any-return]
+            try:
+                message: dict[str, Any] = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {self.timeout_s:g}s "
+                                    "(MEDQ_API__BODY_TIMEOUT_S)", headers={"Connection": "close"}) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, bounded_receive, send)
 
 
 def _route(scope: dict[str, Any]) -> str:

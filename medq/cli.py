@@ -85,18 +85,21 @@ def enqueue(
                                  "again with the new text, as a new revision that replaces the old job and its result."),
 ) -> None:
     """Enqueue records for extraction; prints the batch id."""
-    from medq.errors import UnknownSchema
-    from producer.enqueue import Producer
-    from producer.records import check, read_path
+    from medq.errors import InvalidBatchId, RedisFull, SchemaError, UnknownSchema
+    from producer.enqueue import Producer, check_batch_id
+    from producer.records import check, limits_of, read_path
 
     _redis()
     producer = Producer(_settings())
     try:
+        if batch is not None:
+            check_batch_id(batch)
         producer.schema_loader.get(schema)
-    except UnknownSchema as exc:
+    except (InvalidBatchId, SchemaError, UnknownSchema) as exc:
         raise _fail(exc.message) from None
+    _warn_schema_problems(producer.schema_loader)
     try:
-        checked = check(read_path(path, fmt), producer.settings.max_record_bytes)
+        checked = check(read_path(path, fmt), **limits_of(producer.settings))
     except FileNotFoundError as exc:
         raise _fail(str(exc)) from None
     if checked.problems:
@@ -109,7 +112,10 @@ def enqueue(
         err.print(f"skipping {len(checked.problems)} invalid record(s)", highlight=False)
     if not checked.records:
         raise _fail("no valid records to enqueue")
-    result = producer.enqueue(checked, schema, batch, skip_invalid=True, replace=replace)  # problems were reported above
+    try:
+        result = producer.enqueue(checked, schema, batch, skip_invalid=True, replace=replace)  # problems were reported above
+    except RedisFull as exc:
+        raise _fail(exc.message) from None
     replaced = f", {len(result.replaced)} replaced by a new revision" if result.replaced else ""
     conflicts = f", {len(result.conflicts)} NOT enqueued (conflict)" if result.conflicts else ""
     err.print(
@@ -122,6 +128,25 @@ def enqueue(
         raise _report_conflicts(result.batch, result.conflicts, len(result) - len(result.conflicts))
     if wait:
         _wait(producer.r, result.batch, timeout_s)
+
+
+def _refuse_broken_schemas(producer, batch: str, all_failed: bool) -> None:
+    """Jobs that would run again under a schema whose file is broken would only fail again: nothing is requeued."""
+    from producer.batches import REQUEUE_KINDS, failed
+
+    loader = producer.schema_loader
+    for st in failed(producer.r, batch):
+        broken = loader.problem_for(st.schema)
+        if (all_failed or st.error_kind in REQUEUE_KINDS) and broken and st.schema_version not in loader.versions(st.schema):
+            raise _fail(f"nothing was requeued: the failed jobs of batch {batch} use schema {st.schema} version "
+                        f"{st.schema_version}, which cannot be loaded: {broken.message}")
+
+
+def _warn_schema_problems(loader) -> None:  # a medq.schemas.SchemaLoader, imported lazily
+    """A bad schema file disables its own schema only; say so, since nobody may be watching a worker's log."""
+    for problem in loader.problems:
+        err.print(f"[yellow]warning:[/yellow] schema {escape(problem.name)} is not available: {escape(problem.message)}",
+                  highlight=False, soft_wrap=True)
 
 
 def _report_conflicts(batch: str, record_ids: list[str], others: int) -> typer.Exit:
@@ -230,7 +255,7 @@ def failed(
     rows = failed_jobs(_redis(), batch)
     if as_json:
         for st in rows:
-            print(json.dumps({k: st.as_dict()[k] for k in ("record_id", "job_id", "error_kind", "error_message", "attempts")}))
+            print(json.dumps({k: st.as_dict()[k] for k in ("record_id", "job_id", "error_kind", "error_message", "attempts", "deliveries")}))
         return
     if not rows:
         out.print(f"no failed jobs in batch {batch}")
@@ -256,6 +281,8 @@ def requeue(
 
     _redis()
     producer = Producer(_settings())
+    _refuse_broken_schemas(producer, batch, all_failed)
+    _warn_schema_problems(producer.schema_loader)
     report = requeue_jobs(producer, batch, all_failed=all_failed)
     err.print(f"requeued {len(report.requeued)} job(s)", highlight=False)
     if report.payload_missing:
@@ -268,19 +295,33 @@ def requeue(
 @app.command()
 def purge(
     batch: str = typer.Argument(..., help="Batch id."),
-    results_too: bool = typer.Option(False, "--results", help="Also delete the batch's results kept in Redis."),
+    results_too: bool = typer.Option(
+        False, "--results", help="Also delete the batch's results, in Redis or PostgreSQL (MEDQ_RESULTS_URL)."
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Delete a batch's records, job states and dead letters from Redis.
 
     Dead letters keep their record until the job succeeds or the batch is purged;
-    this is how they go. Results in PostgreSQL are not touched."""
+    this is how they go. Jobs still running store nothing afterwards. With --results,
+    the batch's results go too, wherever MEDQ_RESULTS_URL keeps them."""
     from producer.batches import purge as purge_batch
 
     r = _redis()
     if not yes and not typer.confirm(f"delete batch {batch}'s records and job states from Redis?"):
         raise typer.Exit(EXIT_BAD_INPUT)
     report = purge_batch(r, batch, results=results_too)
+    s = _settings()
+    if results_too and s.effective_results_url != s.redis_url:
+        # After the job states: a run finishing from now on finds its job gone and takes
+        # its own result back (worker.jobs._forget_purged), so none outlives this.
+        from worker.results import open_store_for
+
+        store = open_store_for(s)
+        try:
+            report.results += store.delete(report.job_ids) + store.delete_batch(batch)
+        finally:
+            store.close()
     err.print(
         f"purged batch {batch}: {report.jobs} job state(s), {report.payloads} record(s)"
         + (f", {report.results} result(s)" if results_too else ""),
@@ -437,20 +478,22 @@ def bench(
 
 @schemas_app.command("list")
 def schemas_list() -> None:
-    """The schemas found in medq's configs/schemas, ./configs/schemas and MEDQ_SCHEMAS_DIRS, every loaded version."""
-    from medq.errors import SchemaError
+    """The schemas found in medq's configs/schemas, ./configs/schemas and MEDQ_SCHEMAS_DIRS, every loaded version;
+    files that cannot be loaded are listed as problems (exit 2)."""
     from medq.schemas import SchemaLoader
 
-    try:
-        loader = SchemaLoader(_settings().schema_dirs)
-    except SchemaError as exc:
-        raise _fail(exc.message) from None
+    loader = SchemaLoader(_settings().schema_dirs)
     table = Table()
     for col in ("name", "version", "fields", "description"):
         table.add_column(col)
     for sch in loader.all_versions():
         table.add_row(sch.name, str(sch.version), ", ".join(sch.field_names), escape(sch.description))
     out.print(table)
+    for problem in loader.problems:  # on stderr, with exit 2: a check in CI sees them
+        err.print(f"[red]problem[/red] schema {escape(problem.name)}: {escape(problem.message)}",
+                  highlight=False, soft_wrap=True)
+    if loader.problems:
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 @schemas_app.command("show")
@@ -586,9 +629,8 @@ def api(
     Bearer tokens from MEDQ_API__TOKENS (CLIENT:TOKEN, comma-separated); OpenAPI at /docs and /openapi.json."""
     import logging
 
-    import uvicorn
-
     from medq.api import create_app
+    from medq.api_server import serve
     from medq.errors import SchemaError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -598,8 +640,7 @@ def api(
         raise _fail(str(exc)) from None
     if application.state.token_digests is None:
         err.print("[yellow]warning:[/yellow] medq api without tokens (--insecure-no-auth)", highlight=False)
-    # uvicorn's access log prints paths and query strings; medq.api logs route templates instead.
-    uvicorn.run(application, host=host, port=port, access_log=False, log_level="info", server_header=False)
+    serve(application, host, port, _settings())  # uvicorn, with time limits on slow clients
 
 
 # ---------------------------------------------------------------- llm

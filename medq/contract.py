@@ -14,6 +14,8 @@ nowhere else (STYLE.md, Celery's own advice on large or sensitive arguments).
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from enum import Enum
 
 TASK_EXTRACT = "medq.extract"
@@ -77,9 +79,32 @@ def result_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:result:{job_id}"
 
 
+_BATCH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+BATCH_ID_PATTERN = f"^{_BATCH_ID_RE.pattern}$"
+"""What a batch id may be: letters, digits and ``. _ : @ -``, up to 128 characters, starting
+with a letter or digit. The default ids (``b-<hex>``, ``demo-<time>-<pid>``) follow it."""
+
+
+def is_valid_batch_id(batch: object) -> bool:
+    return isinstance(batch, str) and _BATCH_ID_RE.fullmatch(batch) is not None
+
+
+_SEPARATOR = "\x1f"
+
+
 def make_job_id(batch: str, record_id: str, schema: str, schema_version: int) -> str:
-    """Deterministic job id, so enqueuing the same records twice runs nothing twice."""
-    raw = "\x1f".join((batch, record_id, schema, str(schema_version)))
+    """Deterministic job id, so enqueuing the same records twice runs nothing twice.
+
+    The parts are joined with ``\\x1f``, which is unambiguous only while no part holds
+    that character (batch ``ward\\x1fa`` + record ``b`` would be batch ``ward`` + record
+    ``a\\x1fb``). Such parts are encoded as JSON instead (``v2[...]``: JSON escapes the
+    separator, so it never equals a joined string), and every other id, i.e. every job
+    already in Redis, stays what it was."""
+    parts = (batch, record_id, schema, str(schema_version))
+    if any(_SEPARATOR in part for part in parts):
+        raw = "v2" + json.dumps(list(parts), ensure_ascii=False)
+    else:
+        raw = _SEPARATOR.join(parts)
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:32]
 
 

@@ -79,7 +79,7 @@ def run_demo(opts: DemoOptions, console: Console) -> dict[str, Any]:
     from medq.samples import gold_path, sample_path
     from medq.settings import get_settings
     from producer.enqueue import Producer
-    from producer.records import check, read_path
+    from producer.records import check, limits_of, read_path
     from worker.results import open_store_for
     from worker.results.export import iter_results
 
@@ -118,7 +118,7 @@ def run_demo(opts: DemoOptions, console: Console) -> dict[str, Any]:
             sup.start("worker", [sys.executable, "-m", "medq.cli", "worker", "-c", str(opts.concurrency),
                                  "--loglevel", "WARNING"], env)
 
-            checked = check(read_path(records_file), settings.max_record_bytes)
+            checked = check(read_path(records_file), **limits_of(settings))
             if opts.limit:
                 checked.records = checked.records[: opts.limit]
             producer = Producer(settings)

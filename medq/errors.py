@@ -10,8 +10,11 @@
     │   ├── TimeLimitExceeded     the extraction ran past MEDQ_WORKER__TASK_TIME_LIMIT_S (charged)
     │   ├── NoCapacity            medq's own limits (requests/tokens per minute, in-flight cap,
     │   │                         an endpoint cooling down) had no room in time (back-pressure)
-    │   └── SchemaVersionUnavailable  the job's schema version is not loaded in this worker; one
-    │                             that has it takes the job (back-pressure: a rolling upgrade)
+    │   ├── SchemaVersionUnavailable  the job's schema version is not loaded in this worker; one
+    │   │                         that has it takes the job (back-pressure: a rolling upgrade)
+    │   └── StoreUnavailable      the results store (PostgreSQL, Redis) cannot be reached; the
+    │                             worker holds the answer and writes again (back-pressure); a job
+    │                             fails with it only after MEDQ_WORKER__STORE_WAIT_S
     └── PermanentError            retrying cannot help; the job goes to dead letters at once
         ├── WorkerLost            the job's worker died during MEDQ_WORKER__MAX_LOST_RUNS runs (poison)
         ├── InvalidRecord         the record itself is unusable (empty, too large, bad UTF-8)
@@ -27,6 +30,12 @@
         │                         context is too small and it cut the note without saying so
         ├── OutputInvalid         still not valid JSON for the schema after the re-asks
         └── OutputTruncated       still cut off at max_tokens_cap
+    InvalidBatchId (a MedqError and ValueError) a batch id that does not match
+                                 medq.contract.BATCH_ID_PATTERN: refused at enqueue, never a job's error
+
+    RedisFull (a MedqError)      Redis refused a write: used memory is at its maxmemory
+                                 (noeviction). Not a job's fault: workers wait for room;
+                                 `medq enqueue` stops, says how far it got, and a re-run sends the rest.
 
 A retryable error is either *charged* to the job (it may be the record's doing: a
 timeout, a 500), counted against ``MEDQ_WORKER__MAX_RETRIES``, or *back-pressure*
@@ -97,6 +106,14 @@ class SchemaVersionUnavailable(RetryableError):
     charged = False
 
 
+class StoreUnavailable(RetryableError):
+    """The results store did not answer (refused, reset, timed out). Says the driver's error
+    by its type name only: its text can quote the SQL and the document's values."""
+
+    kind = "store_unavailable"
+    charged = False
+
+
 class ServerError(RetryableError):
     kind = "server_error"
 
@@ -153,3 +170,24 @@ class OutputInvalid(PermanentError):
 
 class OutputTruncated(PermanentError):
     kind = "output_truncated"
+
+
+class RedisFull(MedqError):
+    """Redis is at its ``maxmemory`` and refuses writes. ``sent``: jobs whose message went
+    out before it filled; a re-run of the same enqueue sends the rest, nothing twice."""
+
+    kind = "redis_full"
+
+    def __init__(self, message: str, sent: int = 0) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+    def __reduce__(self):
+        return (self.__class__, (self.message, self.sent))
+
+
+class InvalidBatchId(MedqError, ValueError):
+    """Refused at enqueue: batch ids are part of job ids and key names, so they are kept
+    to a plain alphabet (``medq.contract.BATCH_ID_PATTERN``)."""
+
+    kind = "invalid_batch_id"

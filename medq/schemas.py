@@ -1,7 +1,9 @@
 """Extraction schemas: ``configs/schemas/NAME.yaml`` -> JSON Schema + pydantic model.
 
 The YAML format is CONTRACT.md's. Each file is checked when it is loaded, so a
-typo fails at worker start with the file and field named, not at the first job.
+typo is reported at worker start with the file and field named, not at the first job.
+A bad file disables only its own schema: the loader keeps the others and remembers
+the file and why (``SchemaLoader.problems``); asking for that schema raises it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,19 @@ class ExtractionSchema:
         return self.model.model_validate_json(raw)
 
 
+@dataclass(frozen=True)
+class SchemaFileProblem:
+    """A schema file that could not be loaded: ``name`` is the schema it declares, or the
+    file name up to its first dot when it cannot be read that far."""
+
+    path: Path
+    name: str
+    message: str  # SchemaError's: the file, the line or field, and what is wrong
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class SchemaLoader:
     """Loads every ``*.yaml`` in ``dirs`` once; later folders override earlier ones.
 
@@ -56,12 +71,21 @@ class SchemaLoader:
             dirs = get_settings().schema_dirs
         self.dirs = [Path(d) for d in dirs]
         self._schemas: dict[str, dict[int, ExtractionSchema]] = {}
+        self.problems: list[SchemaFileProblem] = []  # bad files, each disabling its own schema only
         for d in self.dirs:
             if not d.is_dir():
                 continue
             for path in sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")):
-                schema = load_schema_file(path)
+                try:
+                    schema = load_schema_file(path)
+                except SchemaError as exc:
+                    self.problems.append(SchemaFileProblem(path, _declared_name(path), exc.message))
+                    continue
                 self._schemas.setdefault(schema.name, {})[schema.version] = schema
+
+    def problem_for(self, name: str) -> SchemaFileProblem | None:
+        """The bad file that declares (or is named after) schema ``name``, if any."""
+        return next((p for p in self.problems if p.name == name), None)
 
     def names(self) -> list[str]:
         return sorted(self._schemas)
@@ -80,6 +104,9 @@ class SchemaLoader:
         """The schema ``name`` at ``version`` (default: the newest loaded). Raises
         ``UnknownSchema``, or ``SchemaVersionUnavailable`` for a version not loaded here."""
         versions = self._schemas.get(name)
+        broken = self.problem_for(name)
+        if broken is not None and (version is None or version not in (versions or {})):
+            raise _unusable(name, version, broken)
         if not versions:
             known = ", ".join(self.names()) or "none (check configs/schemas and MEDQ_SCHEMAS_DIRS)"
             raise UnknownSchema(f"unknown schema {name!r}; known schemas: {known}")
@@ -99,11 +126,34 @@ class SchemaLoader:
         return name in self._schemas
 
 
+def _unusable(name: str, version: int | None, broken: SchemaFileProblem) -> SchemaError | SchemaVersionUnavailable:
+    if version is None:  # new jobs: never quietly an older version while the newest file is broken
+        return SchemaError(f"schema {name!r} cannot be used until its file is fixed: {broken.message}")
+    # a job enqueued before the file broke: put back for a worker that has it (or this one, fixed)
+    return SchemaVersionUnavailable(
+        f"schema {name} version {version} is not loaded here: this worker could not load {broken.message}"
+    )
+
+
+def _declared_name(path: Path) -> str:
+    """The ``name:`` a bad schema file declares, if it can be read that far; else its file name."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        doc = None
+    name = doc.get("name") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) and name else path.name.split(".")[0]
+
+
 def load_schema_file(path: Path) -> ExtractionSchema:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        raise SchemaError(f"{path}{line}: not valid YAML: {exc.problem or exc.context}") from None
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SchemaError(f"{path}: cannot read schema file: {exc}") from exc
+        raise SchemaError(f"{path}: cannot read schema file: {exc}") from None
     return build_schema(doc, source=path)
 
 

@@ -110,6 +110,9 @@ class WorkerSettings(BaseModel):
     pool: Literal["threads", "prefork", "solo"] = "threads"
     max_retries: int = 6  # charged errors per job (timeouts, 5xx); back-pressure is not counted
     max_wait_s: float = 6 * 3600  # back-pressure (busy, down, rate-limited) delays a job this long at most
+    # A results store away: a finished job holds its answer and writes it again this long at
+    # most (its lease kept), then fails as store_unavailable (plain `medq requeue` takes it).
+    store_wait_s: float = 600.0
     retry_backoff_s: float = 2.0
     retry_backoff_max_s: float = 300.0
     task_time_limit_s: int = 900
@@ -133,6 +136,13 @@ class APISettings(BaseModel):
     # Records in one POST /v1/batches: the service keeps each one's id while the body
     # arrives, so this bounds its memory (about 150 bytes a record).
     max_batch_records: int = Field(default=100_000, gt=0)
+    # Slow clients (slowloris): uvicorn waits for a request's headers and body for ever.
+    # A client gets this long for its headers (then the connection is closed) and for its
+    # whole body, counted from its headers (then 408 and closed); at most this many
+    # connections at once (more get 503).
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=300.0, gt=0)
+    max_connections: int = Field(default=256, gt=0)
 
 
 class Settings(BaseSettings):
@@ -147,6 +157,9 @@ class Settings(BaseSettings):
     payload_ttl_s: int = 7 * 24 * 3600
     results_ttl_s: int = 30 * 24 * 3600
     max_record_bytes: int = 200_000
+    # A record's id and metadata are copied into its job state and every result export.
+    max_id_chars: int = Field(default=256, gt=0)
+    max_metadata_bytes: int = Field(default=64 * 1024, gt=0)  # as compact UTF-8 JSON
     # Jobs per task message the producer sends; a worker runs them side by side. One
     # message per job costs more worker CPU than the job itself at a fast endpoint.
     jobs_per_message: int = 16

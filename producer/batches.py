@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -16,7 +16,7 @@ from medq.errors import EndpointMisconfigured, RetryableError
 
 _CHUNK = 1000
 _FIELDS = ("record_id", "status", "attempts", "error_kind", "error_message", "schema", "schema_version", "updated_at", "batch", "seq",
-           "superseded_by")
+           "superseded_by", "unsent_runs")
 
 # Error kinds that a later run may not hit again (the endpoint was down, slow, busy).
 TRANSIENT_KINDS: frozenset[str] = frozenset(
@@ -36,7 +36,7 @@ class JobState:
     job_id: str
     record_id: str
     status: str
-    attempts: int
+    attempts: int  # runs that reached the model (a request sent)
     error_kind: str | None
     error_message: str | None
     schema: str
@@ -44,6 +44,7 @@ class JobState:
     updated_at: str | None
     batch: str
     seq: int
+    deliveries: int = 0  # runs of the job: its attempts and those put back before any request (no capacity)
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -80,6 +81,7 @@ def iter_states(r: redis.Redis, batch: str, ids: list[str] | None = None) -> Ite
                 updated_at=v[7],
                 batch=v[8] or batch,
                 seq=int(v[9] or 0),
+                deliveries=int(v[2] or 0) + int(v[11] or 0),
             ))
     states.sort(key=lambda st: st.seq)
     yield from states
@@ -108,13 +110,17 @@ class RequeueReport:
 def requeue(producer: Any, batch: str, all_failed: bool = False) -> RequeueReport:
     """Send failed jobs again: by default those whose error was transient or the
     endpoint's set-up (``REQUEUE_KINDS``); with ``all_failed`` every failed job. A job
-    whose stored record is gone is reported."""
+    whose stored record is gone is reported. A job whose worker died while it ran goes in
+    a message of its own: if its record kills workers, it takes no companions down."""
     r = producer.r
     chosen = [st for st in failed(r, batch) if all_failed or st.error_kind in REQUEUE_KINDS]
     pipe = r.pipeline(transaction=False)
     for st in chosen:
         pipe.exists(payload_key(st.job_id))
-    present = pipe.execute() if chosen else []
+        pipe.hget(job_key(st.job_id), "lost")
+    out = pipe.execute() if chosen else []
+    present, lost = out[0::2], out[1::2]
+    suspects = {st.job_id for st, n in zip(chosen, lost) if int(n or 0) > 0}
     ready = [st for st, ok in zip(chosen, present) if ok]
     missing = [st.record_id for st, ok in zip(chosen, present) if not ok]
     pipe = r.pipeline(transaction=False)
@@ -125,7 +131,10 @@ def requeue(producer: Any, batch: str, all_failed: bool = False) -> RequeueRepor
         pipe.persist(job_key(st.job_id))  # finished jobs' state expires; a queued one's must not
         pipe.zrem(failed_key(batch), st.job_id)
     pipe.execute()
-    producer.send([st.job_id for st in ready])
+    producer.send([st.job_id for st in ready if st.job_id not in suspects])
+    for st in ready:
+        if st.job_id in suspects:
+            producer.send([st.job_id])  # one job: a medq.extract message of its own
     return RequeueReport([st.job_id for st in ready], missing)
 
 
@@ -134,12 +143,15 @@ class PurgeReport:
     jobs: int
     payloads: int
     results: int
+    job_ids: list[str] = field(default_factory=list)  # every job purged, replaced revisions too
 
 
 def purge(r: redis.Redis, batch: str, results: bool = False) -> PurgeReport:
     """Delete a batch from Redis: its records (payloads), job states, sets, and with
-    ``results`` its results kept in Redis. Running jobs find their state gone and stop."""
+    ``results`` its results kept in Redis. Running jobs find their state gone and write
+    nothing back (worker.jobs FINISH_LUA and its siblings): a purged job stays purged."""
     ids = job_ids(r, batch) or [_s(x) for x in r.zrange(failed_key(batch), 0, -1)]
+    purged = list(ids)
     jobs = payloads = res = 0
     for i in range(0, len(ids), _CHUNK):
         chunk = ids[i : i + _CHUNK]
@@ -155,21 +167,24 @@ def purge(r: redis.Redis, batch: str, results: bool = False) -> PurgeReport:
         jobs += sum(out[1::step])
         if results:
             res += sum(out[2::step])
-        _purge_replaced(r, chunk, results)
+        purged += _purge_replaced(r, chunk, results)
     r.delete(batch_key(batch), failed_key(batch), owner_key(batch))
-    return PurgeReport(jobs, payloads, res)
+    return PurgeReport(jobs, payloads, res, purged)
 
 
-def _purge_replaced(r: redis.Redis, ids: list[str], results: bool) -> None:
+def _purge_replaced(r: redis.Redis, ids: list[str], results: bool) -> list[str]:
     """The jobs that revisions in ``ids`` replaced (``medq enqueue --replace``): no longer in
-    the batch set, but their hashes (and results) stay until they expire."""
+    the batch set, but their hashes (and results) stay until they expire. Returns their ids."""
     pipe = r.pipeline(transaction=False)
+    olds = []
     for job_id in ids:
         first, revision = split_revision(job_id)
         for old in (revision_job_id(first, n) for n in range(revision)):
+            olds.append(old)
             pipe.delete(job_key(old), payload_key(old), *([result_key(old)] if results else []))
     if len(pipe):
         pipe.execute()
+    return olds
 
 
 # KEYS[1] owner string, KEYS[2] batch set; ARGV[1] client.

@@ -17,12 +17,15 @@ import redis
 from celery import Celery
 
 from medq.contract import (
-    QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY, batch_key, failed_key, job_key, make_job_id, payload_key,
+    QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY, batch_key, failed_key, is_valid_batch_id, job_key, make_job_id,
+    payload_key,
 )
 from medq.crypto import Sealer, seal_text
+from medq.errors import InvalidBatchId, RedisFull
+from medq.redis_memory import full_message
 from medq.schemas import ExtractionSchema, SchemaLoader
 from medq.settings import Settings, get_settings
-from producer.records import CheckedRecords, InputError, Record, check, from_objects
+from producer.records import CheckedRecords, InputError, Record, check, from_objects, limits_of
 
 # Create a job only if its record is not in the batch yet, all at once, so a crash cannot
 # leave half a job. A record already there is compared by digest with its newest revision:
@@ -149,7 +152,7 @@ class Producer:
     def check(self, records: Iterable[Any] | CheckedRecords) -> CheckedRecords:
         if isinstance(records, CheckedRecords):
             return records
-        return check(from_objects(records), self.settings.max_record_bytes)
+        return check(from_objects(records), **limits_of(self.settings))
 
     def enqueue(
         self,
@@ -178,6 +181,7 @@ class Producer:
     ) -> EnqueueResult:
         """Create a job per ``(record id, payload, digest)`` and send it, 128 at a time. With
         ``staged``, each payload is instead the field of that hash where it was parked."""
+        check_batch_id(batch)
         job_ids: list[str] = []
         conflicts: list[str] = []
         replaced: list[str] = []
@@ -187,18 +191,13 @@ class Producer:
         prefixes = [job_key(""), payload_key("")]
         seq = 0
         for chunk in _chunks(items, _CHUNK):
-            pipe = self.r.pipeline(transaction=False)
-            for rid, payload, digest in chunk:
-                first = make_job_id(batch, rid, sch.name, sch.version)
-                self._create(
-                    keys=[job_key(first), payload_key(first), batch_key(batch), failed_key(batch), *extra_keys],
-                    args=[batch, rid, sch.name, sch.version, now_iso, payload, self.settings.payload_ttl_s, first, seq,
-                          digest, int(replace), *prefixes, self.settings.results_ttl_s],
-                    client=pipe,
-                )
-                seq += 1
+            try:
+                outcomes = self._create_chunk(batch, sch, chunk, seq, now_iso, extra_keys, prefixes, replace)
+            except redis.exceptions.OutOfMemoryError:
+                raise self._full(batch, sent) from None
+            seq += len(chunk)
             to_send = []
-            for (rid, _, _), (outcome, raw_id) in zip(chunk, pipe.execute()):
+            for (rid, _, _), (outcome, raw_id) in zip(chunk, outcomes):
                 job_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
                 if outcome == _STAGED_GONE:
                     raise UploadExpired(f"the upload's staged records expired before batch {batch} was written")
@@ -211,9 +210,38 @@ class Producer:
                     to_send.append(job_id)
                 job_ids.append(job_id)
             # Sent chunk by chunk: workers start on the first jobs while the rest are written.
-            self.send(to_send)
+            try:
+                self.send(to_send)
+            except redis.exceptions.OutOfMemoryError:
+                raise self._full(batch, sent) from None
             sent += len(to_send)
         return EnqueueResult(batch, job_ids, created, sent, conflicts, replaced)
+
+    def _create_chunk(
+        self, batch: str, sch: ExtractionSchema, chunk: list[tuple[str, str, str]], seq: int, now_iso: str,
+        extra_keys: list[str], prefixes: list[str], replace: bool,
+    ) -> list[Any]:
+        """CREATE_JOB_LUA for each item of ``chunk``, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for i, (rid, payload, digest) in enumerate(chunk):
+            first = make_job_id(batch, rid, sch.name, sch.version)
+            self._create(
+                keys=[job_key(first), payload_key(first), batch_key(batch), failed_key(batch), *extra_keys],
+                args=[batch, rid, sch.name, sch.version, now_iso, payload, self.settings.payload_ttl_s, first, seq + i,
+                      digest, int(replace), *prefixes, self.settings.results_ttl_s],
+                client=pipe,
+            )
+        return list(pipe.execute())
+
+    def _full(self, batch: str, sent: int) -> RedisFull:
+        # Jobs written but not sent stay marked unsent (CREATE_JOB_LUA outcome 2): the same
+        # enqueue run again sends their messages, and the ones already sent are not sent twice.
+        return RedisFull(
+            f"{full_message(self.r)}: {sent} job(s) of batch {batch} were enqueued before it filled, the rest were "
+            "not sent; free memory or raise maxmemory, then run the same command again: it sends the rest "
+            "(records already enqueued are not enqueued twice)",
+            sent,
+        )
 
     def send(self, job_ids: list[str]) -> None:
         """Send the task messages, then mark the jobs as sent (so a re-run resends the rest).
@@ -239,6 +267,18 @@ class Producer:
 
     def close(self) -> None:
         self.r.close()
+
+
+def check_batch_id(batch: str) -> None:
+    """Raise ``InvalidBatchId`` unless ``batch`` matches ``BATCH_ID_PATTERN``. The id goes
+    into job ids and key names: a control character in it could make two records' job
+    ids meet (see ``make_job_id``), and a megabyte of it would be copied into every job."""
+    if not is_valid_batch_id(batch):
+        shown = repr(batch[:40]) + ("..." if len(batch) > 40 else "") if isinstance(batch, str) else type(batch).__name__
+        raise InvalidBatchId(
+            f"batch id {shown} is not allowed: use 1 to 128 letters, digits and . _ : @ - "
+            "starting with a letter or digit"
+        )
 
 
 def sealed_payload(rec: Record, sealer: Sealer | None = None) -> str:

@@ -23,7 +23,8 @@ from typing import Any
 from medq.contract import upload_key
 from producer.enqueue import BatchHasher, EnqueueResult, Producer, record_digest, sealed_payload
 from producer.records import (
-    InputError, RawItem, Record, RecordChecker, RecordProblem, json_error_text, object_or_problem, parse_jsonl_line,
+    InputError, RawItem, Record, RecordChecker, RecordProblem, json_error_text, limits_of, object_or_problem,
+    parse_jsonl_line,
 )
 
 STAGE_TTL_S = 3600  # an upload that never commits (the service died) leaves nothing for long
@@ -194,7 +195,7 @@ class Upload:
         self.producer = producer
         self.schema = producer.schema_loader.get(schema)  # UnknownSchema
         self.key = upload_key(uuid.uuid4().hex)
-        self.checker = RecordChecker(producer.settings.max_record_bytes)
+        self.checker = RecordChecker(**limits_of(producer.settings))
         self.record_ids: list[str] = []
         self.digests: list[str] = []  # one per record id: tells a corrected record from the same one
         self.problems: list[RecordProblem] = []

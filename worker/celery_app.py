@@ -55,6 +55,64 @@ def _keep_broker_params_for_restore() -> None:
 
 _keep_broker_params_for_restore()
 
+
+def _wait_while_redis_full() -> None:
+    """A full Redis (``maxmemory``, ``noeviction``) must not kill the worker.
+
+    Redis then refuses writes with ``OutOfMemoryError``, a ``ResponseError`` that kombu
+    does not take for a connection error: its sweep for unacknowledged messages (a lock
+    SET, at start and every few seconds) and its bookkeeping of a message just taken
+    from the queue (ZADD + HSET) raise it out of the consumer, "Unrecoverable error",
+    and the worker exits with that message popped and recorded nowhere. Instead: the
+    sweep is skipped while Redis is full (it runs again later), and a taken message is
+    held and its bookkeeping tried again, with a log line saying why, until there is
+    room. Reads and deletes still work meanwhile, but not inside MULTI (Redis refuses
+    every command queued in a transaction while full): acknowledgements (ZREM + HDEL,
+    which free memory) go as a plain pipeline; a sweep reading the index meanwhile finds
+    at worst a tag without its message, which it skips."""
+    import redis
+    from kombu.transport import redis as kombu_redis
+
+    from medq.redis_memory import full_message, wait_for_room
+
+    if getattr(kombu_redis.QoS.append, "medq_patched", False):
+        return
+    append, restore_visible = kombu_redis.QoS.append, kombu_redis.QoS.restore_visible
+    remove_from_indices = kombu_redis.QoS._remove_from_indices
+
+    def _remove_from_indices_(self: Any, delivery_tag: Any, pipe: Any = None) -> Any:
+        if pipe is not None:  # part of a restore's transaction: as kombu does it
+            return remove_from_indices(self, delivery_tag, pipe)
+        with self.channel.conn_or_acquire() as client:
+            return remove_from_indices(self, delivery_tag, client.pipeline(transaction=False))
+
+    def _append(self: Any, message: Any, delivery_tag: Any) -> None:
+        attempt = 0
+        while True:
+            try:
+                return append(self, message, delivery_tag)  # type: ignore[no-any-return]
+            except redis.exceptions.OutOfMemoryError:
+                with self.channel.conn_or_acquire() as client:
+                    wait_for_room(client, "a message taken from the queue waits", attempt)
+                attempt += 1
+
+    def _restore_visible(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            restore_visible(self, *args, **kwargs)
+        except redis.exceptions.OutOfMemoryError:
+            with self.channel.conn_or_acquire() as client:
+                logging.getLogger("medq.worker").warning(
+                    "%s: skipped the sweep for unacknowledged messages; it runs again later", full_message(client)
+                )
+
+    _append.medq_patched = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.append = _append  # type: ignore[method-assign]
+    kombu_redis.QoS.restore_visible = _restore_visible  # type: ignore[method-assign]
+    kombu_redis.QoS._remove_from_indices = _remove_from_indices_  # type: ignore[method-assign]
+
+
+_wait_while_redis_full()
+
 app = Celery("medq", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
 app.conf.update(
     # JSON only: a pickle payload from the broker is code execution.
@@ -88,16 +146,18 @@ app.conf.update(
 
 @worker_init.connect
 def _check_config(**_: Any) -> None:
-    """Fail at start, not at the first job: schemas must load, the encryption key must
-    be well-formed, every endpoint must pass the privacy guard and serve its model. Celery logs and ignores an exception from a signal
-    handler, so a failed check ends the process itself."""
+    """Fail at start, not at the first job: the encryption key must be well-formed, every
+    endpoint must pass the privacy guard and serve its model, and at least one schema must
+    load. A bad schema file is reported here with its file and line or field, and the
+    worker serves the others (its jobs wait for a worker that has it). Celery logs and
+    ignores an exception from a signal handler, so a failed check ends the process itself."""
     from medq.crypto import Sealer
     from medq.errors import MedqError
     from medq.privacy import RemoteEndpointRefused, check_endpoints
     from medq.schemas import SchemaLoader
 
     try:
-        SchemaLoader(settings.schema_dirs)
+        _report_schema_problems(SchemaLoader(settings.schema_dirs))
         Sealer.from_settings(settings)  # a malformed MEDQ_ENCRYPTION_KEY fails here, not per job
         check_endpoints(
             [ep.url for ep in settings.llm.all_endpoints], settings.llm.allowed_hosts, settings.allow_remote_llm
@@ -107,6 +167,41 @@ def _check_config(**_: Any) -> None:
         print(f"medq worker cannot start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     _check_models()  # after the privacy guard: never probe an endpoint it refuses
+
+
+@worker_init.connect
+def _wait_for_room(**_: Any) -> None:
+    """Start on a full Redis without dying: Celery's start-up writes (queue bindings, the
+    hello to other workers) raise ``OutOfMemoryError`` out of the consumer. Wait until a
+    tiny write succeeds, saying why (the messages and jobs stay in Redis meanwhile)."""
+    import redis
+
+    from medq.redis_memory import wait_for_room
+
+    client = redis.Redis.from_url(settings.redis_url)
+    attempt = 0
+    try:
+        while True:
+            try:
+                client.set("medq:write-probe", 1, px=1000)
+                return
+            except redis.exceptions.OutOfMemoryError:
+                wait_for_room(client, "the worker waits to start", attempt)
+                attempt += 1
+            except redis.RedisError:
+                return  # unreachable: Celery's own connection retries say so
+    finally:
+        client.close()
+
+
+def _report_schema_problems(loader: Any) -> None:
+    from medq.errors import SchemaError
+
+    for problem in loader.problems:
+        logging.getLogger("medq.worker").error("schema %s is not available: %s", problem.name, problem.message)
+        print(f"medq worker: schema {problem.name} is not available: {problem.message}", file=sys.stderr, flush=True)
+    if loader.problems and not loader.names():
+        raise SchemaError("no schema could be loaded; fix the files above")
 
 
 def _check_models() -> None:

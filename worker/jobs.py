@@ -12,7 +12,8 @@ Exactly one result per job, whatever the broker does:
   ends, and then finds the job finished.
 - A job found ``running`` with an expired lease lost its worker (``kill -9``, OOM, a
   host gone). It runs again; after ``MEDQ_WORKER__MAX_LOST_RUNS`` lost runs it is a
-  poison job and goes to dead letters instead of killing workers forever.
+  poison job and goes to dead letters instead of killing workers forever. After one
+  lost run it runs alone (``worker.isolation``), so another record's deaths are not its.
 - The result store keeps the first success: a late second run cannot replace it.
 
 Budgets: charged errors (timeouts, 5xx) count against ``MEDQ_WORKER__MAX_RETRIES``;
@@ -36,10 +37,10 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -54,30 +55,36 @@ from medq.errors import (
     PayloadMissing,
     PermanentError,
     RetryableError,
+    SchemaVersionUnavailable,
     ServerError,
+    StoreUnavailable,
     TimeLimitExceeded,
     WorkerLost,
 )
 from medq.settings import Settings, get_settings
 from worker.batching import Batcher, new_id
 from worker.endpoints import EndpointPool
+from worker.isolation import SuspectGate
 from worker.metrics import FLUSH_S, metrics
 from worker.processor import Extraction, MedicalDataProcessor
 from worker.results import ResultStore, open_store_for
-from worker.results.redis_store import PUT_LUA, RedisResultStore
+from worker.results.redis_store import PUT_LUA, RedisResultStore, reachable
 from worker.retry import RetryPolicy, compute_backoff
 
 log = logging.getLogger("medq.worker")
 
+# A store that comes back is written to within this long; MEDQ_WORKER__STORE_WAIT_S bounds the whole wait.
+_STORE_RETRY_MAX_S = 30.0
+
 # Start a run: one atomic step that decides whether this delivery may run the job.
 START_LUA = """
--- KEYS: job, payload, watch   ARGV: run_id, lease_ms, max_lost_runs, now_iso, job_id
+-- KEYS: job, payload, watch   ARGV: run_id, lease_ms, max_lost_runs, now_iso, job_id, shared ('1': a many-job message)
 -- Returns {verdict, batch, record_id, schema, schema_version, ...}: one round trip
 -- reads the job, decides, takes the lease and fetches the record.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local h = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'first_run_ms', 'batch', 'record_id', 'schema',
-                     'schema_version', 'attempts', 'superseded_by')
+                     'schema_version', 'attempts', 'superseded_by', 'lost')
 if not h[1] or not h[4] then return {'missing'} end
 if h[9] then
   -- a newer revision of the record replaced this job (medq enqueue --replace): nothing to run
@@ -95,23 +102,36 @@ if h[1] == 'running' then
   local lease_until = tonumber(h[2]) or 0
   if lease_until > now then return reply('busy', tostring(lease_until - now)) end
   local lost = redis.call('HINCRBY', KEYS[1], 'lost', 1)
-  if lost >= tonumber(ARGV[3]) then return reply('poison', tostring(lost), h[8] or '0') end
+  h[10] = tostring(lost)
+  -- in a shared message the death may have been a companion's: only a job that died alone is poison
+  if lost >= tonumber(ARGV[3]) and ARGV[6] ~= '1' then return reply('poison', tostring(lost), h[8] or '0') end
+end
+if ARGV[6] == '1' and (tonumber(h[10]) or 0) > 0 then
+  -- a suspect (a worker died while it ran): not run beside others, so that its next death
+  -- is charged to it alone; the message sends it on as its own medq.extract
+  redis.call('HSET', KEYS[1], 'status', 'retrying', 'updated_at', ARGV[4])
+  redis.call('HDEL', KEYS[1], 'lease_until', 'run_id')
+  redis.call('ZADD', KEYS[3], now, ARGV[5])
+  return reply('alone', h[10])
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if not h[3] then redis.call('HSET', KEYS[1], 'first_run_ms', now) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'lease_until', now + tonumber(ARGV[2]),
            'run_id', ARGV[1], 'updated_at', ARGV[4])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[5])
-local f = redis.call('HMGET', KEYS[1], 'failures', 'lost', 'first_run_ms', 'deferrals')
-return reply('run', tostring(attempts), f[1] or '0', f[2] or '0', f[3], f[4] or '0', tostring(now),
+local f = redis.call('HMGET', KEYS[1], 'failures', 'lost', 'first_run_ms', 'deferrals', 'unsent_runs')
+return reply('run', tostring(attempts), f[1] or '0', f[2] or '0', f[3], f[4] or '0', tostring(now), f[5] or '0',
              redis.call('GET', KEYS[2]) or false)
 """
 
 # A job succeeded: final state, no dead letter, state expires with results, note gone.
 # A revision's first job (the record's pointer to it) expires with it; a replaced job keeps
 # the expiry it was given when replaced (a first job's lives as long as its newest revision).
+# Returns 0, writing nothing, for a job no longer there: purged while it ran (see RETRY_LUA).
 FINISH_LUA = """
 -- KEYS: job, failed, batch, payload, watch, [first job of this revision]   ARGV: now_iso, results_ttl_s, job_id
+local live = redis.call('HMGET', KEYS[1], 'status', 'batch')
+if not live[1] or not live[2] then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'succeeded', 'updated_at', ARGV[1])
 redis.call('HDEL', KEYS[1], 'error_kind', 'error_message', 'lease_until', 'run_id')
 redis.call('ZREM', KEYS[2], ARGV[3])
@@ -123,7 +143,53 @@ redis.call('ZREM', KEYS[5], ARGV[3])
 return 1
 """
 
-# Renew a lease, only if this run still holds it.
+# Why every write of a run's end checks that its job is still there: ``medq purge``
+# deletes the job hash while runs are in flight, and a hash of an unfinished job never
+# expires, so a missing one (no status or no batch, as START_LUA reads it) was purged.
+# Writing to it would bring back a job state, a dead letter or a result the user erased.
+
+# A run will be tried again later: count it, watch for its return, say why.
+RETRY_LUA = """
+-- KEYS: job, watch   ARGV: counter ('failures' or 'deferrals'), due_ms, job_id, error_kind, error_message, now_iso,
+--                         unsent ('1': the run sent nothing to the model)
+-- Returns 0, writing nothing, for a job no longer there (purged while it ran).
+local live = redis.call('HMGET', KEYS[1], 'status', 'batch')
+if not live[1] or not live[2] then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+if ARGV[7] == '1' then
+  -- START_LUA counted the run as an attempt; it was a delivery only (see JobRunner._retry_later)
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+  redis.call('HINCRBY', KEYS[1], 'unsent_runs', 1)
+end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'retrying', 'error_kind', ARGV[4], 'error_message', ARGV[5], 'updated_at', ARGV[6])
+return 1
+"""
+
+# A dead letter: listed in the batch's failed set, its state and payload kept (no expiry)
+# until it succeeds on a requeue or the batch is purged.
+FAIL_LUA = """
+-- KEYS: job, failed, watch, payload, batch   ARGV: error_kind, error_message, now_iso, job_id, failed_at_s
+-- Returns 0, writing nothing, for a job no longer there (purged while it ran).
+local live = redis.call('HMGET', KEYS[1], 'status', 'batch')
+if not live[1] or not live[2] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error_kind', ARGV[1], 'error_message', ARGV[2], 'updated_at', ARGV[3])
+redis.call('HDEL', KEYS[1], 'lease_until', 'run_id')
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+redis.call('ZREM', KEYS[3], ARGV[4])
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[4])
+redis.call('PERSIST', KEYS[5])
+return 1
+"""
+
+# A job's runs that sent nothing to the model: its deliveries are its attempts and these.
+UNSENT_LUA = """
+-- KEYS: job
+return redis.call('HGET', KEYS[1], 'unsent_runs')
+"""
+
+# Renew a lease, only if this run still holds it (so never on a purged job).
 RENEW_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -147,6 +213,9 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1])
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], now, id) end
 return ids
 """
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -174,6 +243,7 @@ class Run:
     lost: int
     deferrals: int
     waited_s: float
+    unsent_runs: int  # earlier runs put back before any request: deliveries = attempts + these
     raw_payload: str | None
 
 
@@ -212,6 +282,7 @@ class JobRunner:
         # comes back): one untouched for longer has lost its message.
         self.orphan_grace_s = settings.visibility_timeout_s + settings.max_countdown_s + w.lease_s + 5
         self._active: dict[str, str] = {}  # job id -> run id, renewed by the heartbeat
+        self.gate = SuspectGate()  # a job whose worker died runs alone in the process
         self._heartbeat: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._who = f"{socket.gethostname()}:{os.getpid()}"
@@ -222,16 +293,28 @@ class JobRunner:
 
     async def run_many(self, job_ids: list[str]) -> list[dict[str, Any] | RetryLater | BaseException]:
         """Run jobs side by side; each one's outcome, or the exception it raised."""
-        return await asyncio.gather(*(self.run(j) for j in job_ids), return_exceptions=True)
+        shared = len(job_ids) > 1
+        return await asyncio.gather(*(self.run(j, shared) for j in job_ids), return_exceptions=True)
 
-    async def run(self, job_id: str) -> dict[str, Any] | RetryLater:
+    async def run(self, job_id: str, shared: bool = False) -> dict[str, Any] | RetryLater:
         """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
-        after recording the failure, so Celery and Flower show it as failed."""
+        after recording the failure, so Celery and Flower show it as failed. ``shared``: the
+        job came in a message of several; one whose worker died before is then not run
+        (``worker.isolation``), and alone it runs with no other job in this process."""
+        alone = not shared and await self._suspect(job_id)
+        async with self.gate.turn(alone):
+            return await self._run(job_id, shared)
+
+    async def _suspect(self, job_id: str) -> bool:
+        status, lost = await self.r.hmget(job_key(job_id), ["status", "lost"])
+        return status == JobStatus.RUNNING.value or int(lost or 0) > 0
+
+    async def _run(self, job_id: str, shared: bool) -> dict[str, Any] | RetryLater:
         run_id = new_id()
         res = await self.batch.script(
             START_LUA,
             [job_key(job_id), payload_key(job_id), WATCH_KEY],
-            [run_id, self.lease_ms, self.settings.worker.max_lost_runs, _now(), job_id],
+            [run_id, self.lease_ms, self.settings.worker.max_lost_runs, _now(), job_id, int(shared)],
         )
         verdict = res[0]
         if verdict == "missing":
@@ -251,6 +334,13 @@ class JobRunner:
             wait_s = min(int(res[1]) / 1000 + 1, self.settings.max_countdown_s)
             log.info("job %s: already running elsewhere; checking again in %.1fs", job_id, wait_s)
             return RetryLater(wait_s, RetryableError(f"job {job_id} is running in another worker"))
+        if verdict == "alone":
+            # A worker died while it ran (with companions, so nobody knows whose record killed
+            # it): it goes on as a message of its own (what the message does with RetryLater),
+            # so that a poison record takes down only itself and is charged alone.
+            log.warning("job %s record %s: a worker died during %s run(s) of it; sent on to run alone",
+                        job_id, job.record_id, res[1])
+            return RetryLater(0.0, RetryableError(f"job {job_id} lost a worker before; runs in a message of its own"))
         if verdict == "poison":
             lost, attempts = int(res[1]), int(res[2])
             exc = WorkerLost(
@@ -265,7 +355,8 @@ class JobRunner:
             lost=int(res[3]),
             deferrals=int(res[5]),
             waited_s=(int(res[6]) - int(res[4])) / 1000,
-            raw_payload=res[7] if len(res) > 7 else None,
+            unsent_runs=int(res[7]),
+            raw_payload=res[8] if len(res) > 8 else None,
         )
         self._hold(job_id, run_id)
         try:
@@ -301,7 +392,8 @@ class JobRunner:
             return await self._retry_later(
                 job, run, ServerError(f"internal error in medq ({type(exc).__name__}); see the worker log")
             )
-        await self._succeed(job, run.attempts, extraction, metadata)
+        if not await self._succeed(job, run, extraction, metadata):
+            return self._summary(job, JobStatus.FAILED, run.attempts)  # the store stayed away: a dead letter
         return self._summary(job, JobStatus.SUCCEEDED, run.attempts, extraction.provenance.latency_ms)
 
     async def _extract(self, job: Job, text: str) -> Extraction:
@@ -324,57 +416,100 @@ class JobRunner:
 
     async def _retry_later(self, job: Job, run: Run, exc: RetryableError) -> RetryLater:
         w = self.settings.worker
-        pipe = self.r.pipeline()
+        # Put back by medq's own limits (or for a schema version not loaded here) before any
+        # request: a delivery, not an attempt. ``attempts`` counts the runs that reached the
+        # model, so a job deferred 300 times for capacity still says how often it was asked.
+        unsent = isinstance(exc, (NoCapacity, SchemaVersionUnavailable))
+        attempts = run.attempts - 1 if unsent else run.attempts
+        give_up: str | None = None
         if exc.charged:
-            pipe.hincrby(job_key(job.job_id), "failures", 1)
+            counter = "failures"
             n = run.failures + 1
             if n > w.max_retries:
-                await self._give_up(job, run, exc, f"gave up after {n} failed attempts (MEDQ_WORKER__MAX_RETRIES={w.max_retries})")
+                give_up = f"gave up after {n} failed attempts (MEDQ_WORKER__MAX_RETRIES={w.max_retries})"
             countdown_s = compute_backoff(n - 1, self.policy, exc.retry_after_s)
         else:
-            pipe.hincrby(job_key(job.job_id), "deferrals", 1)
+            counter = "deferrals"
             if run.waited_s > w.max_wait_s:
-                await self._give_up(job, run, exc, f"gave up after waiting {run.waited_s:.0f}s (MEDQ_WORKER__MAX_WAIT_S)")
+                give_up = f"gave up after waiting {run.waited_s:.0f}s (MEDQ_WORKER__MAX_WAIT_S)"
             if isinstance(exc, NoCapacity) and exc.retry_after_s is not None:
                 # The gate knows when there is room again: come back then, spread over a second.
                 countdown_s = exc.retry_after_s + random.random()
             else:
                 countdown_s = compute_backoff(min(run.deferrals, 16), self.policy, exc.retry_after_s)
         countdown_s = min(countdown_s, self.settings.max_countdown_s)
+        due_ms = time.time() * 1000 + countdown_s * 1000
+        # Counted first, also when giving up, so the dead letter's attempts are the runs that reached the model.
+        live = await self.batch.script(RETRY_LUA, [job_key(job.job_id), WATCH_KEY],
+                                       [counter, due_ms, job.job_id, exc.kind, exc.message, _now(), int(unsent)])
+        if give_up is not None:
+            await self._give_up(job, attempts, exc, give_up)
         metrics.incr("medq_jobs_total", schema=job.schema, outcome="retried")
         metrics.incr("medq_retries_total", schema=job.schema, kind=exc.kind)
-        pipe.zadd(WATCH_KEY, {job.job_id: time.time() * 1000 + countdown_s * 1000})
-        pipe.hset(
-            job_key(job.job_id),
-            mapping={
-                "status": JobStatus.RETRYING.value,
-                "error_kind": exc.kind,
-                "error_message": exc.message,
-                "updated_at": _now(),
-            },
-        )
-        await pipe.execute()
+        if not live:
+            log.info("job %s: purged while it ran; its state stays gone", job.job_id)
+            return RetryLater(countdown_s, exc)  # the message comes back to nothing and is dropped
         log.info("job %s record %s: %s; retry in %.1fs", job.job_id, job.record_id, exc.kind, countdown_s)
         return RetryLater(countdown_s, exc)
 
-    async def _give_up(self, job: Job, run: Run, exc: RetryableError, why: str) -> None:
+    async def _give_up(self, job: Job, attempts: int, exc: RetryableError, why: str) -> None:
         gave_up = type(exc)(f"{exc.message} ({why})", exc.retry_after_s)
-        await self._fail(job, run.attempts, gave_up)
+        await self._fail(job, attempts, gave_up)
         raise gave_up from None
 
     async def _already_stored(self, job: Job) -> bool:
-        doc = await asyncio.to_thread(self.store.get, job.job_id)
+        try:
+            doc = await self._while_store_away(job.job_id, lambda: asyncio.to_thread(self.store.get, job.job_id))
+        except StoreUnavailable:
+            return False  # cannot tell: run it; the first success stays the one kept
         return bool(doc and doc.get("status") == JobStatus.SUCCEEDED.value)
 
     async def _put(self, doc: dict[str, Any]) -> bool:
+        """Store a result; True if written (False: a success was already stored). A store
+        away is back-pressure: the answer is held and written again (see
+        :meth:`_while_store_away`); raises ``StoreUnavailable`` once MEDQ_WORKER__STORE_WAIT_S passes."""
+        return await self._while_store_away(doc["job_id"], lambda: self._put_once(doc))
+
+    async def _put_once(self, doc: dict[str, Any]) -> bool:
         """Store a result: on this loop for the Redis store, in a thread for the others."""
         if isinstance(self.store, RedisResultStore) and self._put_batched:
             value = self.store.encode(doc)  # the store's own encoding (sealed with its key)
-            return bool(await self.batch.script(PUT_LUA, [result_key(doc["job_id"])], [value, self.settings.results_ttl_s]))
+            # with the job key: no result for a job purged while it ran
+            keys = [result_key(doc["job_id"]), job_key(doc["job_id"])]
+            with reachable():
+                return bool(await self.batch.script(PUT_LUA, keys, [value, self.settings.results_ttl_s]))
         aput = getattr(self.store, "aput", None)
         if aput is not None:
             return bool(await aput(doc))
         return bool(await asyncio.to_thread(self.store.put, doc))
+
+    async def _while_store_away(self, job_id: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call`` the results store until it answers, with backoff, for MEDQ_WORKER__STORE_WAIT_S
+        at most. Meanwhile the job keeps its lease (the heartbeat renews it; the store is not
+        Redis's job state), so no other delivery runs it and the model is not asked again, and
+        nothing is charged: the store being away is not the record's doing."""
+        wait_s = self.settings.worker.store_wait_s
+        deadline = time.monotonic() + wait_s
+        tries = 0
+        while True:
+            try:
+                out = await call()
+            except StoreUnavailable as exc:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise StoreUnavailable(
+                        f"{exc.message} for {wait_s:.0f}s (MEDQ_WORKER__STORE_WAIT_S); the result was not stored"
+                    ) from None
+                if tries == 0:
+                    log.warning("job %s: result store unavailable (%s); holding the answer, writing again for up to %.0fs",
+                                job_id, exc.message, wait_s)
+                    metrics.incr("medq_store_waits_total")
+                await asyncio.sleep(min(compute_backoff(tries, self.policy), _STORE_RETRY_MAX_S, left_s))
+                tries += 1
+                continue
+            if tries:
+                log.info("job %s: result store answered again after %d tries", job_id, tries + 1)
+            return out
 
     def _load_payload(self, job: Job, raw: str | None) -> tuple[str, dict[str, Any]]:
         if raw is None:
@@ -384,7 +519,11 @@ class JobRunner:
         payload = json.loads(open_text(raw, self.sealer, f"the stored record {job.record_id}"))
         return payload["text"], payload.get("metadata") or {}
 
-    def _doc(self, job: Job, status: JobStatus, attempts: int) -> dict[str, Any]:
+    async def _deliveries(self, job: Job, attempts: int) -> int:
+        """The job's runs: those that reached the model (``attempts``) and those put back before."""
+        return attempts + int(await self.batch.script(UNSENT_LUA, [job_key(job.job_id)], []) or 0)
+
+    def _doc(self, job: Job, status: JobStatus, attempts: int, deliveries: int) -> dict[str, Any]:
         return {
             "id": job.record_id,
             "job_id": job.job_id,
@@ -397,6 +536,7 @@ class JobRunner:
             "model": self.processor.model,
             "endpoint": self.processor.base_url,
             "attempts": attempts,
+            "deliveries": deliveries,
             "usage": None,
             "latency_ms": None,
             "metadata": {},
@@ -404,14 +544,13 @@ class JobRunner:
             "finished_at": _now(),
         }
 
-    async def _succeed(self, job: Job, attempts: int, ex: Extraction, metadata: dict[str, Any]) -> None:
+    async def _succeed(self, job: Job, run: Run, ex: Extraction, metadata: dict[str, Any]) -> bool:
+        """Store the result and finish the job. False if the store stayed away past
+        MEDQ_WORKER__STORE_WAIT_S: the job is then a dead letter of kind store_unavailable."""
         prov = ex.provenance
-        metrics.incr("medq_jobs_total", schema=job.schema, outcome="succeeded")
-        if prov.reasks:
-            metrics.incr("medq_reasks_total", prov.reasks, schema=job.schema)
-        if prov.truncations:
-            metrics.incr("medq_truncations_total", prov.truncations, schema=job.schema)
-        doc = self._doc(job, JobStatus.SUCCEEDED, attempts)
+        # START_LUA handed out the counts: no round trip for them on the way out
+        attempts = run.attempts
+        doc = self._doc(job, JobStatus.SUCCEEDED, attempts, attempts + run.unsent_runs)
         doc.update(
             data=ex.data_dict(),
             schema_version=ex.schema.version,
@@ -422,9 +561,20 @@ class JobRunner:
             metadata=metadata,
             provenance=prov.as_dict(),
         )
-        if not await self._put(doc):
+        try:
+            written = await self._put(doc)
+        except StoreUnavailable as exc:
+            await self._fail(job, attempts, exc, store_result=False)
+            return False
+        if not written:
             log.info("job %s: a result was already stored; kept the first", job.job_id)
+        metrics.incr("medq_jobs_total", schema=job.schema, outcome="succeeded")
+        if prov.reasks:
+            metrics.incr("medq_reasks_total", prov.reasks, schema=job.schema)
+        if prov.truncations:
+            metrics.incr("medq_truncations_total", prov.truncations, schema=job.schema)
         await self._mark_succeeded(job)
+        return True
 
     async def _mark_succeeded(self, job: Job) -> None:
         # The state lives as long as results do, then goes with its batch; the note is not
@@ -433,33 +583,34 @@ class JobRunner:
         first, revision = split_revision(job.job_id)
         if revision:
             keys.append(job_key(first))
-        await self.batch.script(FINISH_LUA, keys, [_now(), self.settings.results_ttl_s, job.job_id])
+        if not await self.batch.script(FINISH_LUA, keys, [_now(), self.settings.results_ttl_s, job.job_id]):
+            await self._forget_purged(job)
 
-    async def _fail(self, job: Job, attempts: int, exc: MedqError) -> None:
+    async def _forget_purged(self, job: Job) -> None:
+        """The job's batch was purged while it ran: take back the result this run stored
+        before or after the purge. (The Redis store beside the job states refuses a put
+        after it, PUT_LUA; PostgreSQL or another Redis cannot see the purge when writing.)"""
+        log.info("job %s: purged while it ran; no state or result kept", job.job_id)
+        await asyncio.to_thread(self.store.delete, [job.job_id])
+
+    async def _fail(self, job: Job, attempts: int, exc: MedqError, store_result: bool = True) -> None:
+        """Make the job a dead letter. Its document goes to the results store too, held while
+        the store is away (``_put``); if it stays away, the job state alone says why
+        (``medq failed`` and ``medq results`` read it)."""
         metrics.incr("medq_jobs_total", schema=job.schema, outcome="failed")
         metrics.incr("medq_dead_letters_total", schema=job.schema, kind=exc.kind)
-        doc = self._doc(job, JobStatus.FAILED, attempts)
+        doc = self._doc(job, JobStatus.FAILED, attempts, await self._deliveries(job, attempts))
         doc["error"] = {"kind": exc.kind, "message": exc.message}
-        await self._put(doc)
-        # A dead letter: listed in the batch's failed set, its state and payload kept
-        # (no expiry) until it succeeds on a requeue or the batch is purged.
-        pipe = self.r.pipeline()
-        pipe.hset(
-            job_key(job.job_id),
-            mapping={
-                "status": JobStatus.FAILED.value,
-                "error_kind": exc.kind,
-                "error_message": exc.message,
-                "updated_at": _now(),
-            },
-        )
-        pipe.hdel(job_key(job.job_id), "lease_until", "run_id")
-        pipe.zadd(failed_key(job.batch), {job.job_id: time.time()})
-        pipe.zrem(WATCH_KEY, job.job_id)
-        pipe.persist(job_key(job.job_id))
-        pipe.persist(payload_key(job.job_id))
-        pipe.persist(batch_key(job.batch))
-        await pipe.execute()
+        if store_result:
+            try:
+                await self._put(doc)
+            except StoreUnavailable as away:
+                log.warning("job %s: its failure was not stored (%s); the job state keeps it", job.job_id, away.kind)
+        # A dead letter, unless the batch was purged while the job ran (FAIL_LUA).
+        keys = [job_key(job.job_id), failed_key(job.batch), WATCH_KEY, payload_key(job.job_id), batch_key(job.batch)]
+        if not await self.batch.script(FAIL_LUA, keys, [exc.kind, exc.message, _now(), job.job_id, time.time()]):
+            await self._forget_purged(job)
+            return
         log.warning("job %s record %s failed: %s", job.job_id, job.record_id, exc.kind)
 
     @staticmethod

@@ -10,6 +10,7 @@ process's engine (one asyncio loop), the task waits for it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -18,7 +19,8 @@ from celery.exceptions import Reject
 
 from medq.contract import QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY
 from medq.errors import PermanentError
-from worker.celery_app import app
+from medq.redis_memory import is_full, wait_for_room
+from worker.celery_app import app, settings
 from worker.jobs import RetryLater, get_engine
 
 log = logging.getLogger("medq.worker")
@@ -30,15 +32,58 @@ def extract(self: Task, job_id: str) -> dict[str, Any]:
 
     Retry budgets are counted in the job's state, not in Celery's ``retries``: a job
     put back for back-pressure must not use up the budget of its failures."""
-    try:
-        outcome = get_engine().run(job_id)
-    except redis.RedisError as exc:
+    outcome = _run_while_full([job_id])[0]
+    if isinstance(outcome, redis.RedisError):
         # Redis is unreachable: nothing about the job can be recorded. Put the message
         # back (or, if that fails too, leave it unacknowledged for redelivery).
-        raise Reject(f"job {job_id}: Redis unavailable ({type(exc).__name__})", requeue=True) from None
+        raise Reject(f"job {job_id}: Redis unavailable ({type(outcome).__name__})", requeue=True) from None
+    if isinstance(outcome, BaseException):
+        raise outcome
     if isinstance(outcome, RetryLater):
-        raise self.retry(countdown=outcome.countdown_s, exc=outcome.error)
+        later = outcome
+        # Task.retry sends the retry and raises Retry, which leaves through _while_full
+        _while_full(f"the retry of job {job_id} waits", lambda: self.retry(countdown=later.countdown_s, exc=later.error))
+    assert isinstance(outcome, dict)
     return outcome
+
+
+def _run_while_full(job_ids: list[str]) -> list[dict[str, Any] | RetryLater | BaseException]:
+    """Run the jobs; those that Redis refused for want of memory wait for room and run
+    again (a full Redis is back-pressure, not the jobs' fault). Until then the message
+    stays unacknowledged and the worker stays up."""
+    outcomes = get_engine().run_many(job_ids)
+    attempt = 0
+    while full := [i for i, o in enumerate(outcomes) if isinstance(o, BaseException) and is_full(o)]:
+        wait_for_room(_redis(), f"{len(full)} job(s) wait", attempt)
+        attempt += 1
+        for i, again in zip(full, get_engine().run_many([job_ids[i] for i in full])):
+            outcomes[i] = again
+    return outcomes
+
+
+def _while_full(what: str, send: Callable[[], object]) -> None:
+    """Send a message, waiting for room while Redis is full."""
+    attempt = 0
+    while True:
+        try:
+            send()
+            return
+        except Exception as exc:  # noqa: BLE001 - kombu wraps the Redis error in its own
+            if not is_full(exc):
+                raise
+            wait_for_room(_redis(), what, attempt)
+            attempt += 1
+
+
+_client: redis.Redis | None = None
+
+
+def _redis() -> redis.Redis:
+    """A plain client, to read INFO for the "Redis is full" line."""
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(settings.redis_url)
+    return _client
 
 
 @app.task(name=TASK_EXTRACT_MANY, bind=True, max_retries=None)
@@ -49,7 +94,7 @@ def extract_many(self: Task, job_ids: list[str]) -> dict[str, Any]:
     a job that failed is recorded as failed (dead letters). If Redis is unreachable,
     or the retries cannot be sent, the whole message goes back: the jobs already
     finished are then found finished and not run again."""
-    outcomes = get_engine().run_many(list(job_ids))
+    outcomes = _run_while_full(list(job_ids))
     counts = {"jobs": len(job_ids), "succeeded": 0, "failed": 0, "retrying": 0, "other": 0}
     retries: list[tuple[str, RetryLater]] = []
     for job_id, outcome in zip(job_ids, outcomes):
@@ -72,7 +117,8 @@ def extract_many(self: Task, job_ids: list[str]) -> dict[str, Any]:
             counts["other"] += 1
     try:
         for job_id, later in retries:
-            extract.apply_async((job_id,), countdown=later.countdown_s, task_id=job_id, queue=QUEUE)
+            _while_full(f"the retry of job {job_id} waits", lambda: extract.apply_async(
+                (job_id,), countdown=later.countdown_s, task_id=job_id, queue=QUEUE))  # noqa: B023 - called at once
     except Exception as exc:  # the broker is gone: keep the message, send nothing twice
         raise Reject(f"{len(job_ids)} jobs: could not send retries ({type(exc).__name__})", requeue=True) from None
     return counts

@@ -161,12 +161,18 @@ def test_tokens_are_required_and_batches_belong_to_their_client(
     assert res.status_code == 202, res.text
     job_id = httpx.post(f"{url}/v1/jobs", headers=A, json={"schema": "clinical_note", "id": "x", "text": "t",
                                                             "batch": "a-only"}).json()["job_id"]
-    # the other client: 403 on every read and write of ward-a's batch, and nothing changes
-    for method, path in [("GET", "/v1/batches/a-only"), ("GET", "/v1/batches/a-only/results"),
-                         ("POST", "/v1/batches/a-only/requeue"), ("GET", f"/v1/jobs/{job_id}")]:
+    # the other client: to it, ward-a's batch and job do not exist (the very answer of a batch
+    # or job never made, so it cannot confirm that they exist); writes refused; nothing changes
+    never_job = "e" * 32
+    for method, path, unknown in [("GET", "/v1/batches/a-only", "/v1/batches/never-made"),
+                                  ("GET", "/v1/batches/a-only/results", "/v1/batches/never-made/results"),
+                                  ("POST", "/v1/batches/a-only/requeue", "/v1/batches/never-made/requeue"),
+                                  ("GET", f"/v1/jobs/{job_id}", f"/v1/jobs/{never_job}")]:
         res = httpx.request(method, url + path, headers=B)
-        assert res.status_code == 403, (path, res.text)
-        assert res.json()["detail"] == "batch 'a-only' is another client's; this token may not read it"
+        missing = httpx.request(method, url + unknown, headers=B)
+        assert res.status_code == missing.status_code == 404, (path, res.text, missing.text)
+        assert res.json() == json.loads(missing.text.replace("never-made", "a-only").replace(never_job, job_id))
+        assert "another client" not in res.text
     res = httpx.post(f"{url}/v1/batches", params={"schema": "clinical_note", "batch": "a-only"}, headers=B,
                      content=_jsonl(2, start=100))
     assert res.status_code == 403
@@ -184,7 +190,7 @@ def test_tokens_are_required_and_batches_belong_to_their_client(
     cli = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "from-cli"], medq_env)
     assert cli.returncode == 0, cli.stderr
     res = httpx.get(f"{url}/v1/batches/from-cli", headers=A)
-    assert res.status_code == 403 and "not created through the API" in res.json()["detail"]
+    assert res.status_code == 404 and res.json()["detail"] == "no batch 'from-cli'"
     assert httpx.get(f"{url}/v1/batches/nope", headers=A).status_code == 404
     assert httpx.get(f"{url}/v1/jobs/{'f' * 32}", headers=A).status_code == 404
 
@@ -514,3 +520,46 @@ def test_a_corrected_record_is_a_409_or_a_listed_conflict_never_dropped(
     lines = httpx.get(f"{url}/v1/batches/fixes-b/results", headers=A).text.splitlines()
     assert [json.loads(line)["job_id"] for line in lines] == list(rev)
     assert CANARY not in proc.log
+
+
+def _trickle(port: int, head: bytes, trickle: bytes, max_s: float = 60) -> bytes | None:
+    """Send ``head`` at once, then ``trickle`` a byte a second. Returns what the server
+    answered when it cut the client off (b"" for a closed connection), or None if it
+    let the client send everything."""
+    import select
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        for i in range(min(len(trickle), int(max_s))):
+            readable, _, _ = select.select([sock], [], [], 1.0)
+            if readable:
+                try:
+                    return sock.recv(4096)
+                except ConnectionResetError:
+                    return b""
+            try:
+                sock.sendall(trickle[i : i + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                return b""
+    return None
+
+
+def test_slow_clients_are_cut_off_and_others_still_served(api: Callable[..., tuple[str, Proc]]) -> None:
+    url, proc = api(MEDQ_API__HEADER_TIMEOUT_S="3", MEDQ_API__BODY_TIMEOUT_S="3")
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"schema": "clinical_note", "id": "slow", "text": "a note sent very slowly " * 4}).encode()
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN_A}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    # a body a byte a second: 408 (or closed) long before its ~110 bytes are in
+    answer = _trickle(port, head, body)
+    assert answer is not None, "the service waited for the whole slow body"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    # headers a byte a second: the connection is closed
+    answer = _trickle(port, b"POST /v1/jobs HTTP/1.1\r\n", b"X-Slow: " + b"a" * 100)
+    assert answer is not None, "the service waited for the slow headers"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:200]
+    # meanwhile others are served as usual
+    res = httpx.post(f"{url}/v1/jobs", headers=A, json={"schema": "clinical_note", "id": "quick", "text": "a note"})
+    assert res.status_code == 202, res.text
+    assert proc.popen.poll() is None

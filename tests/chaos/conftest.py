@@ -123,6 +123,21 @@ def kill_children(proc: Proc) -> int:
     return len(out)
 
 
+class KillWhileRunning:
+    """A record that "kills its worker": each run of the job (a new run id) calls ``kill``
+    (``lambda: kill_children(w)``: a prefork worker's pool processes), which says whether it
+    killed anything. Pass it as ``wait_done``'s ``tick``; ``killed`` holds the runs killed."""
+
+    def __init__(self, r: redis.Redis, job_id: str, kill: Callable[[], object]) -> None:
+        self.r, self.job_id, self.kill = r, job_id, kill
+        self.killed: list[bytes] = []
+
+    def __call__(self, _: Counter[str]) -> None:
+        status, run_id = self.r.hmget(job_key(self.job_id), "status", "run_id")
+        if status == b"running" and run_id and run_id not in self.killed and self.kill():
+            self.killed.append(run_id)
+
+
 @pytest.fixture
 def chaos_env(medq_env: dict[str, str]) -> dict[str, str]:
     """Short leases and visibility timeout, so a killed worker's jobs come back in seconds."""

@@ -19,6 +19,7 @@ import redis
 from medq.contract import JobStatus, job_key
 from producer.batches import iter_states
 from tests.chaos.conftest import (
+    KillWhileRunning,
     enqueue,
     kill_children,
     kill_group,
@@ -82,16 +83,8 @@ def test_poison_job_goes_to_dead_letters_after_max_lost_runs(
     env = {**chaos_env, "MEDQ_LLM__BASE_URL": base, "MEDQ_WORKER__LEASE_S": "1.5"}
     w = start_worker(env, "--pool", "prefork", "-c", "1", name="prefork")
     enqueue(env, write_records(tmp_path / "poison.jsonl", 1, prefix="poison"), "poison")
-    job_id = next(iter_states(r, "poison")).job_id
-    killed: list[bytes] = []
-
-    def crash_when_running(_: Counter[str]) -> None:
-        # The record "kills its worker": each run of it (a new run id) kills its process.
-        status, run_id = r.hmget(job_key(job_id), "status", "run_id")
-        if status == b"running" and run_id and run_id not in killed and kill_children(w):
-            killed.append(run_id)
-
-    wait_done(r, "poison", 1, timeout_s=90, tick=crash_when_running)
+    crash = KillWhileRunning(r, next(iter_states(r, "poison")).job_id, lambda: kill_children(w))
+    wait_done(r, "poison", 1, timeout_s=90, tick=crash)
     o = outcome(r, env, "poison", 1)
     failed = run_cli(["failed", "poison", "--json"], env)
     dead = [json.loads(line) for line in failed.stdout.splitlines()]
@@ -102,9 +95,9 @@ def test_poison_job_goes_to_dead_letters_after_max_lost_runs(
     wait_done(r, "after-poison", 5, timeout_s=60)
     after = outcome(r, env, "after-poison", 5)
     assert after.succeeded == 5
-    record("poison job: its worker killed whenever it runs", o, f"dead letter after 3 lost runs ({len(killed)} kills); next batch 5/5")
+    record("poison job: its worker killed whenever it runs", o, f"dead letter after 3 lost runs ({len(crash.killed)} kills); next batch 5/5")
     assert (o.failed, o.lost, o.failed_kinds) == (1, 0, {"worker_lost": 1})
-    assert len(killed) == 3
+    assert len(crash.killed) == 3
 
 
 def test_redis_restarted_under_load(

@@ -1,4 +1,4 @@
-"""SchemaLoader: the shipped schemas load, bad files fail with file and field named."""
+"""SchemaLoader: the shipped schemas load, bad files are named with their file and field."""
 
 from __future__ import annotations
 
@@ -71,10 +71,13 @@ def test_unknown_schema_lists_known_ones() -> None:
 )
 def test_invalid_schema_file_names_file_and_field(tmp_path: Path, body: str, named: str) -> None:
     path = _write(tmp_path, "broken", body)
+    loader = SchemaLoader([tmp_path])  # the bad file disables its own schema only
+    [problem] = loader.problems
     with pytest.raises(SchemaError) as exc:
-        SchemaLoader([tmp_path])
-    assert str(path) in str(exc.value)
-    assert named in str(exc.value)
+        loader.get(problem.name)
+    for message in (problem.message, str(exc.value)):
+        assert str(path) in message
+        assert named in message or (named == "cannot read" and "not valid YAML" in message)
 
 
 def test_extra_dirs_add_and_override(tmp_path: Path) -> None:

@@ -19,6 +19,15 @@ class ResultStore(Protocol):
 
     def get(self, job_id: str) -> dict[str, Any] | None: ...
 
+    def delete(self, job_ids: Iterable[str]) -> int:
+        """Delete the results of ``job_ids`` (erasure: ``medq purge --results``, a job
+        purged while it ran). Returns how many there were."""
+
+    def delete_batch(self, batch: str) -> int:
+        """Delete every result of ``batch`` the store can find by batch (PostgreSQL's
+        ``batch`` column, rows kept long after the batch's job states expired); 0 where
+        results are found by job id only (Redis)."""
+
     def get_many(self, job_ids: Iterable[str]) -> Iterator[dict[str, Any]]:
         """The stored results among ``job_ids``; ids without a result are skipped."""
 

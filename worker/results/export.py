@@ -58,7 +58,7 @@ def _from_state(st: JobState, stored: dict[str, Any] | None) -> dict[str, Any]:
     doc = dict(stored) if stored else {}
     doc.update(
         id=st.record_id, job_id=st.job_id, batch=st.batch, schema=st.schema, schema_version=st.schema_version,
-        status=st.status, data=None, error=error, attempts=st.attempts,
+        status=st.status, data=None, error=error, attempts=st.attempts, deliveries=st.deliveries,
     )
     for key in ("model", "endpoint", "usage", "latency_ms"):
         doc.setdefault(key, None)
