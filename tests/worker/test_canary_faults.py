@@ -1,0 +1,86 @@
+"""The canary scan again, with faults in the mix (issue 14): one of the two endpoints
+echoes every request back in its error body, and the PostgreSQL results store goes
+away mid-batch and comes back. Encryption is on. Record text must still reach only the
+endpoints and, sealed, the payload and result stores: no Redis key, no PostgreSQL row,
+no log line and no command output may show it in clear."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+import sqlalchemy as sa
+
+from producer.batches import iter_states
+from tests.conftest import MEDQ, Proc, run_cli
+from tests.worker.test_endpoint_privacy import CHINESE, ESCAPED, NEEDLES, SHORT_LINES, _echo, _hits, redis_hits
+from tests.worker.test_endpoint_privacy import servers  # noqa: F401 - a fixture
+from tests.worker.test_phi_canary import report_scan
+from tests.worker.test_store_outage import TcpProxy, _wait_until
+from tests.worker.test_store_outage import proxied_pg  # noqa: F401 - a fixture
+
+BATCH = "canary-faults"
+
+
+def _notes(path: Path) -> Path:
+    notes = {"short": SHORT_LINES, "zh": CHINESE, "esc": ESCAPED}
+    notes.update({f"r{i:02d}": f"ZZCANARY{i:02d} {40 + i}-year-old man, cough and fever for {i} days." for i in range(21)})
+    path.write_text("".join(json.dumps({"id": k, "text": v}, ensure_ascii=False) + "\n" for k, v in notes.items()),
+                    encoding="utf-8")
+    return path
+
+
+def test_no_canary_with_an_echoing_endpoint_and_a_failing_store(
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., Proc],
+    servers: Callable[..., object], proxied_pg: tuple[TcpProxy, str], tmp_path: Path,  # noqa: F811
+) -> None:
+    proxy, pg_url = proxied_pg
+    key = run_cli(["keygen"], medq_env).stdout.strip()
+    echo = servers(_echo)
+    sim = simulator("--latency-ms", "800")
+    env = {**medq_env, "MEDQ_ENCRYPTION_KEY": key, "MEDQ_RESULTS_URL": pg_url, "MEDQ_WORKER__LEASE_S": "3",
+           "MEDQ_LLM__ENDPOINTS": f"{sim},{echo.base}"}  # type: ignore[attr-defined]
+    proc = worker(sim, env=env)
+    needles = NEEDLES  # the canary of the English notes (ZZCANARY) among them
+
+    enqueue = subprocess.Popen(
+        [MEDQ, "enqueue", str(_notes(tmp_path / "notes.jsonl")), "--schema", "clinical_note", "--batch", BATCH,
+         "--wait", "--timeout-s", "240"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_until(lambda: Counter(st.status for st in iter_states(r, BATCH))["succeeded"] >= 2)
+        proxy.cut()  # the store goes away while answers keep arriving
+        time.sleep(8)
+        proxy.restore()
+        out, err = enqueue.communicate(timeout=240)
+    finally:
+        enqueue.kill()
+
+    states = Counter(st.status for st in iter_states(r, BATCH))
+    assert sum(states.values()) == 24 and set(states) <= {"succeeded", "failed"}, states
+    assert states["succeeded"] and states["failed"], states  # both faults were in the mix
+    assert any(method == "POST" for method, *_ in echo.requests)  # type: ignore[attr-defined]
+    assert "result store unavailable" in proc.log
+
+    failed = run_cli(["failed", BATCH, "--json"], env)
+    status = run_cli(["status", BATCH, "--json"], env)
+    places = {"worker log": proc.log, "medq failed": failed.stdout + failed.stderr,
+              "medq status": status.stdout + status.stderr, "enqueue --wait": out + err}
+    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
+        rows = [json.dumps(row._asdict(), default=str, ensure_ascii=False)
+                for row in conn.execute(sa.text("SELECT * FROM medq_results WHERE batch = :b"), {"b": BATCH})]
+    engine.dispose()
+    assert len(rows) == 24
+    hits = {k: _hits(v, needles) for k, v in places.items() if _hits(v, needles)}
+    hits.update({f"postgres row {i}": _hits(row, needles) for i, row in enumerate(rows) if _hits(row, needles)})
+    redis_found = redis_hits(r, needles)
+    report_scan("faults", {**{k: 1 for k in places}, "postgres rows": len(rows),
+                           "redis keys": sum(1 for _ in r.scan_iter(count=1000))}, len(hits) + len(redis_found))
+    assert hits == {} and redis_found == {}
