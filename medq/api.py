@@ -203,6 +203,7 @@ class ResultDoc(BaseModel):
     usage: dict[str, Any] | None = None
     latency_ms: float | None = None
     metadata: dict[str, Any] | None = None
+    evidence: dict[str, list[list[int]]] | None = Field(default=None, description="Each value's path -> the [start, end] character offsets of the note it was read from.")
 
 
 class RequeueOut(BaseModel):

@@ -540,6 +540,7 @@ class JobRunner:
             "usage": None,
             "latency_ms": None,
             "metadata": {},
+            "evidence": None,
             "provenance": None,
             "finished_at": _now(),
         }
@@ -559,6 +560,7 @@ class JobRunner:
             usage=prov.usage,
             latency_ms=round(prov.latency_ms, 1),
             metadata=metadata,
+            evidence=ex.evidence,
             provenance=prov.as_dict(),
         )
         try:

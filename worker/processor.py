@@ -17,8 +17,9 @@ Strategies: ``single`` asks for the whole schema in one call; ``fields`` asks on
 question per top-level field, each with a small schema, and merges the answers.
 Which is better depends on the model: measure with ``medq demo`` / ``medq eval``
 (README, "Extraction quality": on SmolLM2-135M, single scored higher and took less
-time). The schema's ``examples`` are shown as few-shot turns. Then the grounding
-check flags (or drops) values that do not occur in the note.
+time). The schema's ``examples`` are shown as few-shot turns. Then every value is
+located in the note (``worker.evidence``): the spans are the result's ``evidence``,
+and values without any are flagged (or dropped).
 
 Endpoint errors (connection, timeout, 429, 5xx) propagate as ``RetryableError``:
 retrying a whole job is the task's business, with backoff, not this loop's.
@@ -39,7 +40,7 @@ from medq.errors import InvalidRecord, OutputInvalid, OutputTruncated, PromptTru
 from medq.schemas import ExtractionSchema, SchemaLoader, build_schema
 from medq.settings import EndpointSettings
 from medq.urls import redact_url
-from worker.grounding import drop_ungrounded, ungrounded_paths
+from worker.evidence import Evidence, drop_unsupported, locate, unsupported_paths
 from worker.llm import (
     RESPONSE_FORMATS,
     AsyncLLMClient,
@@ -102,7 +103,7 @@ class Provenance:
     finish_reason: str | None = None
     latency_ms: float = 0.0
     usage: dict[str, int] = field(default_factory=dict)
-    ungrounded_fields: list[str] = field(default_factory=list)
+    ungrounded_fields: list[str] = field(default_factory=list)  # values without evidence in the note
     dropped_fields: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -111,9 +112,13 @@ class Provenance:
 
 @dataclass
 class Extraction:
+    """``data`` (validated), ``evidence`` (path -> ``[[start, end], ...]`` offsets into the
+    note, for each value found in it: see ``worker.evidence``) and ``provenance``."""
+
     data: BaseModel
     schema: ExtractionSchema
     provenance: Provenance
+    evidence: Evidence = field(default_factory=dict)
 
     def data_dict(self) -> dict[str, Any]:
         return self.data.model_dump(mode="json")
@@ -261,14 +266,17 @@ class MedicalDataProcessor:
             merged = {k: v for a in answers for k, v in a.model_dump(mode="json").items()}
             data = sch.model.model_validate(merged)  # the parts are valid, so the whole is
         dumped = data.model_dump(mode="json")
-        prov.ungrounded_fields = ungrounded_paths(dumped, sch.json_schema, text)
+        evidence = locate(dumped, sch.json_schema, text)
+        prov.ungrounded_fields = unsupported_paths(dumped, sch.json_schema, evidence)
         if self.grounding == "drop" and prov.ungrounded_fields:
             prov.dropped_fields = prov.ungrounded_fields
-            data = sch.model.model_validate(drop_ungrounded(dumped, sch.json_schema, text))
+            dumped = drop_unsupported(dumped, sch.json_schema, prov.ungrounded_fields)
+            data = sch.model.model_validate(dumped)
+            evidence = locate(dumped, sch.json_schema, text)  # list items moved up: paths changed
         prov.llm_calls = usage.calls
         prov.usage = usage.as_dict()
         prov.latency_ms = (time.perf_counter() - started) * 1000
-        return Extraction(data=data, schema=sch, provenance=prov)
+        return Extraction(data=data, schema=sch, provenance=prov, evidence=evidence)
 
     # ------------------------------------------------------------------ one call
 

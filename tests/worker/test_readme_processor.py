@@ -35,10 +35,12 @@ def test_the_readme_processor_example_prints_the_extraction(simulator: Callable[
     base_url = simulator()
     script = block.replace("http://localhost:11434/v1", base_url)  # the only change: Ollama -> the simulator
 
-    data_line, provenance_line = _run(script, medq_env)
+    data_line, evidence_line, provenance_line = _run(script, medq_env)
     data = ast.literal_eval(data_line)
     SchemaLoader([REPO / "configs" / "schemas"]).get("clinical_note").model.model_validate(data)
     assert data["age"] == 72 and data["smoking_status"] == "never"  # read from the note in the block
+    evidence = ast.literal_eval(evidence_line)  # where each value is in the block's note
+    assert evidence["age"] == [[0, 2]] and evidence["smoking_status"] == [[65, 70]]
     provenance = ast.literal_eval(provenance_line)
     assert provenance["model"] == "qwen2.5:1.5b" and provenance["endpoint"] == base_url
     assert provenance["llm_calls"] == 1 and provenance["usage"]["total_tokens"] > 0

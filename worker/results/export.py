@@ -59,6 +59,7 @@ def _from_state(st: JobState, stored: dict[str, Any] | None) -> dict[str, Any]:
     doc.update(
         id=st.record_id, job_id=st.job_id, batch=st.batch, schema=st.schema, schema_version=st.schema_version,
         status=st.status, data=None, error=error, attempts=st.attempts, deliveries=st.deliveries,
+        evidence=None,  # it locates values of data, which an older run's result does not stand for
     )
     for key in ("model", "endpoint", "usage", "latency_ms"):
         doc.setdefault(key, None)
