@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -399,6 +399,76 @@ def eval_(
         out.print(score_table(report))
     if unfinished:
         err.print(f"note: {unfinished} job(s) have not finished; they count as failed", highlight=False)
+
+
+@app.command()
+def review(
+    batch: str = typer.Argument(..., help="Batch id."),
+    output: Path = typer.Option(Path("review.html"), "-o", "--output",
+                                help="The page to write (mode 0600). It shows the notes: it is PHI, keep it where they may be kept."),
+    notes: Optional[Path] = typer.Option(
+        None, "--notes",
+        help="The JSONL, CSV or folder the batch was enqueued from: the notes of jobs that succeeded "
+             "(their stored record is deleted then), matched by record id.",
+    ),
+    gold: Optional[Path] = typer.Option(None, "--gold", help='Gold labels (JSONL of {"id", "data"}): mark each value right or wrong.'),
+) -> None:
+    """One self-contained HTML page (nothing fetched over the network) showing each note with the
+    evidence of every extracted value highlighted, the extraction beside it, values without
+    evidence marked and, with --gold, each value right or wrong. The page holds PHI."""
+    from medq.crypto import Sealer
+    from medq.errors import MedqError
+    from medq.evaluate import records_by_id
+    from medq.review import build, find_notes, read_notes, write_private
+    from medq.schemas import SchemaLoader
+    from producer.records import limits_of
+    from worker.results import open_store_for
+    from worker.results.export import iter_results
+
+    r = _redis()
+    s = _settings()
+    store = open_store_for(s)
+    try:
+        docs = list(iter_results(r, store, batch))
+    except MedqError as exc:  # e.g. encrypted results and no key for them
+        raise _fail(exc.message) from None
+    finally:
+        store.close()
+    if not docs:
+        raise _fail(f"no jobs in batch {batch!r}")
+    records: dict[str, Any] = {}
+    unread = 0
+    if notes is not None:
+        try:
+            records, unread = read_notes(notes, limits_of(s))
+        except OSError as exc:  # FileNotFoundError says which path itself
+            raise _fail(str(exc) if isinstance(exc, FileNotFoundError) else f"cannot read {notes}: {exc.strerror}") from None
+    golds = None
+    if gold is not None:
+        try:
+            golds = records_by_id(gold.read_text(encoding="utf-8").splitlines())
+        except OSError as exc:
+            raise _fail(f"cannot read {gold}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise _fail(f"{gold}: {exc}") from None
+    loader = SchemaLoader(s.schema_dirs)
+    schemas = {}
+    for name, version in {(str(d["schema"]), int(d.get("schema_version") or 0)) for d in docs}:
+        try:
+            schemas[(name, version)] = loader.get(name, version or None).json_schema
+        except MedqError:
+            pass  # list items are then matched on their first string value
+    try:
+        page = build(batch, docs, find_notes(r, docs, records, Sealer.from_settings(s)), golds, schemas)
+        write_private(output, page)
+    except MedqError as exc:
+        raise _fail(exc.message) from None
+    except OSError as exc:
+        raise _fail(f"cannot write {output}: {exc.strerror}") from None
+    if unread:
+        err.print(f"note: {unread} record(s) of {notes} could not be read and are not matched", highlight=False)
+    err.print(f"wrote the review of {len(docs)} record(s) to {escape(str(output))} (mode 0600; it shows the notes: PHI)",
+              highlight=False)
 
 
 @app.command()

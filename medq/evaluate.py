@@ -318,7 +318,7 @@ class _Scorer:
             self.tallies[path] = _Tally(ScoreKind.PRF)
             items = prop.get("items") or {}
             if _kind(items) == "object":
-                key = _item_key(items)
+                key = item_key(items)
                 for sub, sub_prop in items["properties"].items():
                     if sub != key:
                         self.layout(f"{path}.{sub}", sub_prop)
@@ -351,7 +351,7 @@ class _Scorer:
         if _kind(items) != "object":
             tally.true_positives += len(match_items(pred_items, gold_items))
             return
-        key = _item_key(items)
+        key = item_key(items)
         pairs = match_items([_get(i, key) for i in pred_items], [_get(i, key) for i in gold_items])
         tally.true_positives += len(pairs)
         for pi, gi in pairs:
@@ -378,7 +378,7 @@ def _is_numeric(prop: Mapping[str, Any] | None) -> bool:
     return prop is not None and any(t in ("number", "integer") for t in _types(prop))
 
 
-def _item_key(items: Mapping[str, Any]) -> str | None:
+def item_key(items: Mapping[str, Any]) -> str | None:
     """The property that identifies a list item: the first required string one."""
     props: Mapping[str, Any] = items.get("properties") or {}
     ordered = [*items.get("required", []), *props]
