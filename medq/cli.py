@@ -31,7 +31,7 @@ out = Console()
 err = Console(stderr=True)
 
 # the embedded default, without importing medq.local_model's dependencies for --help
-DEFAULT_LOCAL_MODEL = "gemma3-270m"
+DEFAULT_LOCAL_MODEL = "qwen2.5-coder-1.5b"
 
 EXIT_FAILED_JOBS = 1
 EXIT_BAD_INPUT = 2
@@ -473,7 +473,7 @@ def review(
 
 @app.command()
 def demo(
-    model: str = typer.Option(DEFAULT_LOCAL_MODEL, "--model", "-m", help="Embedded model: gemma3-270m, smollm2 (faster, lower score), or a .gguf path."),
+    model: str = typer.Option(DEFAULT_LOCAL_MODEL, "--model", "-m", help="Embedded model: qwen2.5-coder-1.5b (default), qwen2.5-coder-0.5b, gemma3-270m, smollm2 (fastest, lowest score), or a .gguf path."),
     schema: str = typer.Option("clinical_note", "--schema", help="Which bundled samples: clinical_note or discharge_summary."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N sample records."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Use this running OpenAI-compatible server (…/v1) instead of starting the embedded one."),

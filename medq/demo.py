@@ -37,6 +37,9 @@ from medq.urls import redact_url
 MODEL_PROFILES: dict[str, dict[str, str]] = {
     "smollm2": {"strategy": "single", "grounding": "drop", "few_shot": "true"},
     "gemma3-270m": {"strategy": "single", "grounding": "drop", "few_shot": "true"},
+    # measured with the settings' defaults (flag: values without evidence are listed, kept)
+    "qwen2.5-coder-1.5b": {"strategy": "single", "grounding": "flag", "few_shot": "true"},
+    "qwen2.5-coder-0.5b": {"strategy": "single", "grounding": "flag", "few_shot": "true"},
 }
 
 

@@ -23,8 +23,9 @@ from pathlib import Path
 from medq.model_parts import PartsError, SplitGGUF, ensure_joined
 
 # Picked by the measured score on the bundled samples (README, "Extraction quality"):
-# Gemma 3 270M scored higher than SmolLM2-135M, at about 2.5 times the time per record.
-DEFAULT_MODEL = "gemma3-270m"
+# Qwen2.5-Coder-1.5B macro 0.888 (English 0.868, Chinese 0.907) at 16 s a record, against
+# 0.641 for its 0.5B and 0.362 for Gemma 3 270M, the default before it.
+DEFAULT_MODEL = "qwen2.5-coder-1.5b"
 INSTALL_HINT = (
     'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install -e ".[local]"'
 )

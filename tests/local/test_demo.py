@@ -94,9 +94,9 @@ def test_demo_on_the_embedded_model(r: redis.Redis, medq_env: dict[str, str], ll
     env = {k: v for k, v in medq_env.items() if k != "MEDQ_LLM__TIMEOUT_S"}
     res = run_cli(["demo", "--limit", "2", "--json"], env, timeout_s=600)
     assert res.returncode == 0, res.stderr
-    assert "starting the embedded model gemma3-270m" in res.stderr  # the default, by measured score
+    assert "starting the embedded model qwen2.5-coder-1.5b" in res.stderr  # the default, by measured score
     summary = json.loads(res.stdout)
-    assert summary["model"] == "gemma3-270m" and summary["records"] == 2
+    assert summary["model"] == "qwen2.5-coder-1.5b" and summary["records"] == 2
     assert summary["succeeded"] + summary["failed"] == 2
     assert summary["report"]["records"] == 2 and 0 <= summary["macro"] <= 1
-    assert summary["profile"] == {"strategy": "single", "grounding": "drop", "few_shot": "true"}
+    assert summary["profile"] == {"strategy": "single", "grounding": "flag", "few_shot": "true"}
