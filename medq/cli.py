@@ -356,6 +356,18 @@ def endpoints(as_json: bool = typer.Option(False, "--json", help="Print JSON lin
     out.print(table)
 
 
+def _read_gold(path: Path) -> dict[str, Any]:
+    """A gold file (JSONL of {"id", "data"}) by record id; a clear error if it cannot be read."""
+    from medq.evaluate import records_by_id
+
+    try:
+        return records_by_id(path.read_text(encoding="utf-8").splitlines())
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise _fail(f"{path}: {exc}") from None
+
+
 @app.command("eval")
 def eval_(
     batch: str = typer.Argument(..., help="Batch id."),
@@ -365,7 +377,7 @@ def eval_(
 ) -> None:
     """Per-field scores of a batch against gold labels: accuracy, precision / recall / F1, macro."""
     from medq.errors import SchemaVersionUnavailable, UnknownSchema
-    from medq.evaluate import evaluate, records_by_id
+    from medq.evaluate import evaluate
     from medq.report import score_table
     from medq.schemas import SchemaLoader
     from worker.results import open_store_for
@@ -380,12 +392,7 @@ def eval_(
         store.close()
     if not docs:
         raise _fail(f"no jobs in batch {batch!r}")
-    try:
-        golds = records_by_id(gold.read_text(encoding="utf-8").splitlines())
-    except OSError as exc:
-        raise _fail(f"cannot read {gold}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise _fail(f"{gold}: {exc}") from None
+    golds = _read_gold(gold)
     try:
         # the batch's own version unless another schema is named
         sch = SchemaLoader(s.schema_dirs).get(schema or docs[0]["schema"], None if schema else docs[0].get("schema_version"))
@@ -418,7 +425,6 @@ def review(
     evidence marked and, with --gold, each value right or wrong. The page holds PHI."""
     from medq.crypto import Sealer
     from medq.errors import MedqError
-    from medq.evaluate import records_by_id
     from medq.review import build, find_notes, read_notes, write_private
     from medq.schemas import SchemaLoader
     from producer.records import limits_of
@@ -445,12 +451,7 @@ def review(
             raise _fail(str(exc) if isinstance(exc, FileNotFoundError) else f"cannot read {notes}: {exc.strerror}") from None
     golds = None
     if gold is not None:
-        try:
-            golds = records_by_id(gold.read_text(encoding="utf-8").splitlines())
-        except OSError as exc:
-            raise _fail(f"cannot read {gold}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise _fail(f"{gold}: {exc}") from None
+        golds = _read_gold(gold)
     loader = SchemaLoader(s.schema_dirs)
     schemas = {}
     for name, version in {(str(d["schema"]), int(d.get("schema_version") or 0)) for d in docs}:

@@ -7,42 +7,25 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from tests.conftest import MEDQ, REPO, Proc, free_port, wait_http
+from tests.conftest import MEDQ, REPO, Proc, free_port, headless_chromium, wait_http
 
 CANARY = "ZZBROWSER"
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ARTIFACTS = REPO / "tests" / "artifacts"
 
 
 @pytest.fixture
-def browser() -> object:
-    if not (CHROMIUM and DRIVER):
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromedriver are needed (apt-get install -y chromium chromium-driver)")
-        pytest.skip("no chromium / chromedriver (apt-get install -y chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
-    yield driver
-    driver.quit()
+def browser() -> Iterator[object]:
+    with headless_chromium() as driver:
+        yield driver
 
 
 def _until_listed(browser: object, text: str, timeout_s: float = 30) -> None:

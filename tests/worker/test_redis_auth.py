@@ -4,36 +4,20 @@ workers take the credentials from MEDQ_REDIS_URL; without them nothing gets in."
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.conftest import free_port, run_cli
+from tests.conftest import private_redis, run_cli
 
 
 @pytest.fixture
 def locked_redis(tmp_path: Path) -> Iterator[int]:
     """redis-server on a free port: default user off, one ACL user ``medq`` with a password."""
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--user", "default", "off", "--user", "medq", "on", ">s3cret-acl", "~*", "&*", "+@all"],
-        stdout=open(tmp_path / "redis.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    client = redis.Redis(port=port, username="medq", password="s3cret-acl")
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield port
-    proc.terminate()
-    proc.wait(10)
+    with private_redis(tmp_path, "--user", "default", "off", "--user", "medq", "on", ">s3cret-acl", "~*", "&*", "+@all") as port:
+        yield port
 
 
 def test_producer_and_worker_use_the_credentials_in_the_url(

@@ -6,7 +6,6 @@ to its ``maxmemory``, and frees it again with CONFIG SET."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,28 +13,16 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import Proc, free_port, run_cli
+from tests.conftest import Proc, private_redis, run_cli
 
 
 @pytest.fixture
 def small_redis(tmp_path: Path) -> Iterator[redis.Redis]:
     """redis-server on a free port, no persistence, ``noeviction`` (as the README asks)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxmemory-policy", "noeviction"],
-        stdout=open(tmp_path / "redis.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    client = redis.Redis(port=port, decode_responses=True)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield client
-    proc.terminate()
-    proc.wait(10)
+    with private_redis(tmp_path, "--maxmemory-policy", "noeviction") as port:
+        client = redis.Redis(port=port, decode_responses=True)
+        yield client
+        client.close()
 
 
 def fill(client: redis.Redis, room_bytes: int = 0) -> None:

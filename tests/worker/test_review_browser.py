@@ -6,9 +6,7 @@ was read from, fetching nothing. A screenshot is kept in tests/artifacts/review.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,9 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, headless_chromium, run_cli
 
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ARTIFACTS = REPO / "tests" / "artifacts"
 NOTES = {
     "en": "Mr Lee is a 72-year-old male with hypertension. Metformin 500 mg twice daily. Never smoker.",
@@ -28,26 +25,12 @@ NOTES = {
 
 @pytest.fixture
 def offline_browser() -> Iterator[object]:
-    if not (CHROMIUM and DRIVER):
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromedriver are needed (apt-get install -y chromium chromium-driver)")
-        pytest.skip("no chromium / chromedriver (apt-get install -y chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
-    # the network is cut: a hospital reviewer's machine may have none
-    driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd("Network.emulateNetworkConditions",
-                           {"offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0})
-    yield driver
-    driver.quit()
+    with headless_chromium() as driver:
+        # the network is cut: a hospital reviewer's machine may have none
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions",
+                               {"offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0})
+        yield driver
 
 
 def test_review_page_highlights_each_value_on_its_words_offline(
