@@ -78,7 +78,8 @@ _STORE_RETRY_MAX_S = 30.0
 
 # Start a run: one atomic step that decides whether this delivery may run the job.
 START_LUA = """
--- KEYS: job, payload, watch   ARGV: run_id, lease_ms, max_lost_runs, now_iso, job_id, shared ('1': a many-job message)
+-- KEYS: job, payload, watch   ARGV: run_id, lease_ms, max_lost_runs, now_iso, job_id,
+--   mode: '1' a many-job message; '0' a job alone in its message; '2' the same, holding the process alone
 -- Returns {verdict, batch, record_id, schema, schema_version, ...}: one round trip
 -- reads the job, decides, takes the lease and fetches the record.
 local t = redis.call('TIME')
@@ -101,6 +102,12 @@ if h[1] == 'succeeded' or h[1] == 'failed' then return reply('final', h[1], h[8]
 if h[1] == 'running' then
   local lease_until = tonumber(h[2]) or 0
   if lease_until > now then return reply('busy', tostring(lease_until - now)) end
+end
+-- a suspect (its worker died: found running with a lapsed lease, or lost before) alone in its
+-- message first takes the process for itself (worker.isolation), then comes back in mode '2';
+-- nothing is written now, so its lost run is counted once, on that call
+if ARGV[6] == '0' and (h[1] == 'running' or (tonumber(h[10]) or 0) > 0) then return reply('gate') end
+if h[1] == 'running' then
   local lost = redis.call('HINCRBY', KEYS[1], 'lost', 1)
   h[10] = tostring(lost)
   -- in a shared message the death may have been a companion's: only a job that died alone is poison
@@ -217,6 +224,9 @@ return ids
 
 T = TypeVar("T")
 
+class _NeedsGate:
+    """_run's answer for a suspect alone in its message: run it again once it has the process alone."""
+
 
 @dataclass(frozen=True)
 class RetryLater:
@@ -300,21 +310,25 @@ class JobRunner:
         """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
         after recording the failure, so Celery and Flower show it as failed. ``shared``: the
         job came in a message of several; one whose worker died before is then not run
-        (``worker.isolation``), and alone it runs with no other job in this process."""
-        alone = not shared and await self._suspect(job_id)
-        async with self.gate.turn(alone):
-            return await self._run(job_id, shared)
+        (``worker.isolation``), and alone it runs with no other job in this process.
 
-    async def _suspect(self, job_id: str) -> bool:
-        status, lost = await self.r.hmget(job_key(job_id), ["status", "lost"])
-        return status == JobStatus.RUNNING.value or int(lost or 0) > 0
+        START_LUA tells a suspect apart in the same round trip that starts a job, so only a
+        suspect pays a second call (after it has the process to itself)."""
+        async with self.gate.turn(False):
+            outcome = await self._run(job_id, "1" if shared else "0")
+        if not isinstance(outcome, _NeedsGate):
+            return outcome
+        async with self.gate.turn(True):
+            outcome = await self._run(job_id, "2")
+        assert not isinstance(outcome, _NeedsGate)  # mode 2 never asks for the gate
+        return outcome
 
-    async def _run(self, job_id: str, shared: bool) -> dict[str, Any] | RetryLater:
+    async def _run(self, job_id: str, mode: str) -> dict[str, Any] | RetryLater | _NeedsGate:
         run_id = new_id()
         res = await self.batch.script(
             START_LUA,
             [job_key(job_id), payload_key(job_id), WATCH_KEY],
-            [run_id, self.lease_ms, self.settings.worker.max_lost_runs, _now(), job_id, int(shared)],
+            [run_id, self.lease_ms, self.settings.worker.max_lost_runs, _now(), job_id, mode],
         )
         verdict = res[0]
         if verdict == "missing":
@@ -334,6 +348,8 @@ class JobRunner:
             wait_s = min(int(res[1]) / 1000 + 1, self.settings.max_countdown_s)
             log.info("job %s: already running elsewhere; checking again in %.1fs", job_id, wait_s)
             return RetryLater(wait_s, RetryableError(f"job {job_id} is running in another worker"))
+        if verdict == "gate":
+            return _NeedsGate()
         if verdict == "alone":
             # A worker died while it ran (with companions, so nobody knows whose record killed
             # it): it goes on as a message of its own (what the message does with RetryLater),
