@@ -737,7 +737,9 @@ def llm_serve(
         raise _fail(str(exc)) from None
     err.print(
         f"serving {local.name} ({local.path}) at http://{host}:{port}/v1\n"
-        f"point workers at it: MEDQ_LLM__BASE_URL=http://{host}:{port}/v1 MEDQ_LLM__MODEL={local.name}",
+        f"point workers at it: MEDQ_LLM__BASE_URL=http://{host}:{port}/v1 MEDQ_LLM__MODEL={local.name} "
+        f"MEDQ_LLM__CONTEXT_TOKENS={n_ctx} MEDQ_LLM__MAX_IN_FLIGHT=1\n"
+        f"(it works on one request at a time, and does not tell its context: the settings do)",
         highlight=False,
     )
     cmd = server_command(local, host, port, n_ctx=n_ctx, n_threads=threads)
@@ -751,7 +753,7 @@ def llm_simulate(
     port: int = typer.Option(8090, help="Port to listen on."),
     latency_ms: float = typer.Option(0.0, "--latency-ms", help="Time each request takes once it is served."),
     parallel: int = typer.Option(64, help="Requests served at once; the rest wait, as in a batching server."),
-    fault: str = typer.Option("", help="Faults as KIND:RATE,... Kinds: 429, 500, 503, timeout, malformed, truncated, invalid, invented."),
+    fault: str = typer.Option("", help="Faults as KIND:RATE,... Kinds: 429, 500, 503, timeout, malformed, truncated, invalid, invented, runaway."),
     seed: Optional[int] = typer.Option(None, help="Random seed for reproducible faults."),
     reject_json_schema: bool = typer.Option(
         False, help="Refuse response_format json_schema (HTTP 500, as llama-cpp-python's server does)."
@@ -765,7 +767,15 @@ def llm_simulate(
     ),
     context_tokens: Optional[int] = typer.Option(
         None, "--context-tokens", min=1, help="Cut longer prompts to this many tokens without an error and report that "
-        "many prompt tokens, as Ollama does with its default context.",
+        "many prompt tokens, as Ollama does with its default context (see --context-overflow).",
+    ),
+    context_overflow: str = typer.Option(
+        "cut", "--context-overflow", help="What a prompt longer than --context-tokens gets: cut (silently, as Ollama) "
+        "or refuse (HTTP 400 exceed_context_size_error with n_ctx, as llama.cpp's server; the prompt alone is compared).",
+    ),
+    advertise_context: bool = typer.Option(
+        False, "--advertise-context", help="Say the limits: GET /props as llama.cpp's server (n_ctx, total_slots = "
+        "--parallel) and max_model_len in /v1/models as vLLM. Default: /props is 404 and models carry no size, as Ollama.",
     ),
 ) -> None:
     """An OpenAI-compatible endpoint that answers schema-valid JSON without a model (load and fault tests)."""
@@ -782,6 +792,8 @@ def llm_simulate(
         dialect=dialect,
         served_models=tuple(name.strip() for names in served_model or [] for name in names.split(",") if name.strip()),
         context_tokens=context_tokens,
+        context_overflow=context_overflow,
+        advertise_context=advertise_context,
     )
 
 

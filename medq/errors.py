@@ -26,8 +26,10 @@
         │   │                     server or the settings, then plain `medq requeue` runs them again
         │   │                     (raised itself for an HTTP 3xx: redirects are not followed)
         │   ├── ModelNotFound     HTTP 404: the server does not serve MEDQ_LLM__MODEL
-        │   └── PromptTruncated   the server read fewer prompt tokens than the prompt has: its
-        │                         context is too small and it cut the note without saying so
+        │   ├── PromptTruncated   the server read fewer prompt tokens than the prompt has: its
+        │   │                     context is too small and it cut the note without saying so
+        │   └── ContextExceeded   the server refused the prompt as longer than its context (HTTP
+        │                         400); carries the context size when the server said it
         ├── OutputInvalid         still not valid JSON for the schema after the re-asks
         └── OutputTruncated       still cut off at max_tokens_cap
     InvalidBatchId (a MedqError and ValueError) a batch id that does not match
@@ -161,7 +163,32 @@ class ModelNotFound(EndpointMisconfigured):
 
 
 class PromptTruncated(EndpointMisconfigured):
+    """``read_tokens``: how many prompt tokens the server says it read (its context, about)."""
+
     kind = "prompt_truncated"
+
+    def __init__(self, message: str, read_tokens: int = 0) -> None:
+        super().__init__(message)
+        self.read_tokens = read_tokens
+
+    def __reduce__(self):
+        return (self.__class__, (self.message, self.read_tokens))
+
+
+class ContextExceeded(EndpointMisconfigured):
+    """The server refused a prompt longer than its context. ``context_tokens``: the size
+    it said it has (llama.cpp's ``n_ctx``, "maximum context length is N"), or 0. The
+    processor learns it and sends the note again in pieces; a job fails with it only
+    when even a piece cannot fit (the prompt without the note is too long)."""
+
+    kind = "context_exceeded"
+
+    def __init__(self, message: str, context_tokens: int = 0) -> None:
+        super().__init__(message)
+        self.context_tokens = context_tokens
+
+    def __reduce__(self):
+        return (self.__class__, (self.message, self.context_tokens))
 
 
 class OutputInvalid(PermanentError):

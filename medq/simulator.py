@@ -18,6 +18,16 @@ deterministically:
   first``); without it every model name is taken, as llama-cpp-python's server does.
 - ``--context-tokens N`` cuts a prompt longer than N tokens without an error and
   reports N prompt tokens, as Ollama does with its default context.
+  ``--context-overflow refuse`` answers such a prompt instead as llama.cpp's server
+  does: HTTP 400, type ``exceed_context_size_error``, with ``n_prompt_tokens`` and
+  ``n_ctx`` (counted as outcome "400"). Like llama.cpp it compares the prompt alone
+  with the context, not prompt + max_tokens as vLLM does. Prompt tokens are the
+  simulator's own estimate (``medq.tokens``), not a tokenizer's count.
+- ``--advertise-context`` says the limits where servers say them: ``GET /props``
+  answers as llama.cpp's does (``default_generation_settings.n_ctx`` with
+  ``--context-tokens``, ``total_slots`` = ``--parallel``) and each ``/v1/models``
+  entry carries vLLM's ``max_model_len``. Without it ``/props`` is 404 and the models
+  carry no size, as with Ollama's and llama-cpp-python's OpenAI APIs.
 - ``GET /stats`` tells what arrived and when, for load tests and benchmarks.
 
 Where the schema comes from, in order: ``response_format.json_schema.schema``
@@ -67,11 +77,14 @@ class Outcome(str, Enum):
     TRUNCATED = "truncated"  # 200, content cut mid-JSON, finish_reason "length"
     INVALID = "invalid"  # 200, JSON that does not follow the schema
     INVENTED = "invented"  # 200, schema-valid JSON whose strings and numbers are not in the note
+    RUNAWAY = "runaway"  # 200, a list item repeated until max_tokens, cut there, finish_reason "length"
     REJECTED = "400"  # the request itself was refused (stats only; never drawn)
 
 
 # Whose request format the server takes: "openai" (every form medq sends) or "tgi".
 DIALECTS = ("openai", "tgi")
+# What a prompt longer than context_tokens gets: cut silently (Ollama) or refused (llama.cpp).
+CONTEXT_OVERFLOWS = ("cut", "refuse")
 
 FAULT_KINDS: tuple[str, ...] = tuple(
     o.value for o in Outcome if o not in (Outcome.OK, Outcome.REJECTED)
@@ -125,7 +138,9 @@ class SimConfig:
     reject_json_schema: bool = False
     dialect: str = "openai"
     served_models: tuple[str, ...] = ()  # empty: any model name is taken
-    context_tokens: int | None = None  # longer prompts are cut to this, silently
+    context_tokens: int | None = None  # longer prompts are cut to this, silently, or refused
+    context_overflow: str = "cut"  # "cut" (Ollama) or "refuse" (llama.cpp's 400)
+    advertise_context: bool = False  # GET /props and max_model_len say the limits
     # Long enough that any sane client timeout fires first.
     timeout_hold_s: float = 300.0
 
@@ -136,6 +151,10 @@ class SimConfig:
             raise ValueError(f"latency_ms must be 0 or more, got {self.latency_ms}")
         if self.context_tokens is not None and self.context_tokens < 1:
             raise ValueError(f"context_tokens must be at least 1, got {self.context_tokens}")
+        if self.context_overflow not in CONTEXT_OVERFLOWS:
+            raise ValueError(
+                f"context_overflow must be one of {', '.join(CONTEXT_OVERFLOWS)}, got {self.context_overflow!r}"
+            )
         if self.dialect not in DIALECTS:
             raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}, got {self.dialect!r}")
         # Re-check so that a SimConfig built in Python is as safe as one from the CLI.
@@ -204,6 +223,19 @@ def malformed_content(valid: str) -> str:
     # Half an answer then chat-template debris: what a model that lost the
     # grammar produces. Anything after "<" makes it unparsable whatever the half.
     return valid[: max(1, len(valid) // 2)] + "<|im_end|> Sure! Here is the JSON"
+
+
+def runaway_content(instance: Any, max_tokens: int | None) -> str:
+    """A small model in a loop: the answer's first list repeats its first item (or a
+    made-up one) until about ``max_tokens`` tokens, and is cut there, mid-item."""
+    doc = dict(instance) if isinstance(instance, dict) else {}
+    key = next((k for k, v in doc.items() if isinstance(v, list)), None) or "items"
+    items = doc.pop(key, None) or ["the same again"]
+    rest = json.dumps(doc, ensure_ascii=False)[1:-1]  # the other fields, complete, first
+    head = "{" + (rest + ", " if rest else "") + json.dumps(key) + ": ["
+    item = json.dumps(items[0], ensure_ascii=False) + ", "
+    budget = (max_tokens or 1024) * 4  # characters, about
+    return (head + item * (budget // len(item) + 2))[:budget]
 
 
 def truncated_content(valid: str) -> str:
@@ -465,6 +497,36 @@ LLAMA_CPP_JSON_SCHEMA_REFUSAL = (
 )
 
 
+def _prompt_tokens(messages: list[Any]) -> int:
+    """The simulator's count of a request's prompt tokens: every message's text, estimated."""
+    return _estimate_tokens("".join(_content_text(m.get("content")) for m in messages if isinstance(m, dict)))
+
+
+LLAMA_CPP_CONTEXT_REFUSAL = "the request exceeds the available context size, try increasing it"
+
+
+def context_refusal(prompt_tokens: int, context_tokens: int) -> JSONResponse:
+    """llama.cpp's server's answer to a prompt longer than its context (``n_ctx`` is per
+    slot there): a 400 whose error object carries both counts."""
+    error = {
+        "code": 400,
+        "message": LLAMA_CPP_CONTEXT_REFUSAL,
+        "type": "exceed_context_size_error",
+        "n_prompt_tokens": prompt_tokens,
+        "n_ctx": context_tokens,
+    }
+    return JSONResponse({"error": error}, status_code=400)
+
+
+def props(config: SimConfig) -> dict[str, Any]:
+    """What llama.cpp's ``GET /props`` says of the limits: the context of one slot
+    (only when ``context_tokens`` is set) and how many slots serve at once."""
+    settings: dict[str, Any] = {"id": 0, "id_task": -1, "is_processing": False}
+    if config.context_tokens is not None:
+        settings["n_ctx"] = config.context_tokens
+    return {"default_generation_settings": settings, "total_slots": config.parallel, "model_path": MODEL_ID}
+
+
 def _error(status: int, message: str, type_: str, code: str | None = None, **headers: str) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers or None)
@@ -548,6 +610,11 @@ class _Simulator:
             # What llama-cpp-python's server (0.3.x) answers: a 500 carrying pydantic's
             # validation error, not a 400, so clients must read the message, not the status.
             return _error(500, LLAMA_CPP_JSON_SCHEMA_REFUSAL, "internal_server_error")
+        context = self.config.context_tokens
+        if self.config.context_overflow == "refuse" and context is not None:
+            prompt_tokens = _prompt_tokens(body["messages"])
+            if prompt_tokens > context:
+                return context_refusal(prompt_tokens, context)
         return None
 
     async def _hold(self, request: Request) -> Response:
@@ -576,8 +643,7 @@ class _Simulator:
         messages = body["messages"]
         schema = request_schema(body)
         text = record_text(messages)
-        prompt_text = "".join(_content_text(m.get("content")) for m in messages if isinstance(m, dict))
-        prompt_tokens = _estimate_tokens(prompt_text)
+        prompt_tokens = _prompt_tokens(messages)
         if self.config.context_tokens is not None and prompt_tokens > self.config.context_tokens:
             text = _cut_to_context(text, prompt_tokens, self.config.context_tokens)
             prompt_tokens = self.config.context_tokens
@@ -593,9 +659,12 @@ class _Simulator:
             content = json.dumps(invalid_instance(schema or {}), ensure_ascii=False)
         elif outcome is Outcome.INVENTED:
             content = json.dumps(generate(schema, INVENTED_TEXT) if schema is not None else {}, ensure_ascii=False)
+        elif outcome is Outcome.RUNAWAY:
+            content = runaway_content(instance, max_tokens)
+            finish_reason = "length"
 
         completion_tokens = _estimate_tokens(content)
-        if outcome is Outcome.TRUNCATED and max_tokens:
+        if outcome in (Outcome.TRUNCATED, Outcome.RUNAWAY) and max_tokens:
             completion_tokens = max_tokens  # a real server stops because it reached max_tokens
         return JSONResponse(
             {
@@ -649,10 +718,24 @@ def create_app(config: SimConfig) -> FastAPI:
     app = FastAPI(title="medq LLM simulator", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.simulator = sim
 
+    # vLLM's field for the context; only when asked to say it (Ollama's list does not).
+    size = (
+        {"max_model_len": config.context_tokens}
+        if config.advertise_context and config.context_tokens is not None
+        else {}
+    )
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         names = config.served_models or (MODEL_ID,)
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "medq"} for name in names]}
+        data = [{"id": name, "object": "model", "owned_by": "medq", **size} for name in names]
+        return {"object": "list", "data": data}
+
+    if config.advertise_context:  # else 404, as servers other than llama.cpp's answer
+
+        @app.get("/props")
+        async def get_props() -> dict[str, Any]:
+            return props(config)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -685,6 +768,8 @@ def serve(
     dialect: str = "openai",
     served_models: tuple[str, ...] = (),
     context_tokens: int | None = None,
+    context_overflow: str = "cut",
+    advertise_context: bool = False,
 ) -> None:
     """Run the simulator with uvicorn until interrupted; bad options fail before it starts."""
     import typer
@@ -704,6 +789,8 @@ def serve(
             dialect=dialect,
             served_models=served_models,
             context_tokens=context_tokens,
+            context_overflow=context_overflow,
+            advertise_context=advertise_context,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

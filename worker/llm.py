@@ -22,6 +22,7 @@ from typing import Any
 import openai
 
 from medq.errors import (
+    ContextExceeded,
     EndpointMisconfigured,
     EndpointTimeout,
     EndpointUnavailable,
@@ -176,15 +177,18 @@ class LLMClient:
         response_format: dict[str, Any] | None,
         max_tokens: int,
         temperature: float,
+        timeout_s: float | None = None,
     ) -> Completion:
+        """``timeout_s``: this call's (default: the client's)."""
         if self.gate is None:
-            return self._complete(messages, response_format, max_tokens, temperature)
+            return self._complete(messages, response_format, max_tokens, temperature, timeout_s)
 
         def call() -> tuple[Completion, int]:
-            c = self._complete(messages, response_format, max_tokens, temperature)
+            c = self._complete(messages, response_format, max_tokens, temperature, timeout_s)
             return c, c.prompt_tokens + c.completion_tokens
 
-        result: Completion = self.gate.call(estimate_tokens(messages, max_tokens), call)
+        lease_s = timeout_s + 10 if timeout_s else None
+        result: Completion = self.gate.call(estimate_tokens(messages, max_tokens), call, lease_s)
         return result
 
     def _complete(
@@ -193,8 +197,11 @@ class LLMClient:
         response_format: dict[str, Any] | None,
         max_tokens: int,
         temperature: float,
+        timeout_s: float | None = None,
     ) -> Completion:
         kwargs: dict[str, Any] = {}
+        if timeout_s:
+            kwargs["timeout"] = timeout_s
         if response_format is not None:
             # As extra_body: the same JSON on the wire, but the SDK does not walk the
             # schema through its TypedDict transform (about 3 ms of CPU per call here,
@@ -270,20 +277,23 @@ class AsyncLLMClient:
         max_tokens: int,
         temperature: float,
         fixed: int = 0,
+        timeout_s: float | None = None,
     ) -> Completion:
-        """``fixed``: how many leading messages are the same for every record (see ``_body``)."""
+        """``fixed``: how many leading messages are the same for every record (see ``_body``);
+        ``timeout_s``: this call's (default: the client's)."""
         data = self._body(messages, response_format, max_tokens, temperature, fixed)
         if self.gate is None:
-            return await self._post(data)
+            return await self._post(data, timeout_s)
 
         async def call() -> tuple[Completion, int]:
-            c = await self._post(data)
+            c = await self._post(data, timeout_s)
             return c, c.prompt_tokens + c.completion_tokens
 
-        result: Completion = await self.gate.acall(estimate_tokens(messages, max_tokens), call)
+        lease_s = timeout_s + 10 if timeout_s else None
+        result: Completion = await self.gate.acall(estimate_tokens(messages, max_tokens), call, lease_s)
         return result
 
-    async def _post(self, data: bytes) -> Completion:
+    async def _post(self, data: bytes, timeout_s: float | None = None) -> Completion:
         """One request with the encoded body. Redirects are not followed: the privacy
         guard approved this endpoint, not wherever it points (a 3xx is an error)."""
         import aiohttp
@@ -296,7 +306,11 @@ class AsyncLLMClient:
         where = self.base_url
         started = time.perf_counter()
         try:
-            async with self._session.post(self._url, data=data, headers=self._headers, allow_redirects=False) as resp:
+            # Only when given: aiohttp reads timeout=None as "no timeout at all".
+            per_call = {"timeout": aiohttp.ClientTimeout(total=timeout_s)} if timeout_s else {}
+            async with self._session.post(
+                self._url, data=data, headers=self._headers, allow_redirects=False, **per_call
+            ) as resp:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
@@ -394,6 +408,11 @@ def error_for_status(status: int, headers: Any, body: Any, where: str, model: st
     # about response_format), others with 400/422: the message decides, not the status.
     if status in (400, 422, 500) and "response_format" in lowered:
         return FormatRejected(f"{head}: the response_format was refused{kind}")
+    # Before the "schema" test below: a note quoted in the message may say "schema".
+    if status in (400, 413, 422) and _is_context_exceeded(doc, lowered):
+        n = _context_size(doc, lowered)
+        size = f"{n} tokens" if n else "size not given"
+        return ContextExceeded(f"{head}: the prompt is longer than the server's context ({size}){kind}", context_tokens=n)
     if status == 429:
         return RateLimited(head + kind, retry_after_s=retry_after_s)
     if status == 503 or (status >= 500 and any(w in lowered for w in _BACKPRESSURE_WORDS)):
@@ -412,6 +431,62 @@ def error_for_status(status: int, headers: Any, body: Any, where: str, model: st
             "set MEDQ_LLM__MODEL, or the endpoint's model in MEDQ_LLM__ENDPOINTS"
         )
     return RequestRejected(head + kind)
+
+
+# How servers say a prompt does not fit their context, in the lowered message:
+# llama.cpp's server ("the request exceeds the available context size, try increasing it",
+# newer: "request (9412 tokens) exceeds the available context size (8192 tokens)"),
+# OpenAI, vLLM and llama-cpp-python ("This model's maximum context length is 2048 tokens.
+# However, you requested ..."), older vLLM ("... is longer than the maximum model length of
+# 2048"), vLLM V1 ("... too long to fit into the model (context length 2048)"), TGI
+# ("`inputs` tokens + `max_new_tokens` must be <= 2048", "`inputs` must have less than 2048
+# tokens"), llama-cpp-python's llama ("exceed context window of 2048").
+_CONTEXT_WORDS = (
+    "context length",
+    "context window",
+    "context size",
+    "maximum model length",
+    "`max_new_tokens` must be <=",
+    "`inputs` must have less than",
+)
+# The server's own names for it: llama.cpp's error type, OpenAI's (and vLLM's) error code.
+_CONTEXT_NAMES = ("exceed_context_size_error", "context_length_exceeded")
+# Where a message names the context's size: the number after each of these.
+_CONTEXT_SIZE_RE = re.compile(
+    r"(?:maximum context length is|maximum model length of|context window of|"
+    r"`max_new_tokens` must be <=|`inputs` must have less than|"
+    r"context (?:length|window|size))[^0-9]{0,12}(\d{1,9})"
+)
+
+
+def _error_object(doc: Any) -> dict[str, Any]:
+    """``{"error": {...}}``'s inner object (OpenAI, vLLM, llama.cpp), else the document."""
+    if not isinstance(doc, dict):
+        return {}
+    err = doc.get("error")
+    return err if isinstance(err, dict) else doc
+
+
+def _is_context_exceeded(doc: Any, lowered: str) -> bool:
+    err = _error_object(doc)
+    named = {str(err.get(k)).lower() for k in ("type", "code") if isinstance(err.get(k), str)}
+    return bool(named & set(_CONTEXT_NAMES)) or _positive_int(err.get("n_ctx")) is not None or any(
+        w in lowered for w in _CONTEXT_WORDS
+    )
+
+
+def _context_size(doc: Any, lowered: str) -> int:
+    """The context size the server named: llama.cpp's ``n_ctx``, else the number the
+    message gives as the limit (not the prompt's size); 0 when it names none."""
+    n_ctx = _positive_int(_error_object(doc).get("n_ctx"))
+    if n_ctx is not None:
+        return n_ctx
+    found = _CONTEXT_SIZE_RE.search(lowered)
+    return int(found.group(1)) if found and int(found.group(1)) > 0 else 0
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _is_model_not_found(lowered: str) -> bool:

@@ -275,13 +275,14 @@ class EndpointGate:
 
     # ------------------------------------------------------------- blocking
 
-    def acquire(self, est_tokens: int) -> Lease:
-        """A slot for one call, waiting up to ``max_wait_s``; else :class:`NoCapacity`."""
+    def acquire(self, est_tokens: int, lease_s: float | None = None) -> Lease:
+        """A slot for one call, waiting up to ``max_wait_s``; else :class:`NoCapacity`.
+        ``lease_s``: how long the call may take (default ``config.lease_s``)."""
         lease_id = new_id()
         deadline = time.monotonic() + self.config.max_wait_s
         poll_s = 0.005
         while True:
-            res = self._acquire(keys=list(self.keys), args=self._acquire_args(lease_id, est_tokens))
+            res = self._acquire(keys=list(self.keys), args=self._acquire_args(lease_id, est_tokens, lease_s))
             lease, sleep_s, poll_s = self._decide(res, lease_id, deadline, poll_s)
             if lease is not None:
                 return lease
@@ -291,9 +292,9 @@ class EndpointGate:
         state, inflight, _, tok = self.keys
         self._release(keys=[state, inflight, tok], args=self._release_args(lease, outcome, used_tokens))
 
-    def call(self, est_tokens: int, fn: Any) -> Any:
+    def call(self, est_tokens: int, fn: Any, lease_s: float | None = None) -> Any:
         """Run ``fn()`` under a lease; ``fn`` returns ``(result, used_tokens)``."""
-        lease = self.acquire(est_tokens)
+        lease = self.acquire(est_tokens, lease_s)
         try:
             result, used = fn()
         except MedqError as exc:
@@ -307,7 +308,7 @@ class EndpointGate:
 
     # ------------------------------------------------------------- asyncio
 
-    async def aacquire(self, est_tokens: int) -> Lease:
+    async def aacquire(self, est_tokens: int, lease_s: float | None = None) -> Lease:
         import asyncio
 
         if self._local is None:
@@ -325,7 +326,9 @@ class EndpointGate:
         try:
             poll_s = 0.005
             while True:
-                res = await self._batcher.script(ACQUIRE_LUA, list(self.keys), self._acquire_args(lease_id, est_tokens))
+                res = await self._batcher.script(
+                    ACQUIRE_LUA, list(self.keys), self._acquire_args(lease_id, est_tokens, lease_s)
+                )
                 try:
                     lease, sleep_s, poll_s = self._decide(res, lease_id, deadline, poll_s)
                 except NoCapacity:
@@ -358,9 +361,9 @@ class EndpointGate:
             self._wake.set()
         await released
 
-    async def acall(self, est_tokens: int, fn: Any) -> Any:
+    async def acall(self, est_tokens: int, fn: Any, lease_s: float | None = None) -> Any:
         """``await fn()`` under a lease; ``fn`` returns ``(result, used_tokens)``."""
-        lease = await self.aacquire(est_tokens)
+        lease = await self.aacquire(est_tokens, lease_s)
         try:
             result, used = await fn()
         except MedqError as exc:
@@ -374,10 +377,10 @@ class EndpointGate:
 
     # ------------------------------------------------------------- shared steps
 
-    def _acquire_args(self, lease_id: str, est_tokens: int) -> list[Any]:
+    def _acquire_args(self, lease_id: str, est_tokens: int, lease_s: float | None = None) -> list[Any]:
         c = self.config
         return [
-            lease_id, int(c.lease_s * 1000), c.max_in_flight, c.min_in_flight,
+            lease_id, int((lease_s or c.lease_s) * 1000), c.max_in_flight, c.min_in_flight,
             c.requests_per_min or 0, c.tokens_per_min or 0, est_tokens,
             BUCKETS,
         ]

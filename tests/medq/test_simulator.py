@@ -27,13 +27,15 @@ import openai
 import pytest
 
 from medq.schemas import SchemaLoader
-from medq.simulator import FAULT_KINDS, draw_outcome, generate, parse_faults
+from medq.simulator import FAULT_KINDS, SimConfig, draw_outcome, generate, parse_faults
 from tests.conftest import MEDQ, REPO, Proc, free_port, wait_http
 
 NOTE = (
     "72-year-old man seen in clinic. Former smoker, quit 2010. History of type 2 diabetes "
     "and hypertension. Takes metformin 500 mg twice daily. Allergic to penicillin."
 )
+# About 1,000 tokens of history first, the age at the end.
+LONG_NOTE = "Seen in clinic for a routine review. " * 110 + "She is a 72-year-old woman."
 
 SERVER_FLAGS: dict[str, list[str]] = {
     "plain": [],
@@ -41,6 +43,9 @@ SERVER_FLAGS: dict[str, list[str]] = {
     "parallel": ["--parallel", "2", "--latency-ms", "300"],
     "served": ["--served-model", "qwen2.5:1.5b", "--served-model", "llama3.2:1b,gemma3:1b"],
     "context": ["--context-tokens", "100"],
+    "refuse": ["--context-tokens", "100", "--context-overflow", "refuse"],
+    "advertise": ["--context-tokens", "3000", "--advertise-context", "--parallel", "3"],
+    "advertise-slots": ["--advertise-context", "--parallel", "5"],
     **{f"fault-{kind}": ["--fault", f"{kind}:1", "--seed", "1"] for kind in FAULT_KINDS},
 }
 
@@ -276,12 +281,59 @@ def test_context_tokens_cut_a_long_prompt_silently(http: httpx.Client, sims: dic
     assert short.status_code == 200 and short.json()["usage"]["prompt_tokens"] < 100
     assert json.loads(content_of(short))["age"] == 72
     # 1,000 tokens of history first, the age at the end: the end is what Ollama's cut loses
-    long_note = "Seen in clinic for a routine review. " * 110 + "She is a 72-year-old woman."
     cut = chat(http, sims["context"], response_format=json_schema_format(schema),
-               messages=[{"role": "user", "content": long_note}])
+               messages=[{"role": "user", "content": LONG_NOTE}])
     assert cut.status_code == 200 and cut.json()["choices"][0]["finish_reason"] == "stop"  # no error at all
     assert cut.json()["usage"]["prompt_tokens"] == 100
     assert json.loads(content_of(cut))["age"] is None  # answered from the part that was kept
+
+
+def test_context_overflow_refuse_answers_like_llama_cpp(http: httpx.Client, sims: dict[str, str]) -> None:
+    from medq.simulator import _prompt_tokens
+
+    base_url = sims["refuse"]
+    reset(http, base_url)
+    messages = [{"role": "user", "content": LONG_NOTE}]
+    refused = chat(http, base_url, messages=messages)
+    assert refused.status_code == 400
+    n_prompt = _prompt_tokens(messages)
+    assert n_prompt > 100
+    assert refused.json() == {
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": n_prompt,
+            "n_ctx": 100,
+        }
+    }
+    # A prompt that fits is answered, however large max_tokens is: llama.cpp compares the
+    # prompt alone with its context (vLLM would refuse prompt + max_tokens > context).
+    fits = chat(http, base_url, max_tokens=4000)
+    assert fits.status_code == 200 and fits.json()["usage"]["prompt_tokens"] < 100
+    assert stats(http, base_url)["outcomes"] == {"400": 1, "ok": 1}
+
+
+def test_context_limits_are_said_only_with_advertise_context(http: httpx.Client, sims: dict[str, str]) -> None:
+    advertised = http.get(f"{root(sims['advertise'])}/props")
+    assert advertised.status_code == 200
+    assert advertised.json()["default_generation_settings"]["n_ctx"] == 3000
+    assert advertised.json()["total_slots"] == 3
+    assert [m["max_model_len"] for m in http.get(f"{sims['advertise']}/models").json()["data"]] == [3000]
+    # slots are said without a context size too, and then no size is invented
+    slots_only = http.get(f"{root(sims['advertise-slots'])}/props").json()
+    assert slots_only["total_slots"] == 5 and "n_ctx" not in slots_only["default_generation_settings"]
+    assert "max_model_len" not in http.get(f"{sims['advertise-slots']}/models").json()["data"][0]
+    # without the flag: a 404 as from Ollama, and models without a size, even with a context
+    for name in ("plain", "context"):
+        assert http.get(f"{root(sims[name])}/props").status_code == 404
+        assert "max_model_len" not in http.get(f"{sims[name]}/models").json()["data"][0]
+
+
+def test_context_overflow_must_be_cut_or_refuse() -> None:
+    assert SimConfig(context_tokens=10, context_overflow="refuse").context_overflow == "refuse"
+    with pytest.raises(ValueError, match="context_overflow must be one of cut, refuse"):
+        SimConfig(context_overflow="truncate")
 
 
 def test_openai_client_gets_schema_valid_json_via_json_schema(sims: dict[str, str], schemas: Schemas) -> None:
