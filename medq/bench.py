@@ -156,7 +156,7 @@ class Bench:
 
         proc = MedicalDataProcessor.from_settings(self.settings, SchemaLoader(self.settings.schema_dirs))
         sch = proc.schema_loader.get(self.opts.schema)
-        part = proc._parts_for(sch)[0]
+        part = proc._parts_for(sch, proc.few_shot)[0]
         text = _notes(1, "x")[0]["text"]
         messages = [{"role": "system", "content": part.system}, *part.shots, {"role": "user", "content": text}]
         body: dict[str, Any] = {

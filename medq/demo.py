@@ -59,6 +59,10 @@ def start_model_server(model: str, sup: Supervisor, console: Console, n_ctx: int
     return base_url, local.name
 
 
+# The embedded server's context window; a longer note is read in pieces of it.
+DEMO_CONTEXT_TOKENS = 4096
+
+
 @dataclass
 class DemoOptions:
     model: str = DEFAULT_MODEL
@@ -102,7 +106,7 @@ def run_demo(opts: DemoOptions, console: Console) -> dict[str, Any]:
                 base_url, model_name = opts.endpoint, opts.endpoint_model or settings.llm.model
                 profile: dict[str, str] = {}
             else:
-                base_url, model_name = start_model_server(opts.model, sup, console)
+                base_url, model_name = start_model_server(opts.model, sup, console, n_ctx=DEMO_CONTEXT_TOKENS)
                 profile = dict(MODEL_PROFILES.get(model_name, {}))
             if opts.strategy:
                 profile["strategy"] = opts.strategy
@@ -116,6 +120,8 @@ def run_demo(opts: DemoOptions, console: Console) -> dict[str, Any]:
                 "MEDQ_LLM__MODEL": model_name,
                 # requests at once: the embedded server answers one at a time
                 "MEDQ_LLM__MAX_IN_FLIGHT": str(opts.concurrency),
+                # its context, which llama-cpp-python's server does not tell (llama.cpp's /props does)
+                **({} if opts.endpoint else {"MEDQ_LLM__CONTEXT_TOKENS": str(DEMO_CONTEXT_TOKENS)}),
                 **{f"MEDQ_LLM__{k.upper()}": v for k, v in profile.items()},
             }
             sup.start("worker", [sys.executable, "-m", "medq.cli", "worker", "-c", str(opts.concurrency),

@@ -41,6 +41,7 @@ class EndpointSettings(BaseModel):
     weight: float = Field(default=1.0, gt=0)
     model: str | None = None
     api_key: SecretStr | None = None
+    context_tokens: int | None = Field(default=None, gt=0)  # default: the llm one, else learned
 
 
 def _endpoint_list(value: Any) -> Any:
@@ -73,7 +74,14 @@ class LLMSettings(BaseModel):
     # falls back per endpoint (llama-cpp-python's server only takes json_object+schema,
     # TGI only {"type": "json", "value": schema}); order in worker.llm.RESPONSE_FORMATS.
     response_format: ResponseFormat = "auto"
+    # The least a model call is given; a slow endpoint gets more, from its measured speed
+    # (3x the time a whole answer takes there), up to timeout_max_s.
     timeout_s: float = 120.0
+    timeout_max_s: float = 900.0
+    # The endpoint's context window in tokens. Default: learned from the server (llama.cpp
+    # /props, vLLM max_model_len, Ollama num_ctx), or from its refusal or cut of a longer
+    # prompt. A note that does not fit with the prompt and the answer is sent in pieces.
+    context_tokens: int | None = Field(default=None, gt=0)
     temperature: float = 0.0
     max_tokens: int = 1024
     max_tokens_cap: int = 4096  # truncated answers are re-asked with doubled max_tokens up to this

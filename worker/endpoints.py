@@ -7,6 +7,8 @@ weighted random order, the cooling and the full ones last, and fails over.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +18,14 @@ import redis
 from medq.schemas import SchemaLoader
 from medq.settings import Settings
 from medq.urls import redact_url
+from worker.endpoint_facts import learn_endpoint
 from worker.processor import MedicalDataProcessor
-from worker.rate_limit import EndpointGate, GateConfig, aendpoint_snapshots, endpoint_snapshots
+from worker.rate_limit import (
+    EndpointGate,
+    GateConfig,
+    aendpoint_snapshots,
+    endpoint_snapshots,
+)
 
 
 @dataclass
@@ -26,6 +34,24 @@ class Endpoint:
     weight: float
     processor: MedicalDataProcessor
     gate: EndpointGate
+
+
+def _fitted(config: GateConfig, ep: Any, settings: Settings) -> tuple[GateConfig, int | None]:
+    """What the server says of itself, asked once as the worker's engine starts: the gate
+    fitted to it (no more requests in flight than it works on at once: its slots, from
+    llama.cpp ``/props``), and its context window. A server that says nothing keeps the
+    settings; the context is learned later from a refusal or a cut prompt."""
+    llm = settings.llm
+    facts = learn_endpoint(ep.url, (ep.api_key or llm.api_key).get_secret_value(), ep.model or llm.model)
+    log = logging.getLogger("medq.worker")
+    log.info("endpoint %s: %s", redact_url(ep.url), facts.describe())
+    if facts.parallel and facts.parallel < config.max_in_flight:
+        log.warning("endpoint %s works on %d requests at once: at most %d in flight, not MEDQ_LLM__MAX_IN_FLIGHT=%d",
+                    redact_url(ep.url), facts.parallel, facts.parallel, config.max_in_flight)
+        config = dataclasses.replace(
+            config, max_in_flight=facts.parallel, min_in_flight=min(config.min_in_flight, facts.parallel)
+        )
+    return config, facts.context_tokens
 
 
 class EndpointPool:
@@ -54,8 +80,10 @@ class EndpointPool:
         loader = SchemaLoader(settings.schema_dirs)
         out = []
         for ep in settings.llm.all_endpoints:
-            gate = EndpointGate(r, ep.url, config, batcher)
+            fitted, learned_context = _fitted(config, ep, settings)
+            gate = EndpointGate(r, ep.url, fitted, batcher)
             proc = MedicalDataProcessor.from_settings(settings, loader, endpoint=ep, gate=gate)
+            proc.context_tokens = proc.context_tokens or learned_context  # a setting wins
             out.append(Endpoint(redact_url(ep.url), ep.weight, proc, gate))
         return cls(out, r, batcher=batcher)
 

@@ -9,9 +9,18 @@ The loop, per call to the model:
 3. validate with pydantic; on errors, show the model its errors (field paths and
    messages, never values) and ask again, ``reasks`` times at most.
 
-Before any of that, an answer whose ``usage.prompt_tokens`` is below a safe lower
-bound of the prompt's size fails as ``PromptTruncated``: the server cut the prompt
-to its context and answered from part of the note.
+A note longer than the endpoint's context (``context_tokens``: the setting, or what
+the worker learned from the server at start) is split into pieces that fit with the
+prompt and the answer; each piece is extracted and the answers are merged
+(``worker.long_notes``: the rules). A server that refuses a prompt as too long
+(``ContextExceeded``) or cuts it silently (an answer whose ``usage.prompt_tokens`` is
+below a safe lower bound of the prompt's size: ``PromptTruncated``, Ollama) has told
+its context size: the processor keeps it and extracts the note again, in pieces.
+
+An answer cut at ``max_tokens`` that repeats itself (a model in a loop,
+``worker.runaway``) is not asked again with more tokens: what was complete of it is
+kept, its lists without repeats. Each call's timeout follows the endpoint's measured
+speed (``worker.speed``): at least ``timeout_s``, longer for a slow server.
 
 Strategies: ``single`` asks for the whole schema in one call; ``fields`` asks one
 question per top-level field, each with a small schema, and merges the answers.
@@ -36,9 +45,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from medq.errors import InvalidRecord, OutputInvalid, OutputTruncated, PromptTruncated
+from medq.errors import (
+    ContextExceeded,
+    EndpointMisconfigured,
+    InvalidRecord,
+    OutputInvalid,
+    OutputTruncated,
+    PromptTruncated,
+)
 from medq.schemas import ExtractionSchema, SchemaLoader, build_schema
 from medq.settings import EndpointSettings
+from medq.tokens import estimate_text_tokens
 from medq.urls import redact_url
 from worker.evidence import Evidence, drop_unsupported, locate, unsupported_paths
 from worker.llm import (
@@ -50,7 +67,10 @@ from worker.llm import (
     Usage,
     response_format_for,
 )
+from worker.long_notes import merge_answers, split_note
 from worker.rate_limit import EndpointGate
+from worker.runaway import complete_missing, dedupe_lists, is_runaway, salvage
+from worker.speed import SpeedModel
 
 _UNSET = object()
 Strategy = Literal["single", "fields"]
@@ -105,6 +125,9 @@ class Provenance:
     usage: dict[str, int] = field(default_factory=dict)
     ungrounded_fields: list[str] = field(default_factory=list)  # values without evidence in the note
     dropped_fields: list[str] = field(default_factory=list)
+    pieces: int = 1  # a note longer than the context is extracted in pieces, then merged
+    context_tokens: int | None = None  # the endpoint's context the pieces were cut for
+    runaway_answers: int = 0  # answers cut at max_tokens while repeating themselves: kept in part
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "latency_ms": round(self.latency_ms, 1)}
@@ -156,6 +179,8 @@ class MedicalDataProcessor:
         *,
         response_format: str = "auto",
         timeout_s: float = 120.0,
+        timeout_max_s: float = 900.0,
+        context_tokens: int | None = None,
         temperature: float = 0.0,
         max_tokens: int = 1024,
         max_tokens_cap: int = 4096,
@@ -186,7 +211,11 @@ class MedicalDataProcessor:
         self._auto_format = response_format == "auto"
         self._format = RESPONSE_FORMATS[0] if self._auto_format else response_format
         self._lock = threading.Lock()
-        self._parts: dict[tuple[str, int], list[_Part]] = {}
+        # The endpoint's context window: the setting, else learned (worker start, or a refusal).
+        self.context_tokens = context_tokens
+        self._token_ratio = _TOKEN_RATIO_START  # the server's token count / medq's estimate
+        self.speed = SpeedModel(timeout_s, max(timeout_max_s, timeout_s))
+        self._parts: dict[tuple[str, int, bool], list[_Part]] = {}
         self._formats: dict[tuple[str, str, int], Any] = {}
         # The engine's client: same endpoint and gate, made now, connected on first use.
         self.aclient = AsyncLLMClient(url, api_key, model, timeout_s, gate=gate)
@@ -210,6 +239,8 @@ class MedicalDataProcessor:
             schema_loader or SchemaLoader(settings.schema_dirs),
             response_format=llm.response_format,
             timeout_s=llm.timeout_s,
+            timeout_max_s=llm.timeout_max_s,
+            context_tokens=ep.context_tokens or llm.context_tokens,
             temperature=llm.temperature,
             max_tokens=llm.max_tokens,
             max_tokens_cap=llm.max_tokens_cap,
@@ -226,25 +257,56 @@ class MedicalDataProcessor:
 
     def process(self, text: str, schema: str | ExtractionSchema, record_id: str = "?") -> Extraction:
         """Extract ``schema`` from ``text``. Raises ``RetryableError`` or ``PermanentError``."""
-        steps = self._steps(text, schema, record_id)
-        try:
-            call = next(steps)
-            while True:
-                call = steps.send(self._call(*call))
-        except StopIteration as done:
-            result: Extraction = done.value
-            return result
+        for tries_left in range(_CONTEXT_LEARNING_TRIES, -1, -1):
+            steps = self._steps(text, schema, record_id)
+            try:
+                call = next(steps)
+                while True:
+                    call = steps.send(self._call(*call))
+            except StopIteration as done:
+                result: Extraction = done.value
+                return result
+            except (ContextExceeded, PromptTruncated) as exc:
+                if not tries_left or not self._learn_context(exc):
+                    raise
+        raise AssertionError("unreachable")
 
     async def aprocess(self, text: str, schema: str | ExtractionSchema, record_id: str = "?") -> Extraction:
         """:meth:`process` on the running asyncio loop (the worker engine's way)."""
-        steps = self._steps(text, schema, record_id)
-        try:
-            call = next(steps)
-            while True:
-                call = steps.send(await self._acall(*call))
-        except StopIteration as done:
-            result: Extraction = done.value
-            return result
+        for tries_left in range(_CONTEXT_LEARNING_TRIES, -1, -1):
+            steps = self._steps(text, schema, record_id)
+            try:
+                call = next(steps)
+                while True:
+                    call = steps.send(await self._acall(*call))
+            except StopIteration as done:
+                result: Extraction = done.value
+                return result
+            except (ContextExceeded, PromptTruncated) as exc:
+                if not tries_left or not self._learn_context(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _learn_context(self, exc: ContextExceeded | PromptTruncated) -> bool:
+        """What a refused or cut prompt says of the endpoint's context; True when the note
+        can be tried again in smaller pieces. The server's own number wins (llama.cpp's
+        ``n_ctx``, what Ollama read); a refusal without one: three quarters of what was
+        assumed. A server that refuses at the size medq assumed counts tokens more
+        thickly than medq's estimate: the estimate is scaled up instead."""
+        said = exc.context_tokens if isinstance(exc, ContextExceeded) else exc.read_tokens
+        with self._lock:
+            current = self.context_tokens
+            if said > 0 and (current is None or said < current):
+                self.context_tokens = said
+            elif current is not None and said <= 0:
+                self.context_tokens = current * 3 // 4
+            elif said <= 0:
+                self.context_tokens = _CONTEXT_GUESS
+            elif self._token_ratio < _TOKEN_RATIO_MAX:
+                self._token_ratio = min(self._token_ratio * 1.5, _TOKEN_RATIO_MAX)
+            else:
+                return False
+            return True
 
     # The extraction is written once, as a generator that yields each model call it
     # needs and is sent the completion; process() and aprocess() only differ in how
@@ -256,15 +318,29 @@ class MedicalDataProcessor:
         started = time.perf_counter()
         usage = Usage()
         prov = Provenance(model=self.model, endpoint=self.base_url, response_format=self._format, strategy=self.strategy)
-        parts = self._parts_for(sch)
-        answers = []
-        for part in parts:
-            answers.append((yield from self._ask(part, text, record_id, prov, usage)))
-        if len(answers) == 1 and parts[0].schema is sch:
-            data = answers[0]  # strategy single: already validated against the whole schema
-        else:
-            merged = {k: v for a in answers for k, v in a.model_dump(mode="json").items()}
-            data = sch.model.model_validate(merged)  # the parts are valid, so the whole is
+        parts, spans = self._pieces(text, sch, record_id)
+        prov.pieces, prov.context_tokens = len(spans), self.context_tokens
+        pieces: list[dict[str, Any]] = []
+        for n, (start, end) in enumerate(spans, 1):
+            who = record_id if len(spans) == 1 else f"{record_id} (piece {n} of {len(spans)})"
+            answers = []
+            for part in parts:
+                answers.append((yield from self._ask(part, text[start:end], who, prov, usage)))
+            if len(spans) == 1 and len(answers) == 1 and parts[0].schema is sch:
+                data = answers[0]  # strategy single: already validated against the whole schema
+            else:
+                pieces.append({k: v for a in answers for k, v in a.model_dump(mode="json").items()})
+        if pieces:
+            merged = pieces[0] if len(pieces) == 1 else merge_answers(
+                pieces, sch.json_schema, [text[a:b] for a, b in spans]
+            )
+            try:
+                data = sch.model.model_validate(merged)  # the parts are valid, so the whole is, mostly
+            except ValidationError as exc:
+                raise OutputInvalid(
+                    f"record {record_id}: the answers of its {len(spans)} pieces, merged, do not follow "
+                    f"schema {sch.name} ({_error_summary(exc)})"
+                ) from None
         dumped = data.model_dump(mode="json")
         evidence = locate(dumped, sch.json_schema, text)
         prov.ungrounded_fields = unsupported_paths(dumped, sch.json_schema, evidence)
@@ -285,28 +361,37 @@ class MedicalDataProcessor:
     ) -> Generator[_Call, Completion, BaseModel]:
         """One part, with truncation and re-ask handling; returns the validated answer."""
         sch = part.schema
-        user = text if part.question is None else FIELD_QUESTION.format(
-            text=text, question=part.question, shape=_shape(sch), schema=part.schema_json
-        )
-        messages = [{"role": "system", "content": part.system}, *part.shots, {"role": "user", "content": user}]
+        messages = self._messages(part, text)
         base_len = len(messages)
-        max_tokens = self.max_tokens
+        max_tokens = self._answer_budget()
         reasks_left = self.reasks
         min_prompt_tokens = _min_prompt_tokens(messages)  # re-asks only add to the prompt
+        estimated = _estimate_prompt(messages)
         while True:
             completion = yield (messages, sch, max_tokens, prov, base_len - 1)
             usage.add(completion)
             _check_prompt_read(completion, min_prompt_tokens, prov.endpoint, record_id)
+            self._observe_tokens(completion.prompt_tokens, estimated)
             prov.model = completion.model
             prov.finish_reason = completion.finish_reason
             if completion.finish_reason == "length":
                 prov.truncations += 1
-                if max_tokens >= self.max_tokens_cap:
+                if is_runaway(completion.content):
+                    kept = self._kept_of_runaway(completion.content, sch)
+                    if kept is None:
+                        raise OutputTruncated(
+                            f"record {record_id}: the model repeated itself until max_tokens={max_tokens} "
+                            f"and nothing complete was left of its answer"
+                        )
+                    prov.runaway_answers += 1
+                    return kept
+                room = self._room_for_answer(messages)
+                if max_tokens >= min(self.max_tokens_cap, room):
                     raise OutputTruncated(
                         f"record {record_id}: answer still cut off at max_tokens={max_tokens} "
-                        f"(raise MEDQ_LLM__MAX_TOKENS_CAP)"
+                        f"(raise MEDQ_LLM__MAX_TOKENS_CAP, or the server's context)"
                     )
-                max_tokens = min(max_tokens * 2, self.max_tokens_cap)
+                max_tokens = min(max_tokens * 2, self.max_tokens_cap, room)
                 continue
             try:
                 return sch.validate_json(_strip_fences(completion.content))
@@ -323,19 +408,33 @@ class MedicalDataProcessor:
                     {"role": "user", "content": REASK_PROMPT.format(errors=_error_lines(exc))},
                 ]
 
+    def _kept_of_runaway(self, content: str, sch: ExtractionSchema) -> BaseModel | None:
+        """What was complete of an answer that looped, its lists without repeats, if valid."""
+        found = salvage(_strip_fences(content))
+        if not isinstance(found, dict):
+            return None
+        try:
+            return sch.model.model_validate(complete_missing(dedupe_lists(found), sch.json_schema))
+        except ValidationError:
+            return None
+
     def _call(
         self, messages: list[dict[str, str]], sch: ExtractionSchema, max_tokens: int, prov: Provenance, fixed: int
     ) -> Completion:
         while True:
             mode = self._format
+            prompt = self._real_tokens(_estimate_prompt(messages))
+            timeout_s = self.speed.timeout_for(prompt, max_tokens)
             try:
                 completion = self.client.complete(
                     messages,
                     response_format=self._response_format(mode, sch),
                     max_tokens=max_tokens,
                     temperature=self.temperature,
+                    timeout_s=timeout_s,
                 )
                 prov.response_format = mode
+                self._observe_speed(completion)
                 return completion
             except FormatRejected:
                 if not self._step_down(mode):
@@ -346,6 +445,8 @@ class MedicalDataProcessor:
     ) -> Completion:
         while True:
             mode = self._format
+            prompt = self._real_tokens(_estimate_prompt(messages))
+            timeout_s = self.speed.timeout_for(prompt, max_tokens)
             try:
                 completion = await self.aclient.complete(
                     messages,
@@ -353,8 +454,10 @@ class MedicalDataProcessor:
                     max_tokens=max_tokens,
                     temperature=self.temperature,
                     fixed=fixed,
+                    timeout_s=timeout_s,
                 )
                 prov.response_format = mode
+                self._observe_speed(completion)
                 return completion
             except FormatRejected:
                 if not self._step_down(mode):
@@ -381,20 +484,82 @@ class MedicalDataProcessor:
             self._format = RESPONSE_FORMATS[i + 1]
             return True
 
+    # ------------------------------------------------------------------ the context
+
+    def _answer_budget(self) -> int:
+        """max_tokens of a first call: the setting, but at most a quarter of a known context."""
+        ctx = self.context_tokens
+        return self.max_tokens if ctx is None else max(min(self.max_tokens, ctx // 4), 1)
+
+    def _room_for_answer(self, messages: list[dict[str, str]]) -> int:
+        """How many tokens an answer may take beside this prompt in the context."""
+        ctx = self.context_tokens
+        if ctx is None:
+            return self.max_tokens_cap
+        return max(ctx - self._real_tokens(_estimate_prompt(messages)) - _CONTEXT_MARGIN, 1)
+
+    def _real_tokens(self, estimated: int) -> int:
+        return int(estimated * self._token_ratio) + 1
+
+    def _observe_tokens(self, server_count: int, estimated: int) -> None:
+        """The server counts this prompt's tokens: the estimate's scale grows to match
+        (never shrinks: a piece cut too small costs a call, one cut too large a refusal)."""
+        if server_count <= 0 or estimated < _MIN_CHECKED_PROMPT_TOKENS:
+            return
+        ratio = server_count / estimated
+        if ratio > self._token_ratio:
+            with self._lock:
+                self._token_ratio = min(max(self._token_ratio, ratio), _TOKEN_RATIO_MAX)
+
+    def _observe_speed(self, completion: Completion) -> None:
+        if completion.latency_ms > 0:
+            self.speed.observe(completion.latency_ms / 1000, completion.prompt_tokens, completion.completion_tokens)
+
+    def _pieces(self, text: str, sch: ExtractionSchema, record_id: str) -> tuple[list[_Part], list[tuple[int, int]]]:
+        """The prompts, and the note whole or in pieces that fit the context with the prompt
+        and the answer. In a context too small for the schema's examples beside a piece of
+        reasonable size, the examples go first."""
+        parts = self._parts_for(sch, self.few_shot)
+        ctx = self.context_tokens
+        if ctx is None:
+            return parts, [(0, len(text))]
+        room = self._room_for_note(ctx, parts)
+        if room < _MIN_PIECE_TOKENS and self.few_shot and sch.examples:
+            parts = self._parts_for(sch, False)
+            room = self._room_for_note(ctx, parts)
+        if room < _MIN_PIECE_TOKENS:
+            raise EndpointMisconfigured(
+                f"record {record_id}: {self.base_url}'s context of {ctx} tokens leaves no room for the note beside "
+                f"the prompt and the answer; raise the server's context (e.g. OLLAMA_CONTEXT_LENGTH, llama-server -c) "
+                f"or MEDQ_LLM__CONTEXT_TOKENS, then medq requeue"
+            )
+        return parts, split_note(text, int(room))
+
+    def _room_for_note(self, ctx: int, parts: list[_Part]) -> float:
+        """Tokens (medq's estimate) a piece of note may take beside the longest prompt."""
+        fixed = max(_estimate_prompt(self._messages(part, "")) for part in parts)
+        return (ctx - self._answer_budget() - _CONTEXT_MARGIN) / self._token_ratio - fixed
+
+    def _messages(self, part: _Part, text: str) -> list[dict[str, str]]:
+        user = text if part.question is None else FIELD_QUESTION.format(
+            text=text, question=part.question, shape=_shape(part.schema), schema=part.schema_json
+        )
+        return [{"role": "system", "content": part.system}, *part.shots, {"role": "user", "content": user}]
+
     # ------------------------------------------------------------------ prompts
 
-    def _parts_for(self, sch: ExtractionSchema) -> list[_Part]:
+    def _parts_for(self, sch: ExtractionSchema, few_shot: bool) -> list[_Part]:
         """Built once per schema version (prompts, sub-schemas and their pydantic models)."""
-        key = (sch.name, sch.version)
+        key = (sch.name, sch.version, few_shot)
         parts = self._parts.get(key)
         if parts is None:
-            parts = self._build_parts(sch)
+            parts = self._build_parts(sch, few_shot)
             with self._lock:
                 self._parts[key] = parts
         return parts
 
-    def _build_parts(self, sch: ExtractionSchema) -> list[_Part]:
-        examples = sch.examples if self.few_shot else ()
+    def _build_parts(self, sch: ExtractionSchema, few_shot: bool) -> list[_Part]:
+        examples = sch.examples if few_shot else ()
         if self.strategy == "single":
             instructions = (sch.instructions + "\n") if sch.instructions else ""
             system = SINGLE_SYSTEM.format(
@@ -428,6 +593,20 @@ class MedicalDataProcessor:
         return parts
 
 
+# Long notes: how the context is shared out (see MedicalDataProcessor._pieces).
+_TOKEN_RATIO_START = 1.25  # real tokenizers count clinical text more thickly than chars / 4
+_TOKEN_RATIO_MAX = 4.0
+_CONTEXT_MARGIN = 64  # chat-template tokens and rounding
+_MIN_PIECE_TOKENS = 200  # a piece smaller than this is no way to read a note
+_CONTEXT_GUESS = 4096  # a refusal that names no size: a common default to start from
+_CONTEXT_LEARNING_TRIES = 3
+_TOKENS_PER_MESSAGE = 8  # role markers of a chat template
+
+
+def _estimate_prompt(messages: list[dict[str, str]]) -> int:
+    return sum(estimate_text_tokens(m["content"]) + _TOKENS_PER_MESSAGE for m in messages)
+
+
 # A lower bound of any tokenizer's count: real ones take 2-5 UTF-8 bytes a token for
 # notes, prompts and JSON (whitespace runs, which some merge into one token, are counted
 # as one byte). Below the minimum the bound says too little to judge by.
@@ -450,7 +629,8 @@ def _check_prompt_read(completion: Completion, min_prompt_tokens: int, endpoint:
         return
     raise PromptTruncated(
         f"record {record_id}: {endpoint} read {read} of at least {min_prompt_tokens} prompt tokens, so it cut "
-        f"the note; raise the server's context (e.g. OLLAMA_CONTEXT_LENGTH, llama-server -c), then medq requeue"
+        f"the note; raise the server's context (e.g. OLLAMA_CONTEXT_LENGTH, llama-server -c), then medq requeue",
+        read,
     )
 
 

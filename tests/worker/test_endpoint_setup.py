@@ -35,28 +35,42 @@ def _enqueue_wait(env: dict[str, str], path: Path, batch: str) -> int:
     return res.returncode
 
 
-def test_a_note_the_server_cut_to_its_context_fails_as_prompt_truncated(
+def test_a_note_the_server_cut_to_its_context_is_read_again_in_pieces(
     r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., Proc], tmp_path: Path
 ) -> None:
     base = simulator("--context-tokens", "2048")  # Ollama's old default, which cuts without an error
-    proc = worker(base)
+    worker(base)
     notes = _write(tmp_path / "notes.jsonl", {"short": SHORT, "long": LONG})
-    assert _enqueue_wait(medq_env, notes, "ctx") == 1
+    assert _enqueue_wait(medq_env, notes, "ctx") == 0
 
     docs = _results(medq_env, "ctx")
     assert docs["short"]["status"] == "succeeded" and docs["short"]["data"]["age"] == 64
     long = docs["long"]
-    assert long["status"] == "failed" and long["data"] is None  # not an extraction from part of the note
-    assert long["error"]["kind"] == "prompt_truncated" and long["attempts"] == 1
+    assert long["status"] == "succeeded" and long["attempts"] == 1
+    # not an extraction from the part the server kept: the end of the note was read too
+    assert long["data"]["age"] == 71 and long["provenance"]["pieces"] > 5
+    assert long["provenance"]["context_tokens"] == 2048
+
+
+def test_a_context_too_small_for_the_prompt_fails_and_requeue_takes_it_once_fixed(
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., Proc], tmp_path: Path
+) -> None:
+    base = simulator("--context-tokens", "300")
+    proc = worker(base)
+    notes = _write(tmp_path / "notes.jsonl", {"long": LONG})
+    assert _enqueue_wait(medq_env, notes, "tiny") == 1
+    long = _results(medq_env, "tiny")["long"]
+    assert long["status"] == "failed" and long["data"] is None
+    assert long["error"]["kind"] == "endpoint_misconfigured" and long["attempts"] == 1
     message = long["error"]["message"]
-    assert message.startswith("record long: ") and "read 2048 of at least" in message
+    assert message.startswith("record long: ") and "context of 300 tokens leaves no room" in message
     assert "OLLAMA_CONTEXT_LENGTH" in message and "llama-server -c" in message
     assert "clinic" not in message and "clinic" not in proc.log  # names the record, never its text
 
-    [row] = [json.loads(line) for line in run_cli(["failed", "ctx", "--json"], medq_env).stdout.splitlines()]
-    assert row["record_id"] == "long" and row["error_kind"] == "prompt_truncated"
+    [row] = [json.loads(line) for line in run_cli(["failed", "tiny", "--json"], medq_env).stdout.splitlines()]
+    assert row["record_id"] == "long" and row["error_kind"] == "endpoint_misconfigured"
     # fixed by giving the server more context: plain requeue takes it
-    assert "requeued 1 job(s)" in run_cli(["requeue", "ctx"], medq_env).stderr
+    assert "requeued 1 job(s)" in run_cli(["requeue", "tiny"], medq_env).stderr
 
 
 def test_worker_does_not_start_with_a_model_the_endpoint_does_not_serve(

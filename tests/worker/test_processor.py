@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from medq.errors import (
+    EndpointMisconfigured,
     EndpointTimeout,
     EndpointUnavailable,
     OutputInvalid,
@@ -106,6 +107,16 @@ def test_truncation_is_bounded(sim: str) -> None:
     assert _stats(sim)["max_tokens"] == [256, 512]
 
 
+def test_an_answer_that_loops_until_max_tokens_is_kept_in_part_not_asked_again_with_more(sim: str) -> None:
+    _script(sim, "runaway")  # the first list's item repeated until max_tokens, cut mid-item
+    ex = _processor(sim, max_tokens=512, max_tokens_cap=4096).process(NOTE, "clinical_note")
+    prov = ex.provenance
+    assert prov.runaway_answers == 1 and prov.truncations == 1 and prov.llm_calls == 1
+    assert _stats(sim)["max_tokens"] == [512]  # not 1024, 2048 and 4096 of the same loop
+    assert len(ex.data.diagnoses) == 1  # the repeats are one item
+    assert ex.data.age == 72  # what was complete before the loop is kept
+
+
 @pytest.mark.parametrize(("outcome", "error"), [("429", RateLimited), ("500", ServerError), ("503", Overloaded)])
 def test_endpoint_errors_are_retryable(sim: str, outcome: str, error: type) -> None:
     _script(sim, outcome)
@@ -158,7 +169,7 @@ def test_fields_strategy_asks_once_per_field_and_merges(sim: str) -> None:
     assert ex.data.age == 72
     # every call of a record starts with the same system turn and the note, so a
     # server's prefix cache evaluates the note once per record, not once per field
-    parts = proc._parts_for(SchemaLoader().get("clinical_note"))
+    parts = proc._parts_for(SchemaLoader().get("clinical_note"), proc.few_shot)
     assert len({p.system for p in parts}) == 1
 
 
@@ -175,26 +186,65 @@ def test_invented_values_are_flagged_or_dropped(sim: str) -> None:
     assert dropped.data.age is None and dropped.data.diagnoses == [] and dropped.data.medications == []
 
 
+LONG_NOTE = NOTE + " Seen yearly in clinic, blood pressure reviewed, no change." * 300  # about 18,000 characters
+
+
+def _slices_hold(ex: object, note: str) -> None:
+    """Every evidence span slices the whole note (not a piece) to text with its value in it."""
+    from worker.evidence import normalize, value_at
+
+    data = ex.data_dict()  # type: ignore[attr-defined]
+    assert ex.evidence  # type: ignore[attr-defined]
+    for path, spans in ex.evidence.items():  # type: ignore[attr-defined]
+        value = value_at(data, path)
+        for a, b in spans:
+            assert normalize(str(value)) in normalize(note[a:b]) or str(value) in note[a:b], (path, value, note[a:b])
+
+
 @pytest.mark.parametrize("strategy", ["single", "fields"])
-def test_a_prompt_the_server_cut_to_its_context_fails_as_prompt_truncated(
+def test_a_note_the_server_cut_to_its_context_is_read_again_in_pieces(
     simulator: Callable[..., str], strategy: str
 ) -> None:
     sim = simulator("--context-tokens", "2048")  # cuts longer prompts silently, as Ollama does
-    long_note = NOTE + " Seen yearly in clinic, blood pressure reviewed, no change." * 300
     proc = _processor(sim, strategy=strategy)
-    with pytest.raises(PromptTruncated, match=r"^record r7: .* read 2048 of at least \d+ prompt tokens") as exc:
-        proc.process(long_note, "clinical_note", record_id="r7")
-    assert "clinic" not in str(exc.value) and "OLLAMA_CONTEXT_LENGTH" in str(exc.value)
+    ex = proc.process(LONG_NOTE, "clinical_note", record_id="r7")
+    prov = ex.provenance
+    assert prov.pieces > 5 and prov.context_tokens == 2048  # learned from what the server read
+    assert ex.data.age == 72
+    _slices_hold(ex, LONG_NOTE)
+    assert proc.process(NOTE, "clinical_note").provenance.pieces == 1  # a note that fits is read whole
 
-    async def engine_path() -> None:  # the worker engine's way: aprocess, the same check
+    async def engine_path() -> None:  # the worker engine's way: aprocess, the same learning
+        fresh = _processor(sim, strategy=strategy)
         try:
-            await proc.aprocess(long_note, "clinical_note", record_id="r8")
+            ex = await fresh.aprocess(LONG_NOTE, "clinical_note", record_id="r8")
+            assert ex.provenance.pieces > 5 and ex.data.age == 72
         finally:
-            await proc.aclient.close()
+            await fresh.aclient.close()
 
-    with pytest.raises(PromptTruncated, match="^record r8: "):
-        asyncio.run(engine_path())
-    assert proc.process(NOTE, "clinical_note").data.age == 72  # a note that fits is read whole
+    asyncio.run(engine_path())
+
+
+def test_a_server_that_refuses_a_long_prompt_tells_its_context_and_the_note_goes_in_pieces(
+    simulator: Callable[..., str],
+) -> None:
+    sim = simulator("--context-tokens", "3000", "--context-overflow", "refuse")  # llama.cpp's 400 with n_ctx
+    ex = _processor(sim).process(LONG_NOTE, "clinical_note", record_id="r9")
+    assert ex.provenance.pieces > 3 and ex.provenance.context_tokens == 3000 and ex.data.age == 72
+    assert _stats(sim)["outcomes"].get("400") == 1  # one refusal; every piece fitted
+    _slices_hold(ex, LONG_NOTE)
+
+    known = _processor(sim, context_tokens=3000)  # MEDQ_LLM__CONTEXT_TOKENS, or learned at worker start
+    httpx.post(sim.removesuffix("/v1") + "/sim/reset").raise_for_status()
+    assert known.process(LONG_NOTE, "clinical_note").provenance.pieces > 3
+    assert _stats(sim)["outcomes"].get("400") is None
+
+
+def test_a_context_too_small_for_the_prompt_fails_saying_what_to_raise(simulator: Callable[..., str]) -> None:
+    sim = simulator("--context-tokens", "300")
+    with pytest.raises(EndpointMisconfigured, match=r"^record r7: .*context of 300 tokens leaves no room") as exc:
+        _processor(sim).process(LONG_NOTE, "clinical_note", record_id="r7")
+    assert "clinic" not in str(exc.value) and "OLLAMA_CONTEXT_LENGTH" in str(exc.value)
 
 
 @pytest.mark.parametrize(
