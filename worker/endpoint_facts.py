@@ -14,7 +14,8 @@ Probes, all GETs but one, none carrying record text:
    ``default_generation_settings.n_ctx`` (or a top-level ``n_ctx``) and ``total_slots``.
    Asked even when 1. gave the size: the slots are only said here.
 3. Only when neither gave a size, Ollama: ``GET {root}/api/ps`` (a loaded model's
-   ``context_length``), then ``POST {root}/api/show`` (a ``num_ctx`` parameter).
+   ``context_length``), then, only when that answered as Ollama does, ``POST
+   {root}/api/show`` (a ``num_ctx`` parameter): a POST goes to no other server.
 
 The standard library's urllib is the client: this runs in every worker, whose install
 need not have httpx. Redirects are not followed (the privacy guard approved this
@@ -119,7 +120,7 @@ def _probe(base: str, model: str, get: Callable[..., Any], learned: _Learned) ->
     if learned.context_tokens is not None:
         return
     learned.ollama, context = _from_ollama_ps(get(f"{root}/api/ps"), model)
-    if context is None:
+    if context is None and learned.ollama:
         shown, context = _from_ollama_show(get(f"{root}/api/show", {"model": model}))
         learned.ollama = learned.ollama or shown
     if context is not None:

@@ -328,10 +328,18 @@ def test_ollama_model_not_loaded_gets_num_ctx_from_api_show(fake_server: Callabl
 
 
 def test_ollama_without_num_ctx_says_no_size(fake_server: Callable[..., FakeServer]) -> None:
-    server = fake_server({("POST", "/api/show"): OLLAMA_SHOW_NO_NUM_CTX})
+    server = fake_server({("GET", "/api/ps"): (200, {"models": []}), ("POST", "/api/show"): OLLAMA_SHOW_NO_NUM_CTX})
     facts = learn_endpoint(server.url, "x", MODEL)
     assert facts == EndpointFacts(None, None, "ollama")
     assert facts.describe() == "context not said (ollama)"
+
+
+def test_a_server_that_is_not_ollama_gets_no_post(fake_server: Callable[..., FakeServer]) -> None:
+    """The one POST goes only to a server whose /api/ps answered as Ollama's does: any other
+    may take a POST for a chat completion (a proxy, a test double) or act on it."""
+    server = fake_server({("POST", "/api/show"): OLLAMA_SHOW})
+    assert learn_endpoint(server.url, "x", MODEL) == EndpointFacts()
+    assert [p for p in server.paths() if p.startswith("POST")] == []
 
 
 def test_llama_cpp_props_with_a_top_level_n_ctx(fake_server: Callable[..., FakeServer]) -> None:
