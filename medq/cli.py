@@ -346,12 +346,14 @@ def endpoints(as_json: bool = typer.Option(False, "--json", help="Print JSON lin
             print(json.dumps({**row, "model": check.as_dict()}))
         return
     table = Table(title="endpoints")
-    for col in ("url", "model", "in flight", "cap", "cooling (s)", "ok", "errors", "cap cuts", "cool-downs"):
+    for col in ("url", "model", "in flight", "cap", "cooling (s)", "ok", "errors", "cap cuts", "latency cuts",
+                "cool-downs"):
         table.add_column(col)
     for row, check in zip(rows, checks):
         table.add_row(
             row["url"], escape(f"{check.model}: {check.summary()}"), str(row["in_flight"]), f"{row['limit']:g}",
-            f"{row['cooling_s']:g}", str(row["ok"]), str(row["errors"]), str(row["cuts"]), str(row["trips"]),
+            f"{row['cooling_s']:g}", str(row["ok"]), str(row["errors"]), str(row["cuts"]), str(row["latency_cuts"]),
+            str(row["trips"]),
         )
     out.print(table)
 

@@ -169,6 +169,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.in_flight = 0
+        self.waiting = 0  # arrived, waiting for one of the --parallel slots
         self.reset()
 
     def reset(self) -> None:
@@ -180,13 +181,20 @@ class Stats:
         self.response_formats: Counter[str] = Counter()
         # in_flight is a live gauge: zeroing it under running requests would drive it negative.
         self.max_in_flight = self.in_flight
+        self.max_waiting = self.waiting
 
     def arrive(self, arrived_at_s: float, max_tokens: int | None) -> None:
         self.requests += 1
         self.arrivals.append(arrived_at_s)
         self.max_tokens.append(max_tokens)
 
-    def enter(self) -> None:
+    def queue(self) -> None:
+        """A request that found every slot taken."""
+        self.waiting += 1
+        self.max_waiting = max(self.max_waiting, self.waiting)
+
+    def enter(self, queued: bool) -> None:
+        self.waiting -= queued
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
@@ -199,6 +207,7 @@ class Stats:
             "arrivals": list(self.arrivals),
             "max_in_flight": self.max_in_flight,
             "in_flight": self.in_flight,
+            "max_waiting": self.max_waiting,  # the longest queue behind the slots
             "outcomes": dict(self.outcomes),
             "max_tokens": list(self.max_tokens),
             "response_formats": dict(self.response_formats),
@@ -581,8 +590,11 @@ class _Simulator:
             # Outside the semaphore: a hung request should not also starve the others.
             return await self._hold(request)
 
+        queued = self.slots.locked()
+        if queued:
+            self.stats.queue()
         async with self.slots:
-            self.stats.enter()
+            self.stats.enter(queued)
             try:
                 if self.config.latency_ms > 0:
                     await asyncio.sleep(self.config.latency_ms / 1000)

@@ -36,6 +36,7 @@ from medq.errors import (
 from medq.urls import redact_url, split_credentials
 from worker.metrics import metrics
 from worker.rate_limit import EndpointGate, estimate_tokens
+from worker.speed import work_units
 
 # 5xx bodies that mean "busy, come back later", not "broken": Ollama's queue full
 # ("server busy ... maximum pending requests exceeded", "no slots available") and
@@ -183,9 +184,9 @@ class LLMClient:
         if self.gate is None:
             return self._complete(messages, response_format, max_tokens, temperature, timeout_s)
 
-        def call() -> tuple[Completion, int]:
+        def call() -> tuple[Completion, int, float]:
             c = self._complete(messages, response_format, max_tokens, temperature, timeout_s)
-            return c, c.prompt_tokens + c.completion_tokens
+            return c, c.prompt_tokens + c.completion_tokens, work_units(c.prompt_tokens, c.completion_tokens)
 
         lease_s = timeout_s + 10 if timeout_s else None
         result: Completion = self.gate.call(estimate_tokens(messages, max_tokens), call, lease_s)
@@ -285,9 +286,9 @@ class AsyncLLMClient:
         if self.gate is None:
             return await self._post(data, timeout_s)
 
-        async def call() -> tuple[Completion, int]:
+        async def call() -> tuple[Completion, int, float]:
             c = await self._post(data, timeout_s)
-            return c, c.prompt_tokens + c.completion_tokens
+            return c, c.prompt_tokens + c.completion_tokens, work_units(c.prompt_tokens, c.completion_tokens)
 
         lease_s = timeout_s + 10 if timeout_s else None
         result: Completion = await self.gate.acall(estimate_tokens(messages, max_tokens), call, lease_s)

@@ -18,6 +18,13 @@ What a lease checks, per endpoint:
 - The in-flight cap is **adaptive** (AIMD, as TCP does it): it halves on back-pressure
   (429, 503, timeouts; at most once per second) and grows by ``1/cap`` per success,
   i.e. by one per round of ``cap`` successes, up to ``MEDQ_LLM__MAX_IN_FLIGHT``.
+  It follows **latency** too, before any error (TCP Vegas, Netflix's concurrency-limits):
+  each success reports its time per unit of work (a generated token, or eight prompt
+  tokens), and the endpoint keeps a floor (the least seen, drifting up slowly) and a
+  recent average. A recent average over ``LATENCY_TOLERANCE`` times the floor means
+  requests queue at the server: the cap shrinks by that excess (tolerance x floor /
+  recent, between a tenth and a half; at most once per second) instead of growing. A server that works on 2 requests at once and is sent 8 answers
+  each in 4 times its time, and then times out; this stops at the queue.
 - A **circuit breaker**: after ``failure_threshold`` failures in a row (refused
   connections, 5xx, timeouts) the endpoint is cooled down for ``cooldown_s``,
   doubling up to ``cooldown_max_s`` while probes keep failing. After a cool-down the
@@ -61,6 +68,9 @@ GUARD_S = 1  # transit slack: a request admitted at the end of a second arrives 
 # b + BUCKETS, so two calls the limit apart are always WINDOW_S + GUARD_S seconds apart.
 BUCKETS = WINDOW_S + GUARD_S + 1
 CUT_INTERVAL_MS = 1000  # one overload event (a burst of 429s) halves the cap once
+# Recent latency per unit of work over this many times its floor: requests queue at the server.
+LATENCY_TOLERANCE = 1.5
+LATENCY_MIN_MS = 50.0  # faster calls say nothing of a queue (see _latency)
 
 # Outcomes of a call, as the gate sees them.
 OK = "ok"
@@ -136,7 +146,8 @@ return {1, sec, n + 1, est}
 RELEASE_LUA = """
 -- KEYS: state, inflight, tok
 -- ARGV: lease_id, outcome, bucket, est_tokens, used_tokens, max_in_flight, min_in_flight,
---       adaptive, failure_threshold, cooldown_ms, cooldown_max_ms, window_s
+--       adaptive, failure_threshold, cooldown_ms, cooldown_max_ms, window_s,
+--       latency (ms per unit of work; 0: not measured), latency_tolerance
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -155,7 +166,26 @@ local fails = tonumber(st[3]) or 0
 local base_cool, max_cool = tonumber(ARGV[10]), tonumber(ARGV[11])
 local cool_ms = tonumber(st[4]) or base_cool
 if outcome == 'ok' then
-  if adaptive then limit = math.min(max_if, limit + 1 / limit) else limit = max_if end
+  local sample = tonumber(ARGV[13]) or 0
+  local queued = false
+  if adaptive and sample > 0 then
+    local lt = redis.call('HMGET', KEYS[1], 'lat_floor', 'lat_recent')
+    local floor = math.min(tonumber(lt[1]) or sample, sample)
+    floor = floor + (sample - floor) * 0.002  -- drifts up: a floor from a faster past fades, slowly
+    local recent = (tonumber(lt[2]) or sample) * 0.8 + sample * 0.2
+    redis.call('HSET', KEYS[1], 'lat_floor', floor, 'lat_recent', recent)
+    queued = recent > floor * tonumber(ARGV[14])
+  end
+  if queued and now - last_cut >= 1000 then
+    -- Vegas's gradient: as many in flight as would keep the latency within tolerance
+    local lt2 = redis.call('HMGET', KEYS[1], 'lat_floor', 'lat_recent')
+    local gradient = tonumber(ARGV[14]) * tonumber(lt2[1]) / tonumber(lt2[2])
+    limit = math.max(min_if, limit * math.max(0.5, math.min(gradient, 0.9)))
+    redis.call('HSET', KEYS[1], 'last_cut', now)
+    redis.call('HINCRBY', KEYS[1], 'latency_cuts', 1)
+  elseif not queued then
+    if adaptive then limit = math.min(max_if, limit + 1 / limit) else limit = max_if end
+  end
   redis.call('HSET', KEYS[1], 'limit', limit, 'fails', 0, 'cool_ms', base_cool)
   redis.call('HINCRBY', KEYS[1], 'ok', 1)
   return {1, tostring(limit)}
@@ -288,22 +318,25 @@ class EndpointGate:
                 return lease
             time.sleep(sleep_s)
 
-    def release(self, lease: Lease, outcome: str, used_tokens: int | None = None) -> None:
+    def release(self, lease: Lease, outcome: str, used_tokens: int | None = None, latency: float = 0.0) -> None:
         state, inflight, _, tok = self.keys
-        self._release(keys=[state, inflight, tok], args=self._release_args(lease, outcome, used_tokens))
+        self._release(keys=[state, inflight, tok], args=self._release_args(lease, outcome, used_tokens, latency))
 
     def call(self, est_tokens: int, fn: Any, lease_s: float | None = None) -> Any:
-        """Run ``fn()`` under a lease; ``fn`` returns ``(result, used_tokens)``."""
+        """Run ``fn()`` under a lease; ``fn`` returns ``(result, used_tokens)`` or
+        ``(result, used_tokens, work)``: with the work done (``worker.speed.work_units``), its time per
+        unit is the latency signal of the adaptive cap."""
         lease = self.acquire(est_tokens, lease_s)
+        started = time.monotonic()
         try:
-            result, used = fn()
+            result, used, *work = fn()
         except MedqError as exc:
             self.release(lease, outcome_of(exc))
             raise
         except BaseException:
             self.release(lease, NEUTRAL)
             raise
-        self.release(lease, OK, used)
+        self.release(lease, OK, used, _latency(started, work))
         return result
 
     # ------------------------------------------------------------- asyncio
@@ -349,30 +382,33 @@ class EndpointGate:
             self._local.release()
             raise
 
-    async def arelease(self, lease: Lease, outcome: str, used_tokens: int | None = None) -> None:
+    async def arelease(self, lease: Lease, outcome: str, used_tokens: int | None = None, latency: float = 0.0) -> None:
         state, inflight, _, tok = self.keys
         # The batcher sends calls in the order they are made: the next call's acquire,
         # queued after this release, reaches Redis after it. So the local slot is handed
         # on now, not one round trip later.
         try:
-            released = self._batcher.script(RELEASE_LUA, [state, inflight, tok], self._release_args(lease, outcome, used_tokens))
+            released = self._batcher.script(
+                RELEASE_LUA, [state, inflight, tok], self._release_args(lease, outcome, used_tokens, latency)
+            )
         finally:
             self._local.release()
             self._wake.set()
         await released
 
     async def acall(self, est_tokens: int, fn: Any, lease_s: float | None = None) -> Any:
-        """``await fn()`` under a lease; ``fn`` returns ``(result, used_tokens)``."""
+        """``await fn()`` under a lease; ``fn`` returns what :meth:`call`'s does."""
         lease = await self.aacquire(est_tokens, lease_s)
+        started = time.monotonic()
         try:
-            result, used = await fn()
+            result, used, *work = await fn()
         except MedqError as exc:
             await self.arelease(lease, outcome_of(exc))
             raise
         except BaseException:
             await self.arelease(lease, NEUTRAL)
             raise
-        await self.arelease(lease, OK, used)
+        await self.arelease(lease, OK, used, _latency(started, work))
         return result
 
     # ------------------------------------------------------------- shared steps
@@ -385,14 +421,14 @@ class EndpointGate:
             BUCKETS,
         ]
 
-    def _release_args(self, lease: Lease, outcome: str, used_tokens: int | None) -> list[Any]:
+    def _release_args(self, lease: Lease, outcome: str, used_tokens: int | None, latency: float = 0.0) -> list[Any]:
         c = self.config
         return [
             lease.lease_id, outcome, lease.bucket, lease.est_tokens,
             -1 if used_tokens is None else used_tokens,
             c.max_in_flight, c.min_in_flight, "1" if c.adaptive else "0",
             c.failure_threshold, int(c.cooldown_s * 1000), int(c.cooldown_max_s * 1000),
-            BUCKETS,
+            BUCKETS, f"{latency:.6g}", LATENCY_TOLERANCE,
         ]
 
     def _decide(self, res: Any, lease_id: str, deadline: float, poll_s: float) -> tuple[Lease | None, float, float]:
@@ -417,6 +453,15 @@ class EndpointGate:
     def _jitter(self, scale: float) -> float:
         with self._rng_lock:
             return self._rng.random() * scale
+
+
+def _latency(started: float, work: list[Any]) -> float:
+    """Milliseconds per unit of work of a call that started at ``started``; 0: no signal.
+    A call under ``LATENCY_MIN_MS`` gives none: its time is the client's and the network's
+    jitter (a millisecond is "twice" half a millisecond), not a queue at the server."""
+    units = float(work[0]) if work else 0.0
+    elapsed_ms = (time.monotonic() - started) * 1000
+    return elapsed_ms / units if units > 0 and elapsed_ms >= LATENCY_MIN_MS else 0.0
 
 
 def endpoint_snapshot(r: redis.Redis, url: str, max_in_flight: int | None = None) -> dict[str, Any]:
@@ -462,6 +507,7 @@ def _snapshots(urls: list[str], replies: list[Any], max_in_flight: int | None) -
             "ok": int(h.get("ok", 0)),
             "errors": int(h.get("errors", 0)),
             "cuts": int(h.get("cuts", 0)),
+            "latency_cuts": int(h.get("latency_cuts", 0)),
             "trips": int(h.get("trips", 0)),
         })
     return out

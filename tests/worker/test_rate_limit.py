@@ -82,6 +82,33 @@ def test_adaptive_cap_halves_on_backpressure_once_per_second_and_grows_back(r: r
     assert g.snapshot()["cuts"] == 2
 
 
+def _timed_call(g: EndpointGate, seconds: float, work: float = 100.0) -> None:
+    def fn() -> tuple[None, int, float]:
+        time.sleep(seconds)
+        return None, 10, work
+
+    g.call(1, fn)
+
+
+def test_adaptive_cap_shrinks_when_latency_shows_a_queue_before_any_error(r: redis.Redis) -> None:
+    g = gate(r, adaptive=True, max_in_flight=8)
+    for _ in range(5):  # the server's own pace: 50 ms for 100 units of work
+        _timed_call(g, 0.05)
+    assert g.snapshot()["limit"] == 8 and g.snapshot()["latency_cuts"] == 0
+    for _ in range(3):  # a bigger answer takes longer, but not per unit of work: no queue
+        _timed_call(g, 0.25, work=500.0)
+    assert g.snapshot()["latency_cuts"] == 0
+    for _ in range(6):  # 4x the time per unit: requests wait at the server
+        _timed_call(g, 0.2)
+        time.sleep(0.2)  # cuts are at most one a second
+    snap = g.snapshot()
+    assert snap["latency_cuts"] >= 1 and snap["limit"] < 8 and snap["cuts"] == 0  # no error needed
+    fixed = gate(r, adaptive=False, max_in_flight=8)
+    for _ in range(3):
+        _timed_call(fixed, 0.2)
+    assert fixed.snapshot()["limit"] == 8  # MEDQ_LLM__ADAPTIVE=false: the cap stays
+
+
 def test_breaker_cools_down_then_lets_one_probe_through(r: redis.Redis) -> None:
     g = gate(r, failure_threshold=3, cooldown_s=0.4, cooldown_max_s=5, max_in_flight=8, adaptive=True)
     for _ in range(2):

@@ -1,0 +1,60 @@
+"""Requests in flight follow the server: its slots where it says them (llama.cpp's
+``/props``), its latency where it does not (a queue building at the server). Real
+workers, the simulator serving ``--parallel 2``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import redis
+
+from tests.conftest import Proc, run_cli, wait_log
+from worker.rate_limit import endpoint_snapshot
+
+NOTE = "Mr Lee is a {age}-year-old man with hypertension. Amlodipine 5 mg once daily."
+
+
+def _run(env: dict[str, str], tmp_path: Path, batch: str, n: int) -> None:
+    records = tmp_path / f"{batch}.jsonl"
+    records.write_text("".join(json.dumps({"id": f"r{i}", "text": NOTE.format(age=20 + i)}) + "\n" for i in range(n)),
+                       encoding="utf-8")
+    res = run_cli(["enqueue", str(records), "--schema", "clinical_note", "--batch", batch, "--wait",
+                   "--timeout-s", "120"], env)
+    assert res.returncode == 0, res.stderr
+
+
+def _stats(base: str) -> dict:
+    return httpx.get(base.removesuffix("/v1") + "/stats").json()
+
+
+def test_a_server_that_says_its_slots_gets_no_more_requests_at_once(
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., Proc],
+    tmp_path: Path,
+) -> None:
+    base = simulator("--parallel", "2", "--latency-ms", "100", "--advertise-context")
+    proc = worker(base, env={"MEDQ_LLM__MAX_IN_FLIGHT": "8"})
+    wait_log(proc, "works on 2 requests at once")
+    _run(medq_env, tmp_path, "slots", 30)
+    stats = _stats(base)
+    assert stats["max_in_flight"] == 2 and stats["max_waiting"] == 0  # nothing queued at the server
+
+
+def test_the_cap_follows_latency_when_the_server_does_not_say(
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., Proc],
+    tmp_path: Path,
+) -> None:
+    base = simulator("--parallel", "2", "--latency-ms", "150")  # says nothing: an Ollama with 2 slots
+    worker(base, env={"MEDQ_LLM__MAX_IN_FLIGHT": "8"})
+    _run(medq_env, tmp_path, "pace1", 80)
+    first = _stats(base)
+    assert first["max_waiting"] == 6  # the cap started at 8: six requests queued behind two slots
+    snap = endpoint_snapshot(r, base, 8)
+    assert snap["latency_cuts"] >= 1 and snap["cuts"] == 0, snap  # latency said it, before any error
+    httpx.post(base.removesuffix("/v1") + "/sim/reset").raise_for_status()
+    _run(medq_env, tmp_path, "pace2", 80)
+    second = _stats(base)
+    assert second["max_waiting"] <= 3, second["max_waiting"]  # the queue stays short
+    assert second["outcomes"] == {"ok": 80}
