@@ -257,31 +257,36 @@ class MedicalDataProcessor:
 
     def process(self, text: str, schema: str | ExtractionSchema, record_id: str = "?") -> Extraction:
         """Extract ``schema`` from ``text``. Raises ``RetryableError`` or ``PermanentError``."""
-        for tries_left in range(_CONTEXT_LEARNING_TRIES, -1, -1):
-            steps = self._steps(text, schema, record_id)
-            try:
-                call = next(steps)
-                while True:
-                    call = steps.send(self._call(*call))
-            except StopIteration as done:
-                result: Extraction = done.value
-                return result
-            except (ContextExceeded, PromptTruncated) as exc:
-                if not tries_left or not self._learn_context(exc):
-                    raise
-        raise AssertionError("unreachable")
+        steps = self._extraction(text, schema, record_id)
+        try:
+            call = next(steps)
+            while True:
+                call = steps.send(self._call(*call))
+        except StopIteration as done:
+            result: Extraction = done.value
+            return result
 
     async def aprocess(self, text: str, schema: str | ExtractionSchema, record_id: str = "?") -> Extraction:
         """:meth:`process` on the running asyncio loop (the worker engine's way)."""
+        steps = self._extraction(text, schema, record_id)
+        try:
+            call = next(steps)
+            while True:
+                call = steps.send(await self._acall(*call))
+        except StopIteration as done:
+            result: Extraction = done.value
+            return result
+
+    # The extraction is written once, as a generator that yields each model call it
+    # needs and is sent the completion (or the server's refusal of a prompt longer than
+    # its context); process() and aprocess() only differ in how they make the call.
+    def _extraction(
+        self, text: str, schema: str | ExtractionSchema, record_id: str
+    ) -> Generator[_Call, Completion | ContextExceeded, Extraction]:
+        """:meth:`_steps`, again in smaller pieces when the server refused or cut the prompt."""
         for tries_left in range(_CONTEXT_LEARNING_TRIES, -1, -1):
-            steps = self._steps(text, schema, record_id)
             try:
-                call = next(steps)
-                while True:
-                    call = steps.send(await self._acall(*call))
-            except StopIteration as done:
-                result: Extraction = done.value
-                return result
+                return (yield from self._steps(text, schema, record_id))
             except (ContextExceeded, PromptTruncated) as exc:
                 if not tries_left or not self._learn_context(exc):
                     raise
@@ -308,10 +313,9 @@ class MedicalDataProcessor:
                 return False
             return True
 
-    # The extraction is written once, as a generator that yields each model call it
-    # needs and is sent the completion; process() and aprocess() only differ in how
-    # they make the call.
-    def _steps(self, text: str, schema: str | ExtractionSchema, record_id: str) -> Generator[_Call, Completion, Extraction]:
+    def _steps(
+        self, text: str, schema: str | ExtractionSchema, record_id: str
+    ) -> Generator[_Call, Completion | ContextExceeded, Extraction]:
         sch = schema if isinstance(schema, ExtractionSchema) else self.schema_loader.get(schema)
         if not text or not text.strip():
             raise InvalidRecord(f"record {record_id}: text is empty")
@@ -358,7 +362,7 @@ class MedicalDataProcessor:
 
     def _ask(
         self, part: _Part, text: str, record_id: str, prov: Provenance, usage: Usage
-    ) -> Generator[_Call, Completion, BaseModel]:
+    ) -> Generator[_Call, Completion | ContextExceeded, BaseModel]:
         """One part, with truncation and re-ask handling; returns the validated answer."""
         sch = part.schema
         messages = self._messages(part, text)
@@ -369,6 +373,8 @@ class MedicalDataProcessor:
         estimated = _estimate_prompt(messages)
         while True:
             completion = yield (messages, sch, max_tokens, prov, base_len - 1)
+            if isinstance(completion, ContextExceeded):
+                raise completion
             usage.add(completion)
             _check_prompt_read(completion, min_prompt_tokens, prov.endpoint, record_id)
             self._observe_tokens(completion.prompt_tokens, estimated)
@@ -420,7 +426,7 @@ class MedicalDataProcessor:
 
     def _call(
         self, messages: list[dict[str, str]], sch: ExtractionSchema, max_tokens: int, prov: Provenance, fixed: int
-    ) -> Completion:
+    ) -> Completion | ContextExceeded:
         while True:
             mode = self._format
             prompt = self._real_tokens(_estimate_prompt(messages))
@@ -439,10 +445,12 @@ class MedicalDataProcessor:
             except FormatRejected:
                 if not self._step_down(mode):
                     raise
+            except ContextExceeded as refused:  # the extraction reads it: pieces, smaller
+                return refused
 
     async def _acall(
         self, messages: list[dict[str, str]], sch: ExtractionSchema, max_tokens: int, prov: Provenance, fixed: int
-    ) -> Completion:
+    ) -> Completion | ContextExceeded:
         while True:
             mode = self._format
             prompt = self._real_tokens(_estimate_prompt(messages))
@@ -462,6 +470,8 @@ class MedicalDataProcessor:
             except FormatRejected:
                 if not self._step_down(mode):
                     raise
+            except ContextExceeded as refused:  # the extraction reads it: pieces, smaller
+                return refused
 
     def _response_format(self, mode: str, sch: ExtractionSchema) -> dict[str, Any] | None:
         """Built once per (mode, schema): the grammar form walks the whole schema."""
