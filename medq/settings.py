@@ -90,6 +90,9 @@ class LLMSettings(BaseModel):
     # Measure which suits your model (README, "Extraction quality").
     strategy: Literal["single", "fields"] = "single"
     few_shot: bool = True  # show the schema's examples as prior turns
+    # strategy single: the JSON Schema in the system prompt too, besides the field list
+    # (false: about 300 tokens shorter; the server's response_format still enforces it)
+    schema_in_prompt: bool = True
     grounding: Literal["flag", "drop"] = "flag"  # values not found in the note: list them, or drop them
     # More than one server: requests spread by weight over the healthy ones, and a job
     # fails over to another. Empty: just base_url.

@@ -80,7 +80,12 @@ SINGLE_SYSTEM = """You extract structured data from clinical notes.
 {description}{instructions}Fields:
 {field_lines}
 Reply with one JSON object and nothing else, with every field present.
-Copy values exactly as written in the note. Use null, or [] for a list, when the note does not say. Never invent values.
+Copy values exactly as written in the note. Use null, or [] for a list, when the note does not say. Never invent values."""
+
+# The schema itself, after the field list: the model sees the exact shape even where the
+# server does not enforce it. A shorter prompt without it (schema_in_prompt=False) relies
+# on the field list and on the response_format the server enforces.
+SINGLE_SCHEMA = """
 JSON Schema:
 {schema}"""
 
@@ -187,6 +192,7 @@ class MedicalDataProcessor:
         reasks: int = 2,
         strategy: Strategy = "single",
         few_shot: bool = True,
+        schema_in_prompt: bool = True,
         grounding: Grounding = "flag",
         gate: EndpointGate | None = None,
     ) -> None:
@@ -205,6 +211,7 @@ class MedicalDataProcessor:
             raise ValueError("grounding must be flag or drop")
         self.strategy = strategy
         self.few_shot = few_shot
+        self.schema_in_prompt = schema_in_prompt
         self.grounding = grounding
         if response_format != "auto" and response_format not in RESPONSE_FORMATS:
             raise ValueError(f"response_format must be auto or one of {RESPONSE_FORMATS}")
@@ -247,6 +254,7 @@ class MedicalDataProcessor:
             reasks=llm.reasks,
             strategy=llm.strategy,
             few_shot=llm.few_shot,
+            schema_in_prompt=llm.schema_in_prompt,
             grounding=llm.grounding,
             gate=gate,
         )
@@ -576,8 +584,7 @@ class MedicalDataProcessor:
                 description=(sch.description + "\n") if sch.description else "",
                 instructions=instructions,
                 field_lines=_field_lines(sch),
-                schema=json.dumps(sch.json_schema, ensure_ascii=False),
-            )
+            ) + (SINGLE_SCHEMA.format(schema=json.dumps(sch.json_schema, ensure_ascii=False)) if self.schema_in_prompt else "")
             shots: list[dict[str, str]] = []
             for ex in examples:
                 shots += [

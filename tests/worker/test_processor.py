@@ -107,6 +107,15 @@ def test_truncation_is_bounded(sim: str) -> None:
     assert _stats(sim)["max_tokens"] == [256, 512]
 
 
+def test_a_shorter_prompt_leaves_the_schema_to_the_response_format(sim: str) -> None:
+    proc = _processor(sim, schema_in_prompt=False)
+    [part] = proc._parts_for(SchemaLoader().get("clinical_note"), True)
+    assert "JSON Schema:" not in part.system and "- medications (list of {name, dose, frequency})" in part.system
+    assert len(part.system) < len(_processor(sim)._parts_for(SchemaLoader().get("clinical_note"), True)[0].system) - 1000
+    ex = proc.process(NOTE, "clinical_note")
+    assert ex.data.age == 72 and ex.provenance.response_format == "json_schema"
+
+
 def test_an_answer_that_loops_until_max_tokens_is_kept_in_part_not_asked_again_with_more(sim: str) -> None:
     _script(sim, "runaway")  # the first list's item repeated until max_tokens, cut mid-item
     ex = _processor(sim, max_tokens=512, max_tokens_cap=4096).process(NOTE, "clinical_note")
