@@ -223,6 +223,7 @@ class MedicalDataProcessor:
         self._token_ratio = _TOKEN_RATIO_START  # the server's token count / medq's estimate
         self.speed = SpeedModel(timeout_s, max(timeout_max_s, timeout_s))
         self._parts: dict[tuple[str, int, bool], list[_Part]] = {}
+        self._fixed_tokens: dict[tuple[str, int, bool], int] = {}  # the longest prompt without the note, estimated
         self._formats: dict[tuple[str, str, int], Any] = {}
         # The engine's client: same endpoint and gate, made now, connected on first use.
         self.aclient = AsyncLLMClient(url, api_key, model, timeout_s, gate=gate)
@@ -541,10 +542,10 @@ class MedicalDataProcessor:
         ctx = self.context_tokens
         if ctx is None:
             return parts, [(0, len(text))]
-        room = self._room_for_note(ctx, parts)
+        room = self._room_for_note(ctx, sch, self.few_shot)
         if room < _MIN_PIECE_TOKENS and self.few_shot and sch.examples:
             parts = self._parts_for(sch, False)
-            room = self._room_for_note(ctx, parts)
+            room = self._room_for_note(ctx, sch, False)
         if room < _MIN_PIECE_TOKENS:
             raise EndpointMisconfigured(
                 f"record {record_id}: {self.base_url}'s context of {ctx} tokens leaves no room for the note beside "
@@ -553,9 +554,13 @@ class MedicalDataProcessor:
             )
         return parts, split_note(text, int(room))
 
-    def _room_for_note(self, ctx: int, parts: list[_Part]) -> float:
+    def _room_for_note(self, ctx: int, sch: ExtractionSchema, few_shot: bool) -> float:
         """Tokens (medq's estimate) a piece of note may take beside the longest prompt."""
-        fixed = max(_estimate_prompt(self._messages(part, "")) for part in parts)
+        key = (sch.name, sch.version, few_shot)
+        fixed = self._fixed_tokens.get(key)
+        if fixed is None:  # once per schema version, as the prompts themselves
+            parts = self._parts_for(sch, few_shot)
+            fixed = self._fixed_tokens[key] = max(_estimate_prompt(self._messages(part, "")) for part in parts)
         return (ctx - self._answer_budget() - _CONTEXT_MARGIN) / self._token_ratio - fixed
 
     def _messages(self, part: _Part, text: str) -> list[dict[str, str]]:
