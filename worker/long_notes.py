@@ -166,7 +166,7 @@ def _single(present: list[tuple[int, Any]], locators: list[Locator]) -> Any:
     grounded: dict[str, bool] = {}
     first: dict[str, Any] = {}
     for i, v in present:
-        key = _key(v)
+        key = same_key(v)
         votes.setdefault(key, []).append(i)
         first.setdefault(key, v)
         grounded[key] = grounded.get(key, False) or bool(locators[i].find(v) if i < len(locators) else False)
@@ -174,14 +174,15 @@ def _single(present: list[tuple[int, Any]], locators: list[Locator]) -> Any:
     return first[best]
 
 
-def _key(value: Any) -> str:
-    """Equal for values that say the same: case, width and whitespace aside."""
+def same_key(value: Any) -> str:
+    """Equal for values that say the same: case, width and whitespace aside. The one
+    test of "the same item", here and in ``worker.runaway.dedupe_lists``."""
     if isinstance(value, str):
         return "s:" + normalize(value)
     if isinstance(value, dict):
-        return "o:" + json.dumps({k: _key(v) for k, v in sorted(value.items())}, ensure_ascii=False)
+        return "o:" + json.dumps({k: same_key(v) for k, v in sorted(value.items())}, ensure_ascii=False)
     if isinstance(value, list):
-        return "l:" + json.dumps([_key(v) for v in value], ensure_ascii=False)
+        return "l:" + json.dumps([same_key(v) for v in value], ensure_ascii=False)
     return "v:" + json.dumps(value)
 
 
@@ -190,7 +191,7 @@ def _union(items: list[Any]) -> list[Any]:
     out: list[Any] = []
     seen: set[str] = set()
     for item in items:
-        key = _key(item)
+        key = same_key(item)
         if key in seen:
             continue
         if isinstance(item, dict):
@@ -207,4 +208,4 @@ def _union(items: list[Any]) -> list[Any]:
 def _agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Both name at least one field alike and contradict each other in none."""
     shared = [k for k in a if k in b and a[k] is not None and b[k] is not None]
-    return bool(shared) and all(_key(a[k]) == _key(b[k]) for k in shared)
+    return bool(shared) and all(same_key(a[k]) == same_key(b[k]) for k in shared)

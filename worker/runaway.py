@@ -14,6 +14,8 @@ import json
 import re
 from typing import Any
 
+from worker.long_notes import same_key
+
 # A loop is the end of the text repeating itself: a unit of ``p`` characters
 # seen at least ``_MIN_REPEATS`` times back to back, over at least
 # ``_MIN_LOOP_CHARS`` characters. The span is long so that a few equal values
@@ -190,9 +192,8 @@ def _string_end(text: str, i: int) -> int | None:
 def dedupe_lists(value: Any) -> Any:
     """The same structure where every list keeps only the first of equal items.
 
-    Items are equal after normalising: strings casefolded with whitespace
-    collapsed, dicts and lists compared by their normalised JSON. A loop that
-    repeated one item 50 times leaves that item once.
+    Equal as a long note's pieces are merged (``worker.long_notes.same_key``: case,
+    width and whitespace aside). A loop that repeated one item 50 times leaves it once.
     """
     if isinstance(value, dict):
         return {k: dedupe_lists(v) for k, v in value.items()}
@@ -200,25 +201,12 @@ def dedupe_lists(value: Any) -> Any:
         seen: set[str] = set()
         out = []
         for item in (dedupe_lists(v) for v in value):
-            key = json.dumps(_normalised(item), sort_keys=True, ensure_ascii=False)
+            key = same_key(item)
             if key not in seen:
                 seen.add(key)
                 out.append(item)
         return out
     return value
-
-
-def _normalised(value: Any) -> Any:
-    if isinstance(value, str):
-        return " ".join(value.split()).casefold()
-    if isinstance(value, dict):
-        return {k: _normalised(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_normalised(v) for v in value]
-    return value
-
-
-# --- missing keys ------------------------------------------------------------
 
 
 def complete_missing(data: dict[str, Any], json_schema: dict[str, Any]) -> dict[str, Any]:
