@@ -16,21 +16,21 @@ from typing import Any, TypeVar
 import redis
 from celery import Celery
 
-from medq.contract import (
+from medq.core.contract import (
     QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY, batch_key, failed_key, is_valid_batch_id, job_key, make_job_id,
     payload_key,
 )
-from medq.crypto import Sealer, seal_text
-from medq.errors import InvalidBatchId, RedisFull
-from medq.redis_memory import full_message
-from medq.schemas import ExtractionSchema, SchemaLoader
-from medq.settings import Settings, get_settings
+from medq.core.crypto import Sealer, seal_text
+from medq.core.errors import InvalidBatchId, RedisFull
+from medq.state.memory import full_message
+from medq.core.schemas import ExtractionSchema, SchemaLoader
+from medq.core.settings import Settings, get_settings
 from producer.records import CheckedRecords, InputError, Record, check, from_objects, limits_of
 
 # Create a job only if its record is not in the batch yet, all at once, so a crash cannot
 # leave half a job. A record already there is compared by digest with its newest revision:
 # the same record is left alone; another text is a conflict, or with ``replace`` a new
-# revision that takes the old one's place in the batch (see medq.contract.revision_job_id).
+# revision that takes the old one's place in the batch (see medq.core.contract.revision_job_id).
 # KEYS[1] the record's first job hash, KEYS[2] its payload string, KEYS[3] batch set,
 # KEYS[4] failed set, KEYS[5] (optional) a staged upload: a hash of payloads parked there
 # while the rest of the upload arrived

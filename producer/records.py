@@ -26,7 +26,7 @@ DEFAULT_MAX_METADATA_BYTES = 64 * 1024
 
 
 def limits_of(settings: Any) -> dict[str, int]:
-    """The record limits of ``medq.settings.Settings``, as keyword arguments of ``check``
+    """The record limits of ``medq.core.settings.Settings``, as keyword arguments of ``check``
     and ``RecordChecker``."""
     return {
         "max_record_bytes": settings.max_record_bytes,

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from medq.contract import upload_key
+from medq.core.contract import upload_key
 from producer.enqueue import BatchHasher, EnqueueResult, Producer, record_digest, sealed_payload
 from producer.records import (
     InputError, RawItem, Record, RecordChecker, RecordProblem, json_error_text, limits_of, object_or_problem,

@@ -265,7 +265,7 @@ def test_worker_environment_uses_the_contract_settings(spec: dict) -> None:
 def test_worker_environment_is_understood_by_medq_settings(spec: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """The names in the compose file are the ones medq reads (a typo such as
     MEDQ_LLM_BASE_URL would silently leave the worker on its defaults)."""
-    from medq.settings import Settings
+    from medq.core.settings import Settings
 
     for key in list(os.environ):
         if key.startswith("MEDQ_"):

@@ -37,10 +37,10 @@ SPAWNS: dict[str, tuple[str, ...]] = {
     "flower": ("flower", *WORKER_PROCESS),  # celery -A worker.celery_app flower
     "demo": ("llama_cpp.server", "sse_starlette", *WORKER_PROCESS),  # the model server and one worker
     "llm serve": ("llama_cpp.server", "sse_starlette"),
-    "bench": ("medq.simulator", *WORKER_PROCESS),  # medq llm simulate and workers
+    "bench": ("medq.tools.simulator", *WORKER_PROCESS),  # medq llm simulate and workers
 }
 # Modules reached only under a setting, and the README row that covers that setting.
-CONDITIONAL = {"worker.results.postgres_store": "MEDQ_RESULTS_URL"}
+CONDITIONAL = {"medq.state.results.postgres_store": "MEDQ_RESULTS_URL"}
 
 
 def _install_table() -> list[tuple[str, set[str]]]:
@@ -157,7 +157,7 @@ def _closure(roots: set[str], conditional: bool) -> set[str]:
 def _cli_roots(command: str) -> set[str]:
     """What `medq COMMAND` imports: medq/cli.py's own imports, the command function's,
     and those of the helpers in cli.py it calls; plus what the processes it starts import."""
-    tree = ast.parse((REPO / "medq" / "cli.py").read_text(encoding="utf-8"))
+    tree = ast.parse((REPO / "medq" / "cli" / "__init__.py").read_text(encoding="utf-8"))
     funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     roots = {"medq.cli"}
     matched = []
@@ -192,7 +192,7 @@ def _roots(face: str) -> set[str]:
     if m:
         return {m.group(1)}
     if face == "MedicalDataProcessor":
-        return {"worker.processor"}
+        return {"worker.extract.processor"}
     raise AssertionError(f"the install table names {face!r}; tests/test_extras.py does not know what it imports")
 
 
@@ -235,7 +235,7 @@ def test_each_face_needs_only_the_extras_the_readme_names(row: str, extras: set[
 
 def test_every_command_has_a_row() -> None:
     named = {f.removeprefix("medq ").strip() for cell, _ in _install_table() for f in _faces(cell) if f.startswith("medq ")}
-    tree = ast.parse((REPO / "medq" / "cli.py").read_text(encoding="utf-8"))
+    tree = ast.parse((REPO / "medq" / "cli" / "__init__.py").read_text(encoding="utf-8"))
     commands = set()
     for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
         for dec in fn.decorator_list:

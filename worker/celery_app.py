@@ -15,8 +15,8 @@ from celery.signals import (
     worker_ready,
 )
 
-from medq.contract import QUEUE
-from medq.settings import get_settings
+from medq.core.contract import QUEUE
+from medq.core.settings import get_settings
 
 settings = get_settings()
 
@@ -73,7 +73,7 @@ def _wait_while_redis_full() -> None:
     import redis
     from kombu.transport import redis as kombu_redis
 
-    from medq.redis_memory import full_message, wait_for_room
+    from medq.state.memory import full_message, wait_for_room
 
     if getattr(kombu_redis.QoS.append, "medq_patched", False):
         return
@@ -151,10 +151,10 @@ def _check_config(**_: Any) -> None:
     load. A bad schema file is reported here with its file and line or field, and the
     worker serves the others (its jobs wait for a worker that has it). Celery logs and
     ignores an exception from a signal handler, so a failed check ends the process itself."""
-    from medq.crypto import Sealer
-    from medq.errors import MedqError
-    from medq.privacy import RemoteEndpointRefused, check_endpoints
-    from medq.schemas import SchemaLoader
+    from medq.core.crypto import Sealer
+    from medq.core.errors import MedqError
+    from medq.core.privacy import RemoteEndpointRefused, check_endpoints
+    from medq.core.schemas import SchemaLoader
 
     try:
         _report_schema_problems(SchemaLoader(settings.schema_dirs))
@@ -176,7 +176,7 @@ def _wait_for_room(**_: Any) -> None:
     tiny write succeeds, saying why (the messages and jobs stay in Redis meanwhile)."""
     import redis
 
-    from medq.redis_memory import wait_for_room
+    from medq.state.memory import wait_for_room
 
     client = redis.Redis.from_url(settings.redis_url)
     attempt = 0
@@ -195,7 +195,7 @@ def _wait_for_room(**_: Any) -> None:
 
 
 def _report_schema_problems(loader: Any) -> None:
-    from medq.errors import SchemaError
+    from medq.core.errors import SchemaError
 
     for problem in loader.problems:
         logging.getLogger("medq.worker").error("schema %s is not available: %s", problem.name, problem.message)
@@ -208,7 +208,7 @@ def _check_models() -> None:
     """A model the endpoint does not serve would fail every job (``model_not_found``):
     refuse to start and say what to change. An endpoint that does not answer yet only
     gets a warning: it may come up after the workers (a compose start, a restart)."""
-    from worker.model_check import ModelStatus, check_models
+    from worker.llm.model_check import ModelStatus, check_models
 
     log = logging.getLogger("medq.worker")
     checks = check_models(settings)

@@ -15,12 +15,12 @@ from typing import Any
 
 import redis
 
-from medq.schemas import SchemaLoader
-from medq.settings import Settings
-from medq.urls import redact_url
-from worker.endpoint_facts import learn_endpoint
-from worker.processor import MedicalDataProcessor
-from worker.rate_limit import (
+from medq.core.schemas import SchemaLoader
+from medq.core.settings import Settings
+from medq.core.urls import redact_url
+from worker.llm.facts import learn_endpoint
+from worker.extract.processor import MedicalDataProcessor
+from medq.state.endpoints import (
     EndpointGate,
     GateConfig,
     aendpoint_snapshots,
@@ -71,7 +71,7 @@ class EndpointPool:
     ) -> EndpointPool:
         """One endpoint per ``MEDQ_LLM__ENDPOINTS`` entry (or ``MEDQ_LLM__BASE_URL``).
         A given ``processor`` is used as the only endpoint (tests, embedding). With a
-        :class:`~worker.batching.Batcher`, the gates also work on the worker engine's loop."""
+        :class:`~worker.pipeline.Batcher`, the gates also work on the worker engine's loop."""
         config = GateConfig.from_settings(settings.llm)
         if processor is not None:
             gate = EndpointGate(r, processor.base_url, config, batcher)

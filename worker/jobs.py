@@ -45,11 +45,11 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio
 
-from medq.contract import (
+from medq.core.contract import (
     QUEUE, TASK_EXTRACT, WATCH_KEY, JobStatus, batch_key, failed_key, job_key, payload_key, result_key, split_revision,
 )
-from medq.crypto import Sealer, open_text
-from medq.errors import (
+from medq.core.crypto import Sealer, open_text
+from medq.core.errors import (
     MedqError,
     NoCapacity,
     PayloadMissing,
@@ -61,15 +61,16 @@ from medq.errors import (
     TimeLimitExceeded,
     WorkerLost,
 )
-from medq.settings import Settings, get_settings
-from worker.batching import Batcher, new_id
+from medq.core.settings import Settings, get_settings
+from medq.core.ids import new_id
+from worker.pipeline import Batcher
 from worker.endpoints import EndpointPool
 from worker.isolation import SuspectGate
-from worker.metrics import FLUSH_S, metrics
-from worker.processor import Extraction, MedicalDataProcessor
-from worker.results import ResultStore, open_store_for
-from worker.results.redis_store import PUT_LUA, RedisResultStore, reachable
-from worker.retry import RetryPolicy, compute_backoff
+from medq.state.metrics import FLUSH_S, metrics
+from worker.extract.processor import Extraction, MedicalDataProcessor
+from medq.state.results import ResultStore, open_store_for
+from medq.state.results.redis_store import PUT_LUA, RedisResultStore, reachable
+from worker.policy import RetryPolicy, compute_backoff
 
 log = logging.getLogger("medq.worker")
 

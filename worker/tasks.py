@@ -17,9 +17,9 @@ import redis
 from celery import Task
 from celery.exceptions import Reject
 
-from medq.contract import QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY
-from medq.errors import PermanentError
-from medq.redis_memory import is_full, wait_for_room
+from medq.core.contract import QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY
+from medq.core.errors import PermanentError
+from medq.state.memory import is_full, wait_for_room
 from worker.celery_app import app, settings
 from worker.jobs import RetryLater, get_engine
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from medq.schemas import SchemaLoader
+from medq.core.schemas import SchemaLoader
 from tests.conftest import MEDQ, REPO, Proc, free_port, run_cli, wait_http
 from tests.worker.test_phi_canary import _values, report_scan
 
@@ -421,7 +421,7 @@ def test_records_are_sealed_in_redis_with_a_key(
 
     from producer.enqueue import Producer
     from producer.uploads import BodyParser, Upload
-    from medq.settings import Settings
+    from medq.core.settings import Settings
 
     key = Fernet.generate_key().decode()
     wk = worker(simulator("--latency-ms", "5"), env={"MEDQ_ENCRYPTION_KEY": key})
@@ -509,7 +509,7 @@ def test_a_corrected_record_is_a_409_or_a_listed_conflict_never_dropped(
     assert body["created"] == 0 and body["existing"] == 2
 
     # run with `medq enqueue --replace` (here its Python form), the revision is a job the API shows
-    from medq.settings import Settings
+    from medq.core.settings import Settings
     from producer import enqueue
 
     rev = enqueue([json.loads(line) for line in changed.splitlines()], schema="clinical_note", batch="fixes-b",

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import redis
 
-from medq.contract import JobStatus, job_key
-from producer.batches import counts, iter_states
+from medq.core.contract import JobStatus, job_key
+from medq.state.jobs import counts, iter_states
 from tests.conftest import MEDQ, REPO, Proc, run_cli
 
 ARTIFACTS = REPO / "tests" / "artifacts"

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import redis
 
-from medq.contract import JobStatus, job_key
-from producer.batches import iter_states
+from medq.core.contract import JobStatus, job_key
+from medq.state.jobs import iter_states
 from tests.chaos.conftest import (
     KillWhileRunning,
     enqueue,

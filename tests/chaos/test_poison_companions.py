@@ -13,8 +13,8 @@ from pathlib import Path
 
 import redis
 
-from medq.contract import job_key
-from producer.batches import iter_states
+from medq.core.contract import job_key
+from medq.state.jobs import iter_states
 from tests.chaos.conftest import (
     KillWhileRunning,
     enqueue,

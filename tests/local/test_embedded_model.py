@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from medq.local_model import LocalModelError, resolve, server_command
-from medq.schemas import SchemaLoader
+from medq.tools.local_model import LocalModelError, resolve, server_command
+from medq.core.schemas import SchemaLoader
 from tests.conftest import run_cli
-from worker.processor import MedicalDataProcessor
+from worker.extract.processor import MedicalDataProcessor
 
 NOTE = "Clinic note. 54-year-old woman with hypertension. Amlodipine 5 mg once daily. No known drug allergies. Never smoker. BP 142/88, HR 76."
 
@@ -37,7 +37,7 @@ def test_llm_serve_refuses_a_missing_gguf(tmp_path: Path, medq_env: dict[str, st
 def test_missing_extra_names_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from medq import local_model
+    from medq.tools import local_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(local_model.importlib.util, "find_spec", lambda name: None if name == "llama_cpp" else real(name))
@@ -78,7 +78,7 @@ def test_extraction_through_a_real_worker(
 
 def test_cli_default_is_the_local_models_default() -> None:
     from medq.cli import DEFAULT_LOCAL_MODEL
-    from medq.local_model import DEFAULT_MODEL, MODELS
+    from medq.tools.local_model import DEFAULT_MODEL, MODELS
 
     assert DEFAULT_LOCAL_MODEL == DEFAULT_MODEL and DEFAULT_MODEL in MODELS
 

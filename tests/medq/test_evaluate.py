@@ -1,4 +1,4 @@
-"""medq.evaluate: normalisation, matching and per-field scores, checked against
+"""medq.tools.evaluate: normalisation, matching and per-field scores, checked against
 numbers worked out by hand; and the bundled samples score 1.0 against themselves."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from medq import samples
-from medq.evaluate import (
+from medq.tools import samples
+from medq.tools.evaluate import (
     ScoreKind,
     evaluate,
     match_items,
@@ -18,8 +18,8 @@ from medq.evaluate import (
     records_by_id,
     values_equal,
 )
-from medq.schemas import ExtractionSchema, SchemaLoader, build_schema
-from medq.settings import REPO_ROOT
+from medq.core.schemas import ExtractionSchema, SchemaLoader, build_schema
+from medq.core.settings import REPO_ROOT
 
 SHIPPED = REPO_ROOT / "configs" / "schemas"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from medq.local_model import MODELS, QWEN_CODER_0_5B, QWEN_CODER_1_5B, LocalModelError, resolve
-from medq.model_parts import PartsError, SplitGGUF, ensure_joined
+from medq.tools.local_model import MODELS, QWEN_CODER_0_5B, QWEN_CODER_1_5B, LocalModelError, resolve
+from medq.tools.model_parts import PartsError, SplitGGUF, ensure_joined
 
 PART = 3000  # bytes per part: several parts, small enough to be instant
 

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from medq.review import Note, build, write_private
+from medq.tools.review import Note, build, write_private
 
 NOTE = "Mr Lee, 72-year-old male. <script>alert('x')</script> Metformin 500 mg twice daily. Never smoker."
 

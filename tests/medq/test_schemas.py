@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from medq.errors import SchemaError, UnknownSchema
-from medq.schemas import SchemaLoader
-from medq.settings import REPO_ROOT
+from medq.core.errors import SchemaError, UnknownSchema
+from medq.core.schemas import SchemaLoader
+from medq.core.settings import REPO_ROOT
 
 SHIPPED = REPO_ROOT / "configs" / "schemas"
 

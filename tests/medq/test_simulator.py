@@ -26,8 +26,8 @@ import jsonschema
 import openai
 import pytest
 
-from medq.schemas import SchemaLoader
-from medq.simulator import FAULT_KINDS, SimConfig, draw_outcome, generate, parse_faults
+from medq.core.schemas import SchemaLoader
+from medq.tools.simulator import FAULT_KINDS, SimConfig, draw_outcome, generate, parse_faults
 from tests.conftest import MEDQ, REPO, Proc, free_port, wait_http
 
 NOTE = (
@@ -259,8 +259,8 @@ def test_models_lists_the_simulator(http: httpx.Client, sims: dict[str, str]) ->
 
 
 def test_served_models_are_listed_and_another_gets_ollamas_404(http: httpx.Client, sims: dict[str, str]) -> None:
-    from medq.errors import ModelNotFound
-    from worker.llm import LLMClient
+    from medq.core.errors import ModelNotFound
+    from worker.llm.client import LLMClient
 
     listed = [m["id"] for m in http.get(f"{sims['served']}/models").json()["data"]]
     assert listed == ["qwen2.5:1.5b", "llama3.2:1b", "gemma3:1b"]
@@ -289,7 +289,7 @@ def test_context_tokens_cut_a_long_prompt_silently(http: httpx.Client, sims: dic
 
 
 def test_context_overflow_refuse_answers_like_llama_cpp(http: httpx.Client, sims: dict[str, str]) -> None:
-    from medq.simulator import _prompt_tokens
+    from medq.tools.simulator import _prompt_tokens
 
     base_url = sims["refuse"]
     reset(http, base_url)
@@ -526,7 +526,7 @@ def test_bad_fault_spec_stops_the_command_with_a_message(spec: str, named: str) 
 
 
 def test_reask_prefix_matches_the_processor() -> None:
-    from medq.simulator import REASK_PREFIX
-    from worker.processor import REASK_PROMPT
+    from medq.tools.simulator import REASK_PREFIX
+    from worker.extract.processor import REASK_PROMPT
 
     assert REASK_PROMPT.startswith(REASK_PREFIX)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from medq.tokens import estimate_text_tokens
-from worker.rate_limit import estimate_tokens
+from medq.core.tokens import estimate_text_tokens
+from medq.state.endpoints import estimate_tokens
 
 CHINESE_NOTE = (
     "患者男性，72岁，因胸痛三小时入院。既往高血压病史十年，糖尿病五年。"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from medq.contract import QUEUE, batch_key, job_key, payload_key
-from medq.errors import UnknownSchema
-from medq.settings import Settings
+from medq.core.contract import QUEUE, batch_key, job_key, payload_key
+from medq.core.errors import UnknownSchema
+from medq.core.settings import Settings
 from producer import InputError, enqueue
 from producer.records import check, read_path
 from tests.conftest import MEDQ
@@ -221,7 +221,7 @@ def test_cli_unknown_schema_and_stdin(r: redis.Redis, medq_env: dict[str, str]) 
 
 def test_producer_does_not_import_the_worker_stack() -> None:
     code = (
-        "import sys, producer, producer.batches\n"
+        "import sys, producer, medq.state.jobs\n"
         "bad = [m for m in ('worker', 'openai', 'llama_cpp', 'sqlalchemy', 'fastapi') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -229,7 +229,7 @@ def test_producer_does_not_import_the_worker_stack() -> None:
 
 
 def test_purge_removes_a_batch_and_its_dead_letters(r: redis.Redis, settings: Settings, redis_url: str) -> None:
-    from medq.contract import failed_key
+    from medq.core.contract import failed_key
 
     ids = enqueue([{"id": "a", "text": "note a"}, {"id": "b", "text": "note b"}], schema="clinical_note", batch="gone", settings=settings)
     keep = enqueue([{"id": "c", "text": "note c"}], schema="clinical_note", batch="stays", settings=settings)
@@ -279,8 +279,8 @@ def test_a_job_written_before_digests_is_taken_as_the_same(r: redis.Redis, setti
 
 
 def test_replace_makes_a_new_revision_that_takes_the_old_jobs_place(r: redis.Redis, settings: Settings) -> None:
-    from medq.contract import failed_key, revision_job_id
-    from producer.batches import counts, failed, iter_states
+    from medq.core.contract import failed_key, revision_job_id
+    from medq.state.jobs import counts, failed, iter_states
 
     first = enqueue([{"id": "a", "text": "Age 40"}, {"id": "b", "text": "note b"}], schema="clinical_note",
                     batch="b", settings=settings)
@@ -318,7 +318,7 @@ def test_replace_makes_a_new_revision_that_takes_the_old_jobs_place(r: redis.Red
 
 
 def test_a_record_whose_newest_revision_is_gone_comes_back_as_a_new_one(r: redis.Redis, settings: Settings) -> None:
-    from medq.contract import revision_job_id
+    from medq.core.contract import revision_job_id
 
     first = enqueue([{"id": "a", "text": "one"}], schema="clinical_note", batch="b", settings=settings)
     rev = enqueue([{"id": "a", "text": "two"}], schema="clinical_note", batch="b", replace=True, settings=settings)
@@ -330,7 +330,7 @@ def test_a_record_whose_newest_revision_is_gone_comes_back_as_a_new_one(r: redis
 
 
 def test_purge_removes_replaced_jobs_too(r: redis.Redis, settings: Settings) -> None:
-    from producer.batches import purge
+    from medq.state.jobs import purge
 
     first = enqueue([{"id": "a", "text": "one"}], schema="clinical_note", batch="b", settings=settings)
     enqueue([{"id": "a", "text": "two"}], schema="clinical_note", batch="b", replace=True, settings=settings)

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from medq.contract import batch_key, failed_key, job_key, make_job_id
-from medq.errors import InvalidBatchId, SchemaError, SchemaVersionUnavailable
-from medq.schemas import SchemaLoader
-from medq.settings import REPO_ROOT, Settings
+from medq.core.contract import batch_key, failed_key, job_key, make_job_id
+from medq.core.errors import InvalidBatchId, SchemaError, SchemaVersionUnavailable
+from medq.core.schemas import SchemaLoader
+from medq.core.settings import REPO_ROOT, Settings
 from producer import InputError, enqueue
 from producer.records import check, from_objects, read_path
 from tests.conftest import run_cli

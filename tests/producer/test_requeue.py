@@ -7,9 +7,9 @@ import json
 
 import redis
 
-from medq.contract import QUEUE, failed_key, job_key
-from medq.settings import Settings
-from producer.batches import requeue
+from medq.core.contract import QUEUE, failed_key, job_key
+from medq.core.settings import Settings
+from medq.state.jobs import requeue
 from producer.enqueue import Producer
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import redis
 
-from producer.batches import iter_states
+from medq.state.jobs import iter_states
 from tests.conftest import run_cli
 from tests.worker.test_reliability import _enqueue_wait, _records, _stats
 

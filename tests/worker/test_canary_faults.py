@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 import sqlalchemy as sa
 
-from producer.batches import iter_states
+from medq.state.jobs import iter_states
 from tests.conftest import MEDQ, Proc, run_cli
 from tests.worker.test_endpoint_privacy import CHINESE, ESCAPED, NEEDLES, SHORT_LINES, _echo, _hits, redis_hits
 from tests.worker.test_endpoint_privacy import servers  # noqa: F401 - a fixture

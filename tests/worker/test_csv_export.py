@@ -13,10 +13,10 @@ import httpx
 import pytest
 import redis
 
-from medq.errors import MedqError
-from medq.schemas import SchemaLoader
+from medq.core.errors import MedqError
+from medq.core.schemas import SchemaLoader
 from tests.conftest import REPO, run_cli
-from worker.results.export import csv_lines
+from medq.state.results.export import csv_lines
 
 JOB_COLUMNS = ["job_id", "batch", "schema", "schema_version", "status", "error_kind", "error_message",
                "model", "endpoint", "attempts", "latency_ms", "usage", "metadata"]

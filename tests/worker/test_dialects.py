@@ -16,16 +16,16 @@ import jsonschema
 import pytest
 import redis
 
-from medq.schemas import SchemaLoader
-from medq.settings import ResponseFormat
+from medq.core.schemas import SchemaLoader
+from medq.core.settings import ResponseFormat
 from tests.conftest import run_cli
-from worker.llm import (
+from worker.llm.client import (
     RESPONSE_FORMATS,
     FormatRejected,
     error_for_status,
     response_format_for,
 )
-from worker.processor import MedicalDataProcessor
+from worker.extract.processor import MedicalDataProcessor
 
 NOTE = "Mr Tan is a 64-year-old male with asthma. Salbutamol 100 mcg as needed. Never smoker."
 MESSAGES = [{"role": "user", "content": NOTE}]

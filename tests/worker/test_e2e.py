@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from medq.schemas import SchemaLoader
+from medq.core.schemas import SchemaLoader
 from tests.conftest import run_cli
 
 NOTE = "{cid} Patient {i} is a {age}-year-old female with asthma and type 2 diabetes. Salbutamol 100 mcg as needed. Allergic to penicillin. Former smoker."

@@ -15,7 +15,7 @@ from cryptography.fernet import Fernet
 from tests.conftest import run_cli
 from tests.worker.test_phi_canary import _values, report_scan
 from tests.worker.test_postgres_results import pg_url, store  # noqa: F401 - fixtures
-from worker.results.postgres_store import PostgresResultStore
+from medq.state.results.postgres_store import PostgresResultStore
 
 CANARY = "ZZSEALED"
 K1, K2 = Fernet.generate_key().decode(), Fernet.generate_key().decode()

@@ -1,5 +1,5 @@
 """What endpoints say about their context: a refusal read as ContextExceeded, and the
-limits learned at worker start (worker.endpoint_facts) from the simulator and from a
+limits learned at worker start (worker.llm.facts) from the simulator and from a
 stand-in for Ollama's own API."""
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from medq.errors import ContextExceeded, PermanentError, RequestRejected
-from medq.simulator import LLAMA_CPP_JSON_SCHEMA_REFUSAL
+from medq.core.errors import ContextExceeded, PermanentError, RequestRejected
+from medq.tools.simulator import LLAMA_CPP_JSON_SCHEMA_REFUSAL
 from tests.conftest import MEDQ, REPO, Proc, free_port, wait_http
-from worker.endpoint_facts import EndpointFacts, learn_endpoint
-from worker.llm import AsyncLLMClient, FormatRejected, LLMClient, error_for_status
+from worker.llm.facts import EndpointFacts, learn_endpoint
+from worker.llm.client import AsyncLLMClient, FormatRejected, LLMClient, error_for_status
 
 # A word that stands for the note: no message medq makes may repeat it.
 CANARY = "Zebrafishcanary"

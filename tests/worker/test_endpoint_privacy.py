@@ -26,10 +26,10 @@ import httpx
 import pytest
 import redis
 
-from medq.errors import EndpointMisconfigured, RequestRejected
+from medq.core.errors import EndpointMisconfigured, RequestRejected
 from tests.conftest import MEDQ, Proc, free_port, run_cli, wait_http
 from tests.worker.test_phi_canary import CANARY, _decoded, _values
-from worker.llm import FormatRejected, LLMClient, error_for_status
+from worker.llm.client import FormatRejected, LLMClient, error_for_status
 
 # Three notes that the old check (a 16-character window shared with the request) let
 # through: lines shorter than the window, Chinese (which the echo JSON-escapes), and
@@ -284,7 +284,7 @@ def test_credentials_in_the_url_authenticate_both_clients(servers: Callable[...,
 
     import asyncio
 
-    from worker.llm import AsyncLLMClient
+    from worker.llm.client import AsyncLLMClient
 
     async def engine_call() -> None:
         client = AsyncLLMClient(url, "sk-x", "m")

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from medq.schemas import SchemaLoader
+from medq.core.schemas import SchemaLoader
 from tests.conftest import free_port
-from worker.evidence import (
+from worker.extract.evidence import (
     Locator,
     drop_unsupported,
     locate,
@@ -24,7 +24,7 @@ from worker.evidence import (
     unsupported_paths,
     value_at,
 )
-from worker.processor import Extraction, MedicalDataProcessor
+from worker.extract.processor import Extraction, MedicalDataProcessor
 
 SCHEMA = SchemaLoader().get("clinical_note").json_schema
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from medq.schemas import SchemaLoader
-from worker.grounding import drop_ungrounded, ungrounded_paths
+from medq.core.schemas import SchemaLoader
+from worker.extract.grounding import drop_ungrounded, ungrounded_paths
 
 SCHEMA = SchemaLoader().get("clinical_note").json_schema
 NOTE = "67-year-old man. PMH: hypertension. Metformin 500mg twice daily. T 36.8 °C, HR 98. 患者吸烟，高血压。"

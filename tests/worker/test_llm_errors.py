@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from medq.errors import (
+from medq.core.errors import (
     EndpointTimeout,
     EndpointUnavailable,
     ModelNotFound,
@@ -15,7 +15,7 @@ from medq.errors import (
     RequestRejected,
     ServerError,
 )
-from worker.llm import FormatRejected, LLMClient
+from worker.llm.client import FormatRejected, LLMClient
 
 def status_error(status: int, message: str, headers: dict[str, str] | None = None) -> openai.APIStatusError:
     request = httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions")

@@ -8,8 +8,8 @@ from itertools import pairwise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medq.tokens import estimate_text_tokens
-from worker.long_notes import merge_answers, split_note
+from medq.core.tokens import estimate_text_tokens
+from worker.extract.long_notes import merge_answers, split_note
 
 SECTION = (
     "{title}:\n"

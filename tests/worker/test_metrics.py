@@ -73,7 +73,7 @@ def test_metrics_count_jobs_calls_tokens_reasks_and_truncations(
 
     dashboard = json.loads((REPO / "configs" / "grafana-medq.json").read_text())
     asked = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"medq_[a-z_]+", t["expr"])}
-    from medq.metrics_server import HELP
+    from medq.tools.metrics_server import HELP
 
     # what was served in this run (gauges included), and every counter or histogram the
     # exporter knows (a counter is only served once something was counted)

@@ -12,7 +12,7 @@ import redis
 import sqlalchemy as sa
 
 from tests.conftest import run_cli
-from worker.results.postgres_store import PostgresResultStore
+from medq.state.results.postgres_store import PostgresResultStore
 
 ADMIN_URL = os.environ.get("MEDQ_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TEST_DB = "medq_test"

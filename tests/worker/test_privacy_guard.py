@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from medq.privacy import RemoteEndpointRefused, check_endpoints, why_not_private
+from medq.core.privacy import RemoteEndpointRefused, check_endpoints, why_not_private
 from tests.conftest import MEDQ
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from medq.errors import (
+from medq.core.errors import (
     EndpointMisconfigured,
     EndpointTimeout,
     EndpointUnavailable,
@@ -20,10 +20,10 @@ from medq.errors import (
     RequestRejected,
     ServerError,
 )
-from medq.schemas import SchemaLoader
+from medq.core.schemas import SchemaLoader
 from tests.conftest import free_port
-from worker.llm import Completion
-from worker.processor import MedicalDataProcessor, _check_prompt_read
+from worker.llm.client import Completion
+from worker.extract.processor import MedicalDataProcessor, _check_prompt_read
 
 NOTE = "CANARY-P1 Mr Lee is a 72-year-old male with hypertension. Metformin 500 mg twice daily. Never smoker."
 
@@ -153,7 +153,7 @@ def test_enum_survives_the_llama_cpp_grammar_conversion() -> None:
     llama_grammar = pytest.importorskip("llama_cpp.llama_grammar")
     import json
 
-    from worker.llm import grammar_schema
+    from worker.llm.client import grammar_schema
 
     schema = SchemaLoader().get("clinical_note").json_schema
     gbnf = llama_grammar.json_schema_to_gbnf(json.dumps(grammar_schema(schema)))
@@ -161,7 +161,7 @@ def test_enum_survives_the_llama_cpp_grammar_conversion() -> None:
 
 
 def test_grammar_bounds_open_strings_and_lists() -> None:
-    from worker.llm import GRAMMAR_MAX_ITEMS, GRAMMAR_MAX_STRING_CHARS, grammar_schema
+    from worker.llm.client import GRAMMAR_MAX_ITEMS, GRAMMAR_MAX_STRING_CHARS, grammar_schema
 
     meds = grammar_schema(SchemaLoader().get("clinical_note").json_schema)["properties"]["medications"]
     assert meds["maxItems"] == GRAMMAR_MAX_ITEMS
@@ -200,7 +200,7 @@ LONG_NOTE = NOTE + " Seen yearly in clinic, blood pressure reviewed, no change."
 
 def _slices_hold(ex: object, note: str) -> None:
     """Every evidence span slices the whole note (not a piece) to text with its value in it."""
-    from worker.evidence import normalize, value_at
+    from worker.extract.evidence import normalize, value_at
 
     data = ex.data_dict()  # type: ignore[attr-defined]
     assert ex.evidence  # type: ignore[attr-defined]

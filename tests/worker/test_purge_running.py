@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from tests.conftest import run_cli
 from tests.worker.test_postgres_results import pg_url  # noqa: F401  (the fixture)
-from worker.results.postgres_store import PostgresResultStore
+from medq.state.results.postgres_store import PostgresResultStore
 
 N = 60
 

@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
-from medq.errors import NoCapacity
-from worker.rate_limit import BACKOFF, FAIL, NEUTRAL, OK, TIMEOUT, EndpointGate, GateConfig
+from medq.core.errors import NoCapacity
+from medq.state.endpoints import BACKOFF, FAIL, NEUTRAL, OK, TIMEOUT, EndpointGate, GateConfig
 
 URL = "http://gate.test:1/v1"
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import httpx
 
-from medq.schemas import SchemaLoader
+from medq.core.schemas import SchemaLoader
 from tests.conftest import REPO
 
 

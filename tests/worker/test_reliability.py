@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 import redis
 
-from medq.contract import QUEUE, WATCH_KEY, job_key
-from medq.settings import Settings
-from producer.batches import iter_states, job_ids
+from medq.core.contract import QUEUE, WATCH_KEY, job_key
+from medq.core.settings import Settings
+from medq.state.jobs import iter_states, job_ids
 from producer.enqueue import Producer
 from tests.conftest import Proc, free_port, run_cli
-from worker.results import open_store
+from medq.state.results import open_store
 
 NOTE = "Patient {i} is a {age}-year-old male with hypertension on amlodipine 5 mg."
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from medq.errors import RateLimited
-from worker.llm import _retry_after_s, error_for_status
+from medq.core.errors import RateLimited
+from worker.llm.client import _retry_after_s, error_for_status
 
 NOW_S = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
 NOW_DATE = "Tue, 14 Nov 2023 22:13:20 GMT"

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.runaway import complete_missing, dedupe_lists, is_runaway, salvage
+from worker.extract.runaway import complete_missing, dedupe_lists, is_runaway, salvage
 
 MEDS = [
     ("metformin", "500 mg", "twice daily"), ("lisinopril", "10 mg", "once daily"),
@@ -289,7 +289,7 @@ def test_complete_missing_never_overwrites() -> None:
 
 
 def test_complete_missing_with_the_project_schema() -> None:
-    from medq.schemas import build_schema
+    from medq.core.schemas import build_schema
 
     sch = build_schema(
         {

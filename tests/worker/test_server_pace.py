@@ -12,7 +12,7 @@ import httpx
 import redis
 
 from tests.conftest import Proc, run_cli, wait_log
-from worker.rate_limit import endpoint_snapshot
+from medq.state.endpoints import endpoint_snapshot
 
 NOTE = "Mr Lee is a {age}-year-old man with hypertension. Amlodipine 5 mg once daily."
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from worker.speed import SpeedModel
+from worker.llm.speed import SpeedModel
 
 PROMPT = 1200  # tokens of a typical note plus instructions
 

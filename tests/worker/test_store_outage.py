@@ -21,7 +21,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from producer.batches import iter_states
+from medq.state.jobs import iter_states
 from tests.conftest import MEDQ, free_port, run_cli
 from tests.worker.test_postgres_results import ADMIN_URL
 

@@ -1,0 +1,220 @@
+"""Every error medq raises on purpose, as one tree with one root.
+
+    MedqError
+    ├── RetryableError            the same call may succeed later; retried with backoff
+    │   ├── EndpointUnavailable   connection refused / reset, DNS            (back-pressure)
+    │   ├── EndpointTimeout       no answer within the timeout               (charged)
+    │   ├── RateLimited           HTTP 429; carries the server's Retry-After (back-pressure)
+    │   ├── Overloaded            HTTP 503, Ollama's "server busy", "loading model" (back-pressure)
+    │   ├── ServerError           other HTTP 5xx                             (charged)
+    │   ├── TimeLimitExceeded     the extraction ran past MEDQ_WORKER__TASK_TIME_LIMIT_S (charged)
+    │   ├── NoCapacity            medq's own limits (requests/tokens per minute, in-flight cap,
+    │   │                         an endpoint cooling down) had no room in time (back-pressure)
+    │   ├── SchemaVersionUnavailable  the job's schema version is not loaded in this worker; one
+    │   │                         that has it takes the job (back-pressure: a rolling upgrade)
+    │   └── StoreUnavailable      the results store (PostgreSQL, Redis) cannot be reached; the
+    │                             worker holds the answer and writes again (back-pressure); a job
+    │                             fails with it only after MEDQ_WORKER__STORE_WAIT_S
+    └── PermanentError            retrying cannot help; the job goes to dead letters at once
+        ├── WorkerLost            the job's worker died during MEDQ_WORKER__MAX_LOST_RUNS runs (poison)
+        ├── InvalidRecord         the record itself is unusable (empty, too large, bad UTF-8)
+        ├── PayloadMissing        the stored record expired (MEDQ_PAYLOAD_TTL_S) or was purged
+        ├── UnknownSchema         no schema by that name
+        ├── SchemaError           a schema file is malformed
+        ├── RequestRejected       HTTP 4xx other than 429: the request is wrong for the endpoint
+        ├── EndpointMisconfigured the endpoint is set up wrong for medq, not the record: fix the
+        │   │                     server or the settings, then plain `medq requeue` runs them again
+        │   │                     (raised itself for an HTTP 3xx: redirects are not followed)
+        │   ├── ModelNotFound     HTTP 404: the server does not serve MEDQ_LLM__MODEL
+        │   ├── PromptTruncated   the server read fewer prompt tokens than the prompt has: its
+        │   │                     context is too small and it cut the note without saying so
+        │   └── ContextExceeded   the server refused the prompt as longer than its context (HTTP
+        │                         400); carries the context size when the server said it
+        ├── OutputInvalid         still not valid JSON for the schema after the re-asks
+        └── OutputTruncated       still cut off at max_tokens_cap
+    InvalidBatchId (a MedqError and ValueError) a batch id that does not match
+                                 medq.core.contract.BATCH_ID_PATTERN: refused at enqueue, never a job's error
+
+    RedisFull (a MedqError)      Redis refused a write: used memory is at its maxmemory
+                                 (noeviction). Not a job's fault: workers wait for room;
+                                 `medq enqueue` stops, says how far it got, and a re-run sends the rest.
+
+A retryable error is either *charged* to the job (it may be the record's doing: a
+timeout, a 500), counted against ``MEDQ_WORKER__MAX_RETRIES``, or *back-pressure*
+(the endpoint is busy, down or rate-limited: not the record's fault), which only
+delays the job, for at most ``MEDQ_WORKER__MAX_WAIT_S`` in all. A job whose error
+outlives its budget fails with that error's kind.
+Messages name a record by its id, never by its text, and never repeat the model's
+output, a validation error's input values or a server's error text (which may quote
+the request): they end up in logs and in Flower. Endpoint URLs in them have their
+userinfo redacted (``medq.core.urls.redact_url``).
+"""
+
+from __future__ import annotations
+
+
+class MedqError(Exception):
+    kind = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):  # picklable/serialisable with its message only
+        return (self.__class__, (self.message,))
+
+
+class RetryableError(MedqError):
+    kind = "retryable"
+    charged = True  # counts against the job's retry budget; False: back-pressure
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (self.__class__, (self.message, self.retry_after_s))
+
+
+class EndpointUnavailable(RetryableError):
+    kind = "endpoint_unavailable"
+    charged = False  # a refused connection is never the record's doing
+
+
+class EndpointTimeout(RetryableError):
+    kind = "timeout"
+
+
+class RateLimited(RetryableError):
+    kind = "rate_limited"
+    charged = False
+
+
+class Overloaded(RetryableError):
+    kind = "overloaded"
+    charged = False
+
+
+class NoCapacity(RetryableError):
+    kind = "no_capacity"
+    charged = False
+
+
+class SchemaVersionUnavailable(RetryableError):
+    """The job was enqueued under a schema version this worker does not have (a rolling
+    schema upgrade): put back for a worker that has it, never run under another version."""
+
+    kind = "schema_version_unavailable"
+    charged = False
+
+
+class StoreUnavailable(RetryableError):
+    """The results store did not answer (refused, reset, timed out). Says the driver's error
+    by its type name only: its text can quote the SQL and the document's values."""
+
+    kind = "store_unavailable"
+    charged = False
+
+
+class ServerError(RetryableError):
+    kind = "server_error"
+
+
+class TimeLimitExceeded(RetryableError):
+    kind = "time_limit"
+
+
+class PermanentError(MedqError):
+    kind = "permanent"
+
+
+class WorkerLost(PermanentError):
+    kind = "worker_lost"
+
+
+class InvalidRecord(PermanentError):
+    kind = "invalid_record"
+
+
+class PayloadMissing(PermanentError):
+    kind = "payload_missing"
+
+
+class UnknownSchema(PermanentError):
+    kind = "unknown_schema"
+
+
+class SchemaError(PermanentError):
+    kind = "schema_error"
+
+
+class RequestRejected(PermanentError):
+    kind = "request_rejected"
+
+
+class EndpointMisconfigured(PermanentError):
+    """Every job would fail the same way until the endpoint is fixed; then they can run again."""
+
+    kind = "endpoint_misconfigured"
+
+
+class ModelNotFound(EndpointMisconfigured):
+    kind = "model_not_found"
+
+
+class PromptTruncated(EndpointMisconfigured):
+    """``read_tokens``: how many prompt tokens the server says it read (its context, about)."""
+
+    kind = "prompt_truncated"
+
+    def __init__(self, message: str, read_tokens: int = 0) -> None:
+        super().__init__(message)
+        self.read_tokens = read_tokens
+
+    def __reduce__(self):
+        return (self.__class__, (self.message, self.read_tokens))
+
+
+class ContextExceeded(EndpointMisconfigured):
+    """The server refused a prompt longer than its context. ``context_tokens``: the size
+    it said it has (llama.cpp's ``n_ctx``, "maximum context length is N"), or 0. The
+    processor learns it and sends the note again in pieces; a job fails with it only
+    when even a piece cannot fit (the prompt without the note is too long)."""
+
+    kind = "context_exceeded"
+
+    def __init__(self, message: str, context_tokens: int = 0) -> None:
+        super().__init__(message)
+        self.context_tokens = context_tokens
+
+    def __reduce__(self):
+        return (self.__class__, (self.message, self.context_tokens))
+
+
+class OutputInvalid(PermanentError):
+    kind = "output_invalid"
+
+
+class OutputTruncated(PermanentError):
+    kind = "output_truncated"
+
+
+class RedisFull(MedqError):
+    """Redis is at its ``maxmemory`` and refuses writes. ``sent``: jobs whose message went
+    out before it filled; a re-run of the same enqueue sends the rest, nothing twice."""
+
+    kind = "redis_full"
+
+    def __init__(self, message: str, sent: int = 0) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+    def __reduce__(self):
+        return (self.__class__, (self.message, self.sent))
+
+
+class InvalidBatchId(MedqError, ValueError):
+    """Refused at enqueue: batch ids are part of job ids and key names, so they are kept
+    to a plain alphabet (``medq.core.contract.BATCH_ID_PATTERN``)."""
+
+    kind = "invalid_batch_id"

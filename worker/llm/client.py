@@ -1,0 +1,596 @@
+"""The OpenAI-compatible client, and the one place its errors become ours.
+
+Every local server medq targets (Ollama, vLLM, TGI, llama.cpp) speaks the
+OpenAI chat-completions protocol, so the official SDK is the client. Its own
+retries are switched off (``max_retries=0``): retries are the task's job, and
+two retry loops would multiply (3 SDK tries x 6 task tries = 18 calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import email.utils
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from medq.core.errors import (
+    ContextExceeded,
+    EndpointMisconfigured,
+    EndpointTimeout,
+    EndpointUnavailable,
+    MedqError,
+    ModelNotFound,
+    Overloaded,
+    RateLimited,
+    RequestRejected,
+    ServerError,
+)
+from medq.core.urls import redact_url, split_credentials
+from medq.state.metrics import metrics
+from medq.state.endpoints import EndpointGate, estimate_tokens
+from worker.llm.speed import work_units
+
+# 5xx bodies that mean "busy, come back later", not "broken": Ollama's queue full
+# ("server busy ... maximum pending requests exceeded", "no slots available") and
+# servers still loading their model (llama.cpp's 503 "Loading model", TGI, vLLM).
+_BACKPRESSURE_WORDS = ("busy", "loading", "no slots", "overloaded", "unavailable", "try again")
+
+# How a request asks for schema-constrained output, from most to least constrained.
+# "json_schema": OpenAI, vLLM, Ollama; "json_object_schema": llama-cpp-python's server,
+# which rejects json_schema but turns {"type": "json_object", "schema": ...} into a grammar;
+# "tgi": Text Generation Inference, which takes {"type": "json", "value": schema} and answers
+# 422 to both forms above ("unknown variant `json_schema`", "missing field `value`").
+# "auto" walks this order and stays on the first form the endpoint accepts.
+RESPONSE_FORMATS = ("json_schema", "json_object_schema", "tgi", "json_object", "none")
+
+# An error's ``type`` / ``code`` short enough and plain enough to be a name, not prose:
+# the only words of a server's error that medq repeats (see error_for_status).
+_TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+
+
+@dataclass
+class Completion:
+    content: str
+    finish_reason: str | None
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+
+    def add(self, c: Completion) -> None:
+        self.prompt_tokens += c.prompt_tokens
+        self.completion_tokens += c.completion_tokens
+        self.calls += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "calls": self.calls,
+        }
+
+
+class FormatRejected(RequestRejected):
+    """The endpoint refused the response_format; the caller may try a looser one."""
+
+    kind = "request_rejected"
+
+
+def response_format_for(mode: str, name: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+    if mode == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    if mode == "json_object_schema":
+        return {"type": "json_object", "schema": grammar_schema(schema)}
+    if mode == "tgi":
+        # The plain schema, not grammar_schema: TGI compiles it to a regex and then a
+        # token automaton (outlines), which already puts ``enum`` before ``type``, and
+        # the bounds grammar_schema adds would be unrolled there (maxItems copies an
+        # item's regex 12 times, maxLength adds 120 states per string), a compile that
+        # can pin TGI's CPU (huggingface/text-generation-inference#2681).
+        return {"type": "json", "value": schema}
+    if mode == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+# Bounds a grammar puts on a value the schema leaves open. A tiny model can loop inside
+# an unterminated string or an endless list until max_tokens, and then again with the
+# doubled budget; the grammar makes it close the value instead.
+GRAMMAR_MAX_STRING_CHARS = 120
+GRAMMAR_MAX_ITEMS = 12
+
+
+def grammar_schema(schema: Any) -> Any:
+    """The schema as llama.cpp's grammar converter needs it.
+
+    Seen with llama-cpp-python 0.3.36: ``{"type": ["string", "null"], "enum": [...]}``
+    becomes ``string | null`` and the enum is lost, while an ``enum`` alone becomes
+    the exact alternatives (the enum already lists null where null is allowed).
+    Strings and arrays get upper bounds unless the schema sets its own.
+    """
+    if isinstance(schema, list):
+        return [grammar_schema(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: grammar_schema(v) for k, v in schema.items()}
+    if "enum" in out:
+        out.pop("type", None)
+        return out
+    t = out.get("type")
+    types = t if isinstance(t, list) else [t]
+    if "string" in types:
+        out.setdefault("maxLength", GRAMMAR_MAX_STRING_CHARS)
+    if "array" in types:
+        out.setdefault("maxItems", GRAMMAR_MAX_ITEMS)
+    return out
+
+
+def sdk_client(base_url: str, api_key: str, timeout_s: float) -> openai.OpenAI:
+    """The SDK's client for ``base_url``: no retries of its own, redirects not followed
+    (the privacy guard approved this endpoint, not wherever it points: a 3xx becomes
+    an error), and userinfo in the URL sent as basic auth but kept out of the URL the
+    SDK holds (and puts in its errors)."""
+    url, basic = split_credentials(base_url)
+    return openai.OpenAI(
+        base_url=url,
+        api_key=api_key,
+        max_retries=0,
+        timeout=timeout_s,
+        default_headers={"Authorization": basic} if basic else None,
+        http_client=openai.DefaultHttpxClient(follow_redirects=False),
+    )
+
+
+class LLMClient:
+    """One endpoint, one model; thread-safe (the SDK's httpx client is).
+
+    With a ``gate``, every call first takes a lease on the endpoint's shared limits
+    (``medq.state.endpoints``) and reports back how it went."""
+
+    def __init__(
+        self, base_url: str, api_key: str, model: str, timeout_s: float = 120.0, gate: EndpointGate | None = None
+    ) -> None:
+        self.base_url = redact_url(base_url)  # as shown: in messages, metrics and results
+        self.model = model
+        self.gate = gate
+        self._client = sdk_client(base_url, api_key, timeout_s)
+
+    def complete(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        response_format: dict[str, Any] | None,
+        max_tokens: int,
+        temperature: float,
+        timeout_s: float | None = None,
+    ) -> Completion:
+        """``timeout_s``: this call's (default: the client's)."""
+        if self.gate is None:
+            return self._complete(messages, response_format, max_tokens, temperature, timeout_s)
+
+        def call() -> tuple[Completion, int, float]:
+            c = self._complete(messages, response_format, max_tokens, temperature, timeout_s)
+            return c, c.prompt_tokens + c.completion_tokens, work_units(c.prompt_tokens, c.completion_tokens)
+
+        lease_s = timeout_s + 10 if timeout_s else None
+        result: Completion = self.gate.call(estimate_tokens(messages, max_tokens), call, lease_s)
+        return result
+
+    def _complete(
+        self,
+        messages: list[dict[str, str]],
+        response_format: dict[str, Any] | None,
+        max_tokens: int,
+        temperature: float,
+        timeout_s: float | None = None,
+    ) -> Completion:
+        kwargs: dict[str, Any] = {}
+        if timeout_s:
+            kwargs["timeout"] = timeout_s
+        if response_format is not None:
+            # As extra_body: the same JSON on the wire, but the SDK does not walk the
+            # schema through its TypedDict transform (about 3 ms of CPU per call here,
+            # a third of a worker's time per job; measured with medq bench).
+            kwargs["extra_body"] = {"response_format": response_format}
+        started = time.perf_counter()
+        try:
+            resp = self._client.chat.completions.create(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=temperature,
+                **kwargs,
+            )
+        except openai.APIError as exc:
+            raise self._translate(exc) from _cause(exc)
+        latency_ms = (time.perf_counter() - started) * 1000
+        if not resp.choices:
+            raise ServerError(f"{self.base_url} answered with no choices")
+        choice = resp.choices[0]
+        usage = resp.usage
+        return Completion(
+            content=choice.message.content or "",
+            finish_reason=choice.finish_reason,
+            model=resp.model or self.model,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            latency_ms=latency_ms,
+        )
+
+    def _translate(self, exc: openai.APIError) -> MedqError:
+        where = self.base_url
+        # APITimeoutError subclasses APIConnectionError: test it first.
+        if isinstance(exc, openai.APITimeoutError):
+            return EndpointTimeout(f"no answer from {where} within the timeout")
+        if isinstance(exc, openai.APIConnectionError):
+            return EndpointUnavailable(f"cannot connect to {where}")
+        if isinstance(exc, openai.APIStatusError):
+            return error_for_status(exc.status_code, exc.response.headers, exc.response.content or exc.body, where, self.model)
+        return ServerError(f"unexpected answer from {where}: {type(exc).__name__}")
+
+
+class AsyncLLMClient:
+    """The same calls as :class:`LLMClient`, on one asyncio loop, for the worker engine.
+
+    A plain aiohttp POST, not the SDK: measured with 64 requests in flight, the SDK's
+    async client spends 1.8 ms of CPU per call (0.24 ms for aiohttp alone), which
+    would be most of a worker's time per job. The wire format is the same JSON, and
+    errors map to the same classes through :func:`error_for_status`.
+    Make it, and use it, inside one running loop."""
+
+    def __init__(
+        self, base_url: str, api_key: str, model: str, timeout_s: float = 120.0, gate: EndpointGate | None = None
+    ) -> None:
+        self.base_url = redact_url(base_url)  # as shown: in messages, metrics and results
+        self.model = model
+        self.gate = gate
+        self.timeout_s = timeout_s
+        url, basic = split_credentials(base_url)
+        self._url = url.rstrip("/") + "/chat/completions"
+        # Userinfo in the URL is sent as basic auth, as the SDK's httpx sends it (aiohttp
+        # refuses a URL with userinfo beside an Authorization header).
+        self._headers = {"Authorization": basic or f"Bearer {api_key}", "Content-Type": "application/json"}
+        self._session: Any = None
+        self._encoded: dict[tuple[str, str], str] = {}
+        self._formats: dict[int, tuple[Any, str]] = {}  # id -> (the dict, kept alive; its JSON)
+
+    async def complete(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        response_format: dict[str, Any] | None,
+        max_tokens: int,
+        temperature: float,
+        fixed: int = 0,
+        timeout_s: float | None = None,
+    ) -> Completion:
+        """``fixed``: how many leading messages are the same for every record (see ``_body``);
+        ``timeout_s``: this call's (default: the client's)."""
+        data = self._body(messages, response_format, max_tokens, temperature, fixed)
+        if self.gate is None:
+            return await self._post(data, timeout_s)
+
+        async def call() -> tuple[Completion, int, float]:
+            c = await self._post(data, timeout_s)
+            return c, c.prompt_tokens + c.completion_tokens, work_units(c.prompt_tokens, c.completion_tokens)
+
+        lease_s = timeout_s + 10 if timeout_s else None
+        result: Completion = await self.gate.acall(estimate_tokens(messages, max_tokens), call, lease_s)
+        return result
+
+    async def _post(self, data: bytes, timeout_s: float | None = None) -> Completion:
+        """One request with the encoded body. Redirects are not followed: the privacy
+        guard approved this endpoint, not wherever it points (a 3xx is an error)."""
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            )
+        where = self.base_url
+        started = time.perf_counter()
+        try:
+            # Only when given: aiohttp reads timeout=None as "no timeout at all".
+            per_call = {"timeout": aiohttp.ClientTimeout(total=timeout_s)} if timeout_s else {}
+            async with self._session.post(
+                self._url, data=data, headers=self._headers, allow_redirects=False, **per_call
+            ) as resp:
+                raw = await resp.read()
+                status, headers = resp.status, resp.headers
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            metrics.incr("medq_llm_errors_total", endpoint=where, kind=EndpointTimeout.kind)
+            raise EndpointTimeout(f"no answer from {where} within the timeout") from None
+        except aiohttp.ClientError as exc:
+            metrics.incr("medq_llm_errors_total", endpoint=where, kind=EndpointUnavailable.kind)
+            raise EndpointUnavailable(f"cannot connect to {where} ({type(exc).__name__})") from None
+        latency_ms = (time.perf_counter() - started) * 1000
+        metrics.observe("medq_llm_request_seconds", latency_ms / 1000, endpoint=where)
+        if status >= 300:
+            err = error_for_status(status, headers, raw, where, self.model)
+            metrics.incr("medq_llm_errors_total", endpoint=where, kind=err.kind)
+            raise err
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        try:
+            choice = doc["choices"][0]
+            content = choice["message"].get("content") or ""
+            usage = doc.get("usage") or {}
+            metrics.incr("medq_llm_tokens_total", int(usage.get("prompt_tokens") or 0), endpoint=where, direction="in")
+            metrics.incr("medq_llm_tokens_total", int(usage.get("completion_tokens") or 0), endpoint=where, direction="out")
+            return Completion(
+                content=content,
+                finish_reason=choice.get("finish_reason"),
+                model=doc.get("model") or self.model,
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                latency_ms=latency_ms,
+            )
+        except (TypeError, KeyError, IndexError, AttributeError, ValueError):
+            raise ServerError(f"{where} answered HTTP {status} without a chat completion in it") from None
+
+    def _body(
+        self,
+        messages: list[dict[str, str]],
+        response_format: dict[str, Any] | None,
+        max_tokens: int,
+        temperature: float,
+        fixed: int = 0,
+    ) -> bytes:
+        """The request JSON. The first ``fixed`` messages (the system turn and the
+        few-shot turns) and the response_format are the same for every record of a
+        schema: they are encoded once and reused. Record text is never kept."""
+        parts = []
+        for i, m in enumerate(messages):
+            if i >= fixed:  # the note and what follows it: never kept
+                parts.append(json.dumps(m, ensure_ascii=False))
+                continue
+            key = (m["role"], m["content"])
+            enc = self._encoded.get(key)
+            if enc is None:
+                if len(self._encoded) > 4096:
+                    self._encoded.clear()
+                enc = self._encoded[key] = json.dumps(m, ensure_ascii=False)
+            parts.append(enc)
+        fmt = ""
+        if response_format is not None:
+            held = self._formats.get(id(response_format))
+            if held is None or held[0] is not response_format:
+                held = self._formats[id(response_format)] = (response_format, json.dumps(response_format, ensure_ascii=False))
+            fmt = f', "response_format": {held[1]}'
+        head = json.dumps({"model": self.model, "max_tokens": max_tokens, "temperature": temperature}, ensure_ascii=False)
+        return f'{head[:-1]}, "messages": [{", ".join(parts)}]{fmt}}}'.encode()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def error_for_status(status: int, headers: Any, body: Any, where: str, model: str = "") -> MedqError:
+    """An HTTP error answer as one of medq's errors (the SDK path and the engine's share it).
+
+    ``body``: the raw bytes (or, from tests, text or parsed JSON); ``model``: the one
+    asked for, named by a "model not found" refusal. The message says what
+    the server said in kind only: the status, the error's ``type`` / ``code`` when they
+    are short names, and a digest of the body to find it in the server's own log. Never
+    its text: servers quote the request, and so the note, in their errors (vLLM,
+    llama.cpp, proxies), and no check can tell every quote (short lines, Chinese,
+    JSON-escaped text) from the rest. The text is read here, to classify, and dropped."""
+    retry_after_s = _retry_after_s(headers)
+    doc = _parsed(body)
+    lowered = _server_message(doc).lower()
+    head = f"HTTP {status} from {where}"
+    kind = f" ({_in_kind(doc, body)})"
+    if 300 <= status < 400:
+        return EndpointMisconfigured(
+            f"{head}: medq does not follow redirects on model calls; point MEDQ_LLM__BASE_URL "
+            f"(or the endpoint in MEDQ_LLM__ENDPOINTS) at the final address{kind}"
+        )
+    # llama-cpp-python's server refuses json_schema with a 500 (pydantic's error
+    # about response_format), others with 400/422: the message decides, not the status.
+    if status in (400, 422, 500) and "response_format" in lowered:
+        return FormatRejected(f"{head}: the response_format was refused{kind}")
+    # Before the "schema" test below: a note quoted in the message may say "schema".
+    if status in (400, 413, 422) and _is_context_exceeded(doc, lowered):
+        n = _context_size(doc, lowered)
+        size = f"{n} tokens" if n else "size not given"
+        return ContextExceeded(f"{head}: the prompt is longer than the server's context ({size}){kind}", context_tokens=n)
+    if status == 429:
+        return RateLimited(head + kind, retry_after_s=retry_after_s)
+    if status == 503 or (status >= 500 and any(w in lowered for w in _BACKPRESSURE_WORDS)):
+        return Overloaded(head + kind, retry_after_s=retry_after_s)
+    if status == 504 or status == 408:
+        return EndpointTimeout(head + kind, retry_after_s=retry_after_s)
+    if status == 502:
+        return EndpointUnavailable(head + kind, retry_after_s=retry_after_s)
+    if status >= 500:
+        return ServerError(head + kind, retry_after_s=retry_after_s)
+    if status in (400, 422) and "schema" in lowered:
+        return FormatRejected(f"{head}: the response_format was refused{kind}")
+    if status == 404 and _is_model_not_found(lowered):
+        return ModelNotFound(
+            f"{head}: model {json.dumps(model)} not found{kind}; "
+            "set MEDQ_LLM__MODEL, or the endpoint's model in MEDQ_LLM__ENDPOINTS"
+        )
+    return RequestRejected(head + kind)
+
+
+# How servers say a prompt does not fit their context, in the lowered message:
+# llama.cpp's server ("the request exceeds the available context size, try increasing it",
+# newer: "request (9412 tokens) exceeds the available context size (8192 tokens)"),
+# OpenAI, vLLM and llama-cpp-python ("This model's maximum context length is 2048 tokens.
+# However, you requested ..."), older vLLM ("... is longer than the maximum model length of
+# 2048"), vLLM V1 ("... too long to fit into the model (context length 2048)"), TGI
+# ("`inputs` tokens + `max_new_tokens` must be <= 2048", "`inputs` must have less than 2048
+# tokens"), llama-cpp-python's llama ("exceed context window of 2048").
+_CONTEXT_WORDS = (
+    "context length",
+    "context window",
+    "context size",
+    "maximum model length",
+    "`max_new_tokens` must be <=",
+    "`inputs` must have less than",
+)
+# The server's own names for it: llama.cpp's error type, OpenAI's (and vLLM's) error code.
+_CONTEXT_NAMES = ("exceed_context_size_error", "context_length_exceeded")
+# Where a message names the context's size: the number after each of these.
+_CONTEXT_SIZE_RE = re.compile(
+    r"(?:maximum context length is|maximum model length of|context window of|"
+    r"`max_new_tokens` must be <=|`inputs` must have less than|"
+    r"context (?:length|window|size))[^0-9]{0,12}(\d{1,9})"
+)
+
+
+def _error_object(doc: Any) -> dict[str, Any]:
+    """``{"error": {...}}``'s inner object (OpenAI, vLLM, llama.cpp), else the document."""
+    if not isinstance(doc, dict):
+        return {}
+    err = doc.get("error")
+    return err if isinstance(err, dict) else doc
+
+
+def _is_context_exceeded(doc: Any, lowered: str) -> bool:
+    err = _error_object(doc)
+    named = {str(err.get(k)).lower() for k in ("type", "code") if isinstance(err.get(k), str)}
+    return bool(named & set(_CONTEXT_NAMES)) or _positive_int(err.get("n_ctx")) is not None or any(
+        w in lowered for w in _CONTEXT_WORDS
+    )
+
+
+def _context_size(doc: Any, lowered: str) -> int:
+    """The context size the server named: llama.cpp's ``n_ctx``, else the number the
+    message gives as the limit (not the prompt's size); 0 when it names none."""
+    n_ctx = _positive_int(_error_object(doc).get("n_ctx"))
+    if n_ctx is not None:
+        return n_ctx
+    found = _CONTEXT_SIZE_RE.search(lowered)
+    return int(found.group(1)) if found and int(found.group(1)) > 0 else 0
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _is_model_not_found(lowered: str) -> bool:
+    # Ollama: 'model "x" not found, try pulling it first'; vLLM and OpenAI: 'The model
+    # `x` does not exist'. A 404 for the path (a base URL without /v1) is not one.
+    return "model" in lowered and ("not found" in lowered or "does not exist" in lowered)
+
+
+def _cause(exc: openai.APIError) -> BaseException | None:
+    # A status error's text is the server's body, which may quote the request and so
+    # the note; Celery logs the whole chain, so only body-free errors are chained.
+    return None if isinstance(exc, openai.APIStatusError) else exc
+
+
+def _retry_after_s(headers: Any, now_s: float | None = None) -> float | None:
+    """How long the server asks us to wait, from ``retry-after-ms`` (OpenAI's) or
+    ``Retry-After`` in either of its forms (RFC 9110): seconds, or an HTTP-date.
+
+    A date is counted from the answer's own ``Date`` header when it has one, so that
+    a worker whose clock is off does not wait too long or not at all; else from
+    ``now_s`` (the worker's clock). Never negative; None when absent or unreadable."""
+    try:
+        if "retry-after-ms" in headers:
+            return _non_negative(float(headers["retry-after-ms"]) / 1000)
+        if "retry-after" not in headers:
+            return None
+        value = str(headers["retry-after"]).strip()
+    except (TypeError, ValueError):
+        return None
+    try:
+        return _non_negative(float(value))
+    except ValueError:
+        pass
+    retry_at = _http_date_s(value)
+    if retry_at is None:
+        return None
+    server_now = _http_date_s(str(headers.get("date", "")))
+    reference = server_now if server_now is not None else (time.time() if now_s is None else now_s)
+    return max(retry_at - reference, 0.0)
+
+
+def _non_negative(seconds: float) -> float | None:
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
+
+
+def _http_date_s(value: str) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are always GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def _parsed(body: Any) -> Any:
+    """The body as JSON when it is JSON, else as text."""
+    if isinstance(body, (bytes, bytearray)):
+        body = bytes(body).decode("utf-8", "replace")
+    if isinstance(body, str):
+        try:
+            return json.loads(body)
+        except ValueError:
+            return body
+    return body
+
+
+def _server_message(doc: Any) -> str:
+    """The server's error text, to classify the error by; never shown."""
+    msg: Any = None
+    if isinstance(doc, dict):
+        err = doc.get("error", doc)
+        msg = err.get("message") or err.get("detail") if isinstance(err, dict) else err
+    if msg is None:
+        msg = doc if doc is not None else ""
+    text = msg if isinstance(msg, str) else json.dumps(msg, ensure_ascii=False, default=str)
+    return " ".join(text.split())[:300]
+
+
+def _in_kind(doc: Any, body: Any) -> str:
+    """What the server said, without its words: ``type X, code Y, body sha256 <12 hex>``.
+
+    ``type`` and ``code`` as OpenAI, vLLM and llama.cpp put them in ``{"error": {...}}``,
+    TGI's ``error_type`` beside its ``error``; each only when it is a short name."""
+    said: dict[str, str] = {}
+    if isinstance(doc, dict):
+        err = doc.get("error")
+        for source in (err if isinstance(err, dict) else {}, doc):
+            for key, label in (("type", "type"), ("code", "code"), ("error_type", "type")):
+                value = source.get(key)
+                named = isinstance(value, (str, int)) and not isinstance(value, bool) and _TOKEN.fullmatch(str(value))
+                if named and label not in said:
+                    said[label] = str(value)
+    raw = _raw_bytes(body)
+    digest = f"body sha256 {hashlib.sha256(raw).hexdigest()[:12]}" if raw else "empty body"
+    return ", ".join([*(f"{k} {v}" for k, v in said.items()), digest])
+
+
+def _raw_bytes(body: Any) -> bytes:
+    if body is None:
+        return b""
+    if isinstance(body, (bytes, bytearray)):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode()
+    return json.dumps(body, ensure_ascii=False, default=str).encode()
