@@ -20,12 +20,16 @@ import importlib.metadata
 import re
 import sys
 import tomllib
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
 import pytest
+import typer
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from medq.cli import app as cli_app
 
 REPO = Path(__file__).resolve().parent.parent
 OURS = ("medq", "worker", "producer")
@@ -125,16 +129,39 @@ def _imports_in(node: ast.AST, module: str) -> set[str]:
     return found - {"__future__"}
 
 
+def _is_cli(name: str) -> bool:
+    return name == "medq.cli" or name.startswith("medq.cli.")
+
+
+@cache
+def _parsed(name: str) -> ast.Module:
+    path = _module_file(name)
+    assert path is not None, name
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
+def _import_time_imports(tree: ast.Module, module: str) -> set[str]:
+    """The imports that run when the module is imported: all but those inside functions."""
+    found: set[str] = set()
+    todo: list[ast.AST] = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found |= _imports_in(node, module)
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
 @cache
 def _module_imports(name: str) -> frozenset[str]:
     """All imports of a repo module, function-level ones too (a function may run).
-    For medq/cli.py only its module-level ones: each command's own are in _cli_roots."""
-    path = _module_file(name)
-    assert path is not None, name
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    if name == "medq.cli":
-        return frozenset(m for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for m in _imports_in(n, name))
-    return frozenset(_imports_in(tree, name))
+    For the files of medq/cli/ only those that run on import: each command's own, and
+    its helpers', are in _cli_roots."""
+    if _is_cli(name):
+        return frozenset(_import_time_imports(_parsed(name), name))
+    return frozenset(_imports_in(_parsed(name), name))
 
 
 def _closure(roots: set[str], conditional: bool) -> set[str]:
@@ -154,31 +181,81 @@ def _closure(roots: set[str], conditional: bool) -> set[str]:
     return seen
 
 
-def _cli_roots(command: str) -> set[str]:
-    """What `medq COMMAND` imports: medq/cli.py's own imports, the command function's,
-    and those of the helpers in cli.py it calls; plus what the processes it starts import."""
-    tree = ast.parse((REPO / "medq" / "cli" / "__init__.py").read_text(encoding="utf-8"))
-    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    roots = {"medq.cli"}
-    matched = []
-    for fn in funcs.values():
-        for dec in fn.decorator_list:
-            if not (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute) and dec.func.attr == "command"):
-                continue
-            group = {"app": "", "llm_app": "llm ", "schemas_app": "schemas "}[dec.func.value.id]  # type: ignore[attr-defined]
-            name = dec.args[0].value if dec.args else fn.name.replace("_", "-")  # type: ignore[attr-defined]
-            if f"{group}{name}" == command or group.strip() == command:
-                matched.append(fn)
-    assert matched, f"README names `medq {command}`, which medq/cli.py does not define"
-    todo, done = list(matched), set()
+def _cli_commands() -> dict[str, Callable[..., object]]:
+    """Each `medq` command ("enqueue", "llm serve") and its function, as the root app registers them."""
+    found: dict[str, Callable[..., object]] = {}
+
+    def walk(app: typer.Typer, prefix: str) -> None:
+        for info in app.registered_commands:
+            assert info.callback is not None
+            # Typer's own default name: the function's, lowercase, "_" -> "-"
+            found[prefix + (info.name or info.callback.__name__.lower().replace("_", "-"))] = info.callback
+        for group in app.registered_groups:  # a group without a name adds its commands to its parent
+            assert group.typer_instance is not None
+            walk(group.typer_instance, f"{prefix}{group.name} " if group.name else prefix)
+
+    walk(cli_app, "")
+    return found
+
+
+@cache
+def _cli_functions(module: str) -> dict[str, ast.FunctionDef]:
+    return {n.name: n for n in _parsed(module).body if isinstance(n, ast.FunctionDef)}
+
+
+@cache
+def _cli_names(module: str) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """What a file of medq/cli/ can call: its functions and those it imports from the other
+    files, as name -> (module, function); and the files it imports whole, as name -> module."""
+    functions = {name: (module, name) for name in _cli_functions(module)}
+    modules: dict[str, str] = {}
+    for node in _parsed(module).body:
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _is_cli(node.module):
+            for alias in node.names:
+                if _module_file(f"{node.module}.{alias.name}"):
+                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                elif alias.name in _cli_functions(node.module):
+                    functions[alias.asname or alias.name] = (node.module, alias.name)
+        elif isinstance(node, ast.Import):
+            modules.update({alias.asname: alias.name for alias in node.names if alias.asname and _is_cli(alias.name)})
+    return functions, modules
+
+
+def _cli_callees(fn: ast.FunctionDef, module: str) -> list[tuple[str, str]]:
+    """The functions of medq/cli/ that ``fn`` names (calls, or passes on), as (module, function)."""
+    functions, modules = _cli_names(module)
+    found = []
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Name) and node.id in functions:
+            found.append(functions[node.id])
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+            if node.attr in _cli_functions(modules[node.value.id]):
+                found.append((modules[node.value.id], node.attr))
+    return found
+
+
+def _cli_run(command: str) -> set[tuple[str, str]]:
+    """The functions `medq COMMAND` may run, as (module, function): the command's own (each of a
+    group's, for a group name) and the helpers of medq/cli/ they call, common.py's included."""
+    matched = [fn for name, fn in _cli_commands().items() if name == command or name.startswith(f"{command} ")]
+    assert matched, f"README names `medq {command}`, which medq/cli/ does not define"
+    todo = [(fn.__module__, fn.__name__) for fn in matched]
+    done: set[tuple[str, str]] = set()
     while todo:
-        fn = todo.pop()
-        if fn.name in done:
-            continue
-        done.add(fn.name)
-        roots |= _imports_in(fn, "medq.cli")
-        todo += [funcs[c.func.id] for c in ast.walk(fn)
-                 if isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id in funcs]
+        key = todo.pop()
+        if key not in done:
+            done.add(key)
+            todo += _cli_callees(_cli_functions(key[0])[key[1]], key[0])
+    return done
+
+
+def _cli_roots(command: str) -> set[str]:
+    """What `medq COMMAND` imports: all that importing medq.cli imports (the root imports every
+    command file; of those files, their module-level imports), the imports inside the functions
+    the command runs; plus what the processes it starts import."""
+    roots = {"medq.cli"}
+    for module, name in _cli_run(command):
+        roots |= {module} | _imports_in(_cli_functions(module)[name], module)
     for spawned, modules in SPAWNS.items():
         if command == spawned:
             roots |= set(modules)
@@ -235,13 +312,7 @@ def test_each_face_needs_only_the_extras_the_readme_names(row: str, extras: set[
 
 def test_every_command_has_a_row() -> None:
     named = {f.removeprefix("medq ").strip() for cell, _ in _install_table() for f in _faces(cell) if f.startswith("medq ")}
-    tree = ast.parse((REPO / "medq" / "cli" / "__init__.py").read_text(encoding="utf-8"))
-    commands = set()
-    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
-        for dec in fn.decorator_list:
-            if isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute) and dec.func.attr == "command":
-                group = {"app": "", "llm_app": "llm ", "schemas_app": "schemas "}[dec.func.value.id]  # type: ignore[attr-defined]
-                commands.add(f"{group}{dec.args[0].value if dec.args else fn.name.replace('_', '-')}")  # type: ignore[attr-defined]
+    commands = set(_cli_commands())
     unnamed = {c for c in commands if c not in named and c.split(" ")[0] not in named}
     assert not unnamed, f"commands missing from README's install table: {sorted(unnamed)}"
     assert any(setting in cell for cell, _ in _install_table() for setting in CONDITIONAL.values())
@@ -252,3 +323,15 @@ def test_the_check_catches_a_missing_module() -> None:
     assert uncovered({"httpx"}, {"local"}) == ["httpx (from httpx)"]
     assert uncovered({"httpx"}, {"dev"}) == []
     assert uncovered({"openai", "aiohttp"}, set()) == ["aiohttp (from aiohttp)", "openai (from openai)"]
+
+
+def test_the_cli_is_read_whole() -> None:
+    """The reading of medq/cli/ itself: loading it loads every command file, so their module-level
+    imports count for every command; a function's own imports count for the commands that run it."""
+    enqueue = _closure(_cli_roots("enqueue"), conditional=False)
+    assert {"medq.cli.demo", "medq.cli.llm", "producer.enqueue"} <= enqueue
+    assert {("medq.cli.jobs", "_wait"), ("medq.cli.common", "fail")} <= _cli_run("enqueue")
+    assert ("medq.cli.common", "read_gold") in _cli_run("eval")
+    assert "medq.tools.demo" not in enqueue
+    assert "medq.tools.demo" in _closure(_cli_roots("demo"), conditional=False)
+    assert {"llm serve", "llm simulate", "schemas list", "schemas show", "eval"} <= set(_cli_commands())

@@ -77,7 +77,7 @@ def test_extraction_through_a_real_worker(
 
 
 def test_cli_default_is_the_local_models_default() -> None:
-    from medq.cli import DEFAULT_LOCAL_MODEL
+    from medq.cli.common import DEFAULT_LOCAL_MODEL
     from medq.tools.local_model import DEFAULT_MODEL, MODELS
 
     assert DEFAULT_LOCAL_MODEL == DEFAULT_MODEL and DEFAULT_MODEL in MODELS
