@@ -11,97 +11,31 @@ import itertools
 import json
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis
 from celery import Celery
 
-from medq.core.contract import (
-    QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY, batch_key, failed_key, is_valid_batch_id, job_key, make_job_id,
-    payload_key,
-)
+from medq.core.contract import is_valid_batch_id
 from medq.core.crypto import Sealer, seal_text
-from medq.core.errors import InvalidBatchId, RedisFull
-from medq.state.memory import full_message
+from medq.core.errors import InputError, InvalidBatchId, RedisFull, UploadExpired
 from medq.core.schemas import ExtractionSchema, SchemaLoader
 from medq.core.settings import Settings, get_settings
-from producer.records import CheckedRecords, InputError, Record, check, from_objects, limits_of
-
-# Create a job only if its record is not in the batch yet, all at once, so a crash cannot
-# leave half a job. A record already there is compared by digest with its newest revision:
-# the same record is left alone; another text is a conflict, or with ``replace`` a new
-# revision that takes the old one's place in the batch (see medq.core.contract.revision_job_id).
-# KEYS[1] the record's first job hash, KEYS[2] its payload string, KEYS[3] batch set,
-# KEYS[4] failed set, KEYS[5] (optional) a staged upload: a hash of payloads parked there
-# while the rest of the upload arrived
-# ARGV[1] batch, ARGV[2] record id, ARGV[3] schema, ARGV[4] schema version,
-# ARGV[5] now (iso), ARGV[6] payload JSON (or, with KEYS[5], its field there),
-# ARGV[7] payload TTL seconds, ARGV[8] the first job id, ARGV[9] position in the input
-# (results are exported in input order), ARGV[10] the record's digest, ARGV[11] "1" to
-# replace a conflicting record, ARGV[12] job key prefix, ARGV[13] payload key prefix,
-# ARGV[14] TTL seconds of a replaced revision's marker
-# A revision's keys are named here from the prefixes: which revision is current is only
-# known inside the script.
-# Returns {outcome, job id of the record's current job}: outcome 1 created, 2 exists but
-# its message may never have been sent, 0 exists, 3 conflict (nothing written), 4 replaced
-# by a new revision, -1 the staged payload is gone (the upload expired).
-CREATE_JOB_LUA = """
-local function payload()
-  if KEYS[5] then return redis.call('HGET', KEYS[5], ARGV[6]) end
-  return ARGV[6]
-end
-local function create(job_id, p)
-  redis.call('HSET', ARGV[12] .. job_id, 'batch', ARGV[1], 'record_id', ARGV[2], 'schema', ARGV[3],
-             'schema_version', ARGV[4], 'status', 'queued', 'attempts', 0, 'enqueued_at', ARGV[5],
-             'updated_at', ARGV[5], 'seq', ARGV[9], 'digest', ARGV[10])
-  redis.call('SET', ARGV[13] .. job_id, p, 'EX', ARGV[7])
-  redis.call('SADD', KEYS[3], job_id)
-end
-local first = ARGV[8]
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local p = payload()
-  if not p then return {-1, first} end
-  create(first, p)
-  return {1, first}
-end
-local cur = redis.call('HGET', KEYS[1], 'superseded_by') or first
-local cur_key = ARGV[12] .. cur
--- A new revision of the record takes the place of its current job `cur`.
-local function revise(outcome)
-  local p = payload()
-  if not p then return {-1, cur} end
-  local new = first .. '-r' .. redis.call('HINCRBY', KEYS[1], 'revisions', 1)  -- revision_job_id
-  create(new, p)
-  -- The old job leaves the batch and its dead letters and its note goes; its hash stays as
-  -- a marker, so a delivery of it still in the queue finds it superseded and does nothing.
-  redis.call('SREM', KEYS[3], cur)
-  redis.call('ZREM', KEYS[4], cur)
-  redis.call('DEL', ARGV[13] .. cur)
-  if cur ~= first and redis.call('EXISTS', cur_key) == 1 then
-    redis.call('HSET', cur_key, 'superseded_by', new)
-    redis.call('EXPIRE', cur_key, ARGV[14])
-  end
-  -- The first job's hash points at the newest revision and lives as long as it does
-  -- (the worker gives it the same expiry when that revision succeeds).
-  redis.call('HSET', KEYS[1], 'superseded_by', new)
-  redis.call('PERSIST', KEYS[1])
-  return {outcome, new}
-end
-local h = redis.call('HMGET', cur_key, 'digest', 'sent', 'status')
--- the newest revision's state expired or was purged apart from its first job: the record
--- is not in the batch; it comes back as a new revision (never under an id that has a result)
-if not h[3] then return revise(1) end
--- no digest: written before digests were kept, so it cannot be told apart; taken as the same
-if not h[1] or h[1] == ARGV[10] then
-  if h[2] then return {0, cur} end
-  return {2, cur}
-end
-if ARGV[11] ~= '1' then return {3, cur} end
-return revise(4)
-"""
+from medq.state.dispatch import send_jobs
+from medq.state.jobs import CreateOutcome, JobDefaults, create_jobs, mark_sent
+from medq.state.memory import full_message
+from producer.records import CheckedRecords, Record, check, from_objects, limits_of
 
 _T = TypeVar("_T")
 _CHUNK = 128  # jobs written per round trip, then sent; a multiple of MEDQ_JOBS_PER_MESSAGE's default
+
+
+class JobItem(NamedTuple):
+    """What ``write_jobs`` makes a job of: a checked record as it is stored (``Producer.job_item``)."""
+
+    record_id: str
+    payload: str  # the record as JSON, sealed when MEDQ_ENCRYPTION_KEY is set
+    digest: str  # tells a corrected record from the same one sent again (record_digest)
 
 
 class EnqueueResult(list[str]):
@@ -128,10 +62,6 @@ class EnqueueResult(list[str]):
         return len(self) - self.created - len(self.conflicts) - len(self.replaced)
 
 
-# CREATE_JOB_LUA's outcomes
-_EXISTS, _CREATED, _UNSENT, _CONFLICT, _REPLACED, _STAGED_GONE = 0, 1, 2, 3, 4, -1
-
-
 class Producer:
     """Holds the connections; reuse one for many ``enqueue`` calls."""
 
@@ -140,7 +70,6 @@ class Producer:
         self.schema_loader = schema_loader or SchemaLoader(self.settings.schema_dirs)
         self.r = redis.Redis.from_url(self.settings.redis_url)
         self.sealer = Sealer.from_settings(self.settings)  # MEDQ_ENCRYPTION_KEY: records encrypted at rest
-        self._create = self.r.register_script(CREATE_JOB_LUA)
         self.celery = Celery("medq-producer", broker=self.settings.redis_url)
         self.celery.conf.update(
             task_serializer="json",
@@ -153,6 +82,16 @@ class Producer:
         if isinstance(records, CheckedRecords):
             return records
         return check(from_objects(records), **limits_of(self.settings))
+
+    def job_item(self, rec: Record, hasher: BatchHasher | None = None) -> JobItem:
+        """A checked record as its job stores it: its digest (taken before sealing), its
+        payload sealed with MEDQ_ENCRYPTION_KEY, and, given the ``hasher`` of a batch whose
+        id is derived from its records, hashed into that id. The one place a record becomes
+        a job, for ``enqueue`` (the CLI), ``POST /v1/jobs`` and uploads; ``write_jobs``
+        then creates and sends the jobs."""
+        if hasher is not None:
+            hasher.add(rec)
+        return JobItem(rec.id, sealed_payload(rec, self.sealer), record_digest(rec))
 
     def enqueue(
         self,
@@ -171,8 +110,10 @@ class Producer:
         checked = self.check(records)
         if checked.problems and not skip_invalid:
             raise InputError(checked.problems)
+        # The batch id is hashed ahead (the records are all in memory): the first chunk is
+        # written with it before the last record is sealed.
         batch = batch or default_batch_id(checked.records, sch.name, sch.version)
-        items = ((rec.id, sealed_payload(rec, self.sealer), record_digest(rec)) for rec in checked.records)
+        items = (self.job_item(rec) for rec in checked.records)
         return self.write_jobs(batch, sch, items, replace=replace)
 
     def write_jobs(
@@ -186,27 +127,27 @@ class Producer:
         conflicts: list[str] = []
         replaced: list[str] = []
         created = sent = 0
-        now_iso = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-        extra_keys = [staged] if staged else []
-        prefixes = [job_key(""), payload_key("")]
+        run = JobDefaults(
+            batch, sch.name, sch.version, time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            self.settings.payload_ttl_s, self.settings.results_ttl_s, replace=replace, staged=staged,
+        )
         seq = 0
         for chunk in _chunks(items, _CHUNK):
             try:
-                outcomes = self._create_chunk(batch, sch, chunk, seq, now_iso, extra_keys, prefixes, replace)
+                outcomes = create_jobs(self.r, run, chunk, seq)
             except redis.exceptions.OutOfMemoryError:
                 raise self._full(batch, sent) from None
             seq += len(chunk)
             to_send = []
-            for (rid, _, _), (outcome, raw_id) in zip(chunk, outcomes):
-                job_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-                if outcome == _STAGED_GONE:
+            for (rid, _, _), (outcome, job_id) in zip(chunk, outcomes, strict=True):
+                if outcome == CreateOutcome.STAGED_GONE:
                     raise UploadExpired(f"the upload's staged records expired before batch {batch} was written")
-                created += outcome == _CREATED
-                if outcome == _CONFLICT:
+                created += outcome == CreateOutcome.CREATED
+                if outcome == CreateOutcome.CONFLICT:
                     conflicts.append(rid)
-                elif outcome == _REPLACED:
+                elif outcome == CreateOutcome.REPLACED:
                     replaced.append(rid)
-                if outcome in (_CREATED, _UNSENT, _REPLACED):
+                if outcome in (CreateOutcome.CREATED, CreateOutcome.UNSENT, CreateOutcome.REPLACED):
                     to_send.append(job_id)
                 job_ids.append(job_id)
             # Sent chunk by chunk: workers start on the first jobs while the rest are written.
@@ -217,24 +158,8 @@ class Producer:
             sent += len(to_send)
         return EnqueueResult(batch, job_ids, created, sent, conflicts, replaced)
 
-    def _create_chunk(
-        self, batch: str, sch: ExtractionSchema, chunk: list[tuple[str, str, str]], seq: int, now_iso: str,
-        extra_keys: list[str], prefixes: list[str], replace: bool,
-    ) -> list[Any]:
-        """CREATE_JOB_LUA for each item of ``chunk``, in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
-        for i, (rid, payload, digest) in enumerate(chunk):
-            first = make_job_id(batch, rid, sch.name, sch.version)
-            self._create(
-                keys=[job_key(first), payload_key(first), batch_key(batch), failed_key(batch), *extra_keys],
-                args=[batch, rid, sch.name, sch.version, now_iso, payload, self.settings.payload_ttl_s, first, seq + i,
-                      digest, int(replace), *prefixes, self.settings.results_ttl_s],
-                client=pipe,
-            )
-        return list(pipe.execute())
-
     def _full(self, batch: str, sent: int) -> RedisFull:
-        # Jobs written but not sent stay marked unsent (CREATE_JOB_LUA outcome 2): the same
+        # Jobs written but not sent stay marked unsent (CreateOutcome.UNSENT): the same
         # enqueue run again sends their messages, and the ones already sent are not sent twice.
         return RedisFull(
             f"{full_message(self.r)}: {sent} job(s) of batch {batch} were enqueued before it filled, the rest were "
@@ -250,20 +175,11 @@ class Producer:
         job goes as ``medq.extract``, as another service would send it."""
         if not job_ids:
             return
-        per = max(self.settings.jobs_per_message, 1)
         with self.celery.producer_or_acquire() as producer:
             for i in range(0, len(job_ids), _CHUNK):
                 chunk = job_ids[i : i + _CHUNK]
-                for j in range(0, len(chunk), per):
-                    group = chunk[j : j + per]
-                    if len(group) == 1:
-                        self.celery.send_task(TASK_EXTRACT, args=[group[0]], task_id=group[0], queue=QUEUE, producer=producer)
-                    else:
-                        self.celery.send_task(TASK_EXTRACT_MANY, args=[group], queue=QUEUE, producer=producer)
-                pipe = self.r.pipeline(transaction=False)
-                for job_id in chunk:
-                    pipe.hset(job_key(job_id), "sent", 1)
-                pipe.execute()
+                send_jobs(self.celery, chunk, per_message=self.settings.jobs_per_message, producer=producer)
+                mark_sent(self.r, chunk)
 
     def close(self) -> None:
         self.r.close()
@@ -314,10 +230,6 @@ class BatchHasher:
 
     def batch_id(self) -> str:
         return "b-" + self._h.hexdigest()[:12]
-
-
-class UploadExpired(RuntimeError):
-    """Staged records were gone when their jobs were written (the upload outlived its TTL)."""
 
 
 def _chunks(items: Iterable[_T], n: int) -> Iterator[list[_T]]:

@@ -58,16 +58,6 @@ class CheckedRecords:
     problems: list[RecordProblem] = field(default_factory=list)
 
 
-class InputError(ValueError):
-    """The input has problems; ``problems`` says which, with line numbers."""
-
-    def __init__(self, problems: list[RecordProblem]) -> None:
-        self.problems = problems
-        head = "; ".join(str(p) for p in problems[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        super().__init__(f"{len(problems)} invalid record(s): {head}{more}")
-
-
 # A raw item is (where, dict) or (where, RecordProblem) when it could not even be parsed.
 RawItem = tuple[str, "dict[str, Any] | RecordProblem"]
 

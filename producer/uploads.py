@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import codecs
 import json
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from medq.core.contract import upload_key
-from producer.enqueue import BatchHasher, EnqueueResult, Producer, record_digest, sealed_payload
+from medq.core.errors import InputError
+from medq.state.uploads import StagedUpload
+from producer.enqueue import BatchHasher, EnqueueResult, Producer
 from producer.records import (
-    InputError, RawItem, Record, RecordChecker, RecordProblem, json_error_text, limits_of, object_or_problem,
+    RawItem,
+    Record,
+    RecordChecker,
+    RecordProblem,
+    json_error_text,
+    limits_of,
+    object_or_problem,
     parse_jsonl_line,
 )
 
-STAGE_TTL_S = 3600  # an upload that never commits (the service died) leaves nothing for long
 MAX_PROBLEMS_KEPT = 1000  # more are counted, not kept
 _CHUNK = 128
 
@@ -194,14 +199,15 @@ class Upload:
     def __init__(self, producer: Producer, schema: str, salt: str = "") -> None:
         self.producer = producer
         self.schema = producer.schema_loader.get(schema)  # UnknownSchema
-        self.key = upload_key(uuid.uuid4().hex)
+        self.staged = StagedUpload(producer.r)
+        self.key = self.staged.key  # the hash the records are parked in
         self.checker = RecordChecker(**limits_of(producer.settings))
         self.record_ids: list[str] = []
         self.digests: list[str] = []  # one per record id: tells a corrected record from the same one
         self.problems: list[RecordProblem] = []
         self.problem_count = 0
         self._hasher = BatchHasher(self.schema.name, self.schema.version, salt)
-        self._pending: dict[Any, Any] = {}  # position -> sealed payload
+        self._pending: dict[str, str] = {}  # position -> sealed payload
 
     def add(self, items: Iterable[RawItem]) -> None:
         for where, item in items:
@@ -219,18 +225,15 @@ class Upload:
             self.problems.append(problem)
 
     def _stage(self, rec: Record) -> None:
-        self._hasher.add(rec)
-        self._pending[str(len(self.record_ids))] = sealed_payload(rec, self.producer.sealer)
-        self.record_ids.append(rec.id)
-        self.digests.append(record_digest(rec))
+        item = self.producer.job_item(rec, self._hasher)
+        self._pending[str(len(self.record_ids))] = item.payload  # parked; its job is written at commit
+        self.record_ids.append(item.record_id)
+        self.digests.append(item.digest)
 
     def flush(self) -> None:
         if not self._pending:
             return
-        pipe = self.producer.r.pipeline(transaction=False)
-        pipe.hset(self.key, mapping=self._pending)
-        pipe.expire(self.key, STAGE_TTL_S)
-        pipe.execute()
+        self.staged.park(self._pending)
         self._pending = {}
 
     def batch_id(self, batch: str | None = None) -> str:
@@ -243,14 +246,14 @@ class Upload:
             if self.problems and not skip_invalid:
                 raise InputError(self.problems)
             self.flush()
-            items = ((rid, str(i), digest) for i, (rid, digest) in enumerate(zip(self.record_ids, self.digests)))
+            items = ((rid, str(i), digest) for i, (rid, digest) in enumerate(zip(self.record_ids, self.digests, strict=True)))
             return self.producer.write_jobs(self.batch_id(batch), self.schema, items, staged=self.key)
         finally:
             self.discard()
 
     def discard(self) -> None:
         self._pending = {}
-        self.producer.r.delete(self.key)
+        self.staged.discard()
 
 
 def problem_json(p: RecordProblem) -> dict[str, Any]:

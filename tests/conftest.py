@@ -1,32 +1,20 @@
 """Shared fixtures: real Redis (a database of the tests' own, flushed per test),
-real simulator and worker processes started as subprocesses and stopped after."""
+real simulator and worker processes started as subprocesses and stopped after, the
+embedded model, and PostgreSQL. Plain helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
+import sqlalchemy as sa
 
-REPO = Path(__file__).resolve().parent.parent
-TEST_REDIS_URL = os.environ.get("MEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-MEDQ = str(Path(sys.executable).with_name("medq"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from medq.state.results.postgres_store import PostgresResultStore
+from tests.helpers import ADMIN_URL, MEDQ, PG_URL, REPO, TEST_DB, TEST_REDIS_URL, Proc, free_port, wait_http, wait_log
 
 
 @pytest.fixture(scope="session")
@@ -68,26 +56,6 @@ def medq_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
     return env
 
 
-class Proc:
-    def __init__(self, popen: subprocess.Popen, log_path: Path) -> None:
-        self.popen = popen
-        self.log_path = log_path
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 15) -> None:
-        if self.popen.poll() is not None:
-            return
-        os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(5)
-
-
 @pytest.fixture
 def start_process(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     """Factory: start a command in its own process group, output to a log file; all stopped at teardown."""
@@ -108,20 +76,6 @@ def start_process(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         proc.stop()
 
 
-def wait_http(url: str, proc: Proc | None = None, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.popen.poll() is not None:
-            raise RuntimeError(f"process exited early:\n{proc.log[-3000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
-
-
 @pytest.fixture
 def simulator(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Callable[..., str]:
     """Factory: start ``medq llm simulate`` with extra flags; returns its base URL (…/v1)."""
@@ -139,17 +93,6 @@ def simulator(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> C
     return start
 
 
-def wait_log(proc: Proc, needle: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if needle in proc.log:
-            return
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"process exited early:\n{proc.log[-3000:]}")
-        time.sleep(0.1)
-    raise TimeoutError(f"{needle!r} not in log after {timeout_s}s:\n{proc.log[-3000:]}")
-
-
 @pytest.fixture
 def worker(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Callable[..., Proc]:
     """Factory: start a real ``medq worker`` process against ``base_url``; waits until it is ready."""
@@ -164,10 +107,6 @@ def worker(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Call
         return proc
 
     return start
-
-
-def run_cli(args: list[str], env: dict[str, str], stdin: str | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MEDQ, *args], env=env, input=stdin, capture_output=True, text=True, timeout=timeout_s)
 
 
 @pytest.fixture(scope="session")
@@ -194,50 +133,25 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.stop()
 
 
-@contextmanager
-def private_redis(tmp_path: Path, *options: str) -> Iterator[int]:
-    """A redis-server of the test's own on a free port (no persistence, plus ``options``),
-    for tests that fill, lock or stop it: never the shared one. Yields its port."""
-    port = free_port()
-    with open(tmp_path / f"redis-{port}.log", "wb") as log:
-        proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *options],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+@pytest.fixture(scope="session")
+def pg_url() -> str:
     try:
-        for _ in range(100):  # listening is enough: the caller's client may need credentials
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-@contextmanager
-def headless_chromium() -> Iterator[object]:
-    """Debian's Chromium under selenium; skips locally without it, fails in CI."""
-    if not (CHROMIUM and CHROMEDRIVER):
+        engine = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            if not conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": TEST_DB}).scalar():
+                conn.execute(sa.text(f'CREATE DATABASE "{TEST_DB}"'))
+        engine.dispose()
+    except sa.exc.OperationalError:
         if os.environ.get("CI"):
-            pytest.fail("chromium and chromedriver are needed (apt-get install -y chromium chromium-driver)")
-        pytest.skip("no chromium / chromedriver (apt-get install -y chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+            pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432")
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    return PG_URL
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+
+@pytest.fixture
+def store(pg_url: str) -> Iterator[PostgresResultStore]:
+    s = PostgresResultStore(pg_url)
+    with s._engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE medq_results"))
+    yield s
+    s.close()

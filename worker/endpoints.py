@@ -18,14 +18,13 @@ import redis
 from medq.core.schemas import SchemaLoader
 from medq.core.settings import Settings
 from medq.core.urls import redact_url
-from worker.llm.facts import learn_endpoint
-from worker.extract.processor import MedicalDataProcessor
 from medq.state.endpoints import (
     EndpointGate,
     GateConfig,
     aendpoint_snapshots,
-    endpoint_snapshots,
 )
+from worker.extract.processor import MedicalDataProcessor
+from worker.llm.facts import learn_endpoint
 
 
 @dataclass
@@ -91,19 +90,13 @@ class EndpointPool:
     def primary(self) -> Endpoint:
         return self.endpoints[0]
 
-    def order(self) -> list[Endpoint]:
+    async def aorder(self) -> list[Endpoint]:
         """The endpoints to try for one job, best first.
 
         Weighted random order (Efraimidis-Spirakis keys), so load spreads by weight;
         then, with more than one endpoint, those cooling down or at their in-flight cap
-        go last (one pipelined read of their state)."""
-        if len(self.endpoints) == 1:
-            return list(self.endpoints)
-        keyed = self._weighted()
-        return self._busy_last(keyed, endpoint_snapshots(self._r, [e.url for e in keyed], keyed[0].gate.config.max_in_flight))
-
-    async def aorder(self) -> list[Endpoint]:
-        """:meth:`order` on the asyncio Redis client."""
+        go last (one pipelined read of their state). Only the worker engine orders
+        endpoints, so only on its asyncio Redis client."""
         if len(self.endpoints) == 1:
             return list(self.endpoints)
         keyed = self._weighted()

@@ -7,7 +7,7 @@ died again, they would all be charged a lost run again, and innocent jobs would 
 ``MEDQ_WORKER__MAX_LOST_RUNS`` because of another record. So:
 
 - a message of many jobs does not run its suspects: it sends each on as its own
-  ``medq.extract`` message (``worker.jobs`` START_LUA, verdict ``alone``);
+  ``medq.extract`` message (``medq.state.jobs`` START_LUA, verdict ``alone``);
 - in a process, a suspect waits until no other job runs, and no job starts while it
   waits or runs (this gate). A prefork child runs one message at a time anyway; the
   threads pool runs several messages on one loop, and one death takes all of them.

@@ -75,7 +75,7 @@ class Batcher:
                 if not isinstance(exc, Exception):
                     raise
                 return
-            for (command, sha, future), reply in zip(batch, replies):
+            for (command, sha, future), reply in zip(batch, replies, strict=True):
                 if sha is not None and isinstance(reply, redis.exceptions.NoScriptError):
                     try:  # Redis lost its script cache (a restart): load it and run again
                         await self.r.script_load(self._scripts[sha])

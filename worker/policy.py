@@ -1,10 +1,23 @@
-"""Retry policy for transient endpoint errors: a value, and a pure backoff function."""
+"""Retry policy: what a run that hit a retryable error does next. Values and pure functions.
+
+Budgets: charged errors (timeouts, 5xx) count against ``MEDQ_WORKER__MAX_RETRIES``;
+back-pressure (busy, down, rate-limited, no capacity) only delays the job, for at most
+``MEDQ_WORKER__MAX_WAIT_S``. :func:`decide` says which, and when the job comes back;
+the runner (``worker.runner``) records it.
+"""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from medq.core.contract import JobField
+from medq.core.errors import NoCapacity, RetryableError, SchemaVersionUnavailable
+from medq.core.settings import Settings
+
+# A job deferred this often waits the longest backoff; counting on would only overflow.
+_MAX_DEFERRAL_STEP = 16
 
 
 @dataclass(frozen=True)
@@ -36,3 +49,79 @@ def compute_backoff(
     if retry_after_s is not None and retry_after_s > delay:
         delay = retry_after_s
     return min(delay, policy.backoff_max_s)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The settings :func:`decide` reads."""
+
+    policy: RetryPolicy
+    max_wait_s: float  # MEDQ_WORKER__MAX_WAIT_S: back-pressure delays a job this long at most
+    max_countdown_s: float  # a put-back message must come back within the visibility timeout
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        w = settings.worker
+        return cls(RetryPolicy(w.max_retries, w.retry_backoff_s, w.retry_backoff_max_s), w.max_wait_s,
+                   settings.max_countdown_s)
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the job's state says of its earlier runs (START_LUA hands it out)."""
+
+    failures: int  # charged errors before this run
+    deferrals: int  # back-pressure put-backs before this run
+    waited_s: float  # since its first run
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Run the job again in ``countdown_s``. ``counter``: the job hash's count this run
+    adds one to (``JobField.FAILURES`` or ``DEFERRALS``). ``unsent``: put back by medq's
+    own limits (or for a schema version not loaded here) before any request: a delivery,
+    not an attempt, so ``attempts`` still says how often the model was asked."""
+
+    countdown_s: float
+    counter: str
+    unsent: bool
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """A budget is spent: a dead letter, ``why`` says which. The run is still counted
+    first (``counter``, ``unsent``, as for :class:`Retry`), so the dead letter's attempts
+    are the runs that reached the model."""
+
+    why: str
+    countdown_s: float
+    counter: str
+    unsent: bool
+
+
+def decide(
+    error: RetryableError, facts: RunFacts, limits: Limits, rand: Callable[[], float] = random.random,
+) -> Retry | GiveUp:
+    """What a run that raised ``error`` does next: retry later, or give up."""
+    unsent = isinstance(error, (NoCapacity, SchemaVersionUnavailable))
+    policy = limits.policy
+    why: str | None = None
+    if error.charged:
+        counter = JobField.FAILURES
+        n = facts.failures + 1
+        if n > policy.max_retries:
+            why = f"gave up after {n} failed attempts (MEDQ_WORKER__MAX_RETRIES={policy.max_retries})"
+        countdown_s = compute_backoff(n - 1, policy, error.retry_after_s, rand)
+    else:
+        counter = JobField.DEFERRALS
+        if facts.waited_s > limits.max_wait_s:
+            why = f"gave up after waiting {facts.waited_s:.0f}s (MEDQ_WORKER__MAX_WAIT_S)"
+        if isinstance(error, NoCapacity) and error.retry_after_s is not None:
+            # The gate knows when there is room again: come back then, spread over a second.
+            countdown_s = error.retry_after_s + rand()
+        else:
+            countdown_s = compute_backoff(min(facts.deferrals, _MAX_DEFERRAL_STEP), policy, error.retry_after_s, rand)
+    countdown_s = min(countdown_s, limits.max_countdown_s)
+    if why is not None:
+        return GiveUp(why, countdown_s, counter, unsent)
+    return Retry(countdown_s, counter, unsent)

@@ -1,5 +1,5 @@
-"""Celery tasks: thin. The job's life is in ``worker.jobs``; the work runs on the
-process's engine (one asyncio loop), the task waits for it.
+"""Celery tasks: thin. The job's life is in ``worker.runner``; the work runs on the
+process's engine (``worker.engine``: one asyncio loop), the task waits for it.
 
 - ``medq.extract(job_id)``: one job (CONTRACT: what another service sends).
 - ``medq.extract_many(job_ids)``: several jobs in one message, run side by side. The
@@ -17,11 +17,14 @@ import redis
 from celery import Task
 from celery.exceptions import Reject
 
-from medq.core.contract import QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY
+import worker.signals  # noqa: F401 - registers the worker's signal handlers (start-up checks, the engine)
+from medq.core.contract import TASK_EXTRACT, TASK_EXTRACT_MANY
 from medq.core.errors import PermanentError
+from medq.state.dispatch import send_job
 from medq.state.memory import is_full, wait_for_room
 from worker.celery_app import app, settings
-from worker.jobs import RetryLater, get_engine
+from worker.engine import get_engine
+from worker.runner import RetryLater
 
 log = logging.getLogger("medq.worker")
 
@@ -51,12 +54,12 @@ def _run_while_full(job_ids: list[str]) -> list[dict[str, Any] | RetryLater | Ba
     """Run the jobs; those that Redis refused for want of memory wait for room and run
     again (a full Redis is back-pressure, not the jobs' fault). Until then the message
     stays unacknowledged and the worker stays up."""
-    outcomes = get_engine().run_many(job_ids)
+    outcomes = get_engine(app).run_many(job_ids)
     attempt = 0
     while full := [i for i, o in enumerate(outcomes) if isinstance(o, BaseException) and is_full(o)]:
         wait_for_room(_redis(), f"{len(full)} job(s) wait", attempt)
         attempt += 1
-        for i, again in zip(full, get_engine().run_many([job_ids[i] for i in full])):
+        for i, again in zip(full, get_engine(app).run_many([job_ids[i] for i in full]), strict=True):
             outcomes[i] = again
     return outcomes
 
@@ -97,7 +100,7 @@ def extract_many(self: Task, job_ids: list[str]) -> dict[str, Any]:
     outcomes = _run_while_full(list(job_ids))
     counts = {"jobs": len(job_ids), "succeeded": 0, "failed": 0, "retrying": 0, "other": 0}
     retries: list[tuple[str, RetryLater]] = []
-    for job_id, outcome in zip(job_ids, outcomes):
+    for job_id, outcome in zip(job_ids, outcomes, strict=True):
         if isinstance(outcome, redis.RedisError):
             raise Reject(f"{len(job_ids)} jobs: Redis unavailable ({type(outcome).__name__})", requeue=True)
         if isinstance(outcome, RetryLater):
@@ -117,8 +120,8 @@ def extract_many(self: Task, job_ids: list[str]) -> dict[str, Any]:
             counts["other"] += 1
     try:
         for job_id, later in retries:
-            _while_full(f"the retry of job {job_id} waits", lambda: extract.apply_async(
-                (job_id,), countdown=later.countdown_s, task_id=job_id, queue=QUEUE))  # noqa: B023 - called at once
+            _while_full(f"the retry of job {job_id} waits",
+                        lambda: send_job(app, job_id, countdown_s=later.countdown_s))  # noqa: B023 - called at once
     except Exception as exc:  # the broker is gone: keep the message, send nothing twice
         raise Reject(f"{len(job_ids)} jobs: could not send retries ({type(exc).__name__})", requeue=True) from None
     return counts

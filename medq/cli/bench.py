@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 
 from medq.cli.common import err, fail, out
-from medq.tools.processes import DemoError
+from medq.core.errors import DemoError
 
 app = typer.Typer()
 
@@ -19,11 +18,14 @@ def bench(
     latency_ms: float = typer.Option(200.0, "--latency-ms", help="Simulator latency per request."),
     parallel: int = typer.Option(64, "--parallel", help="Requests in flight: the simulator's and the workers' (MAX_IN_FLIGHT)."),
     workers: int = typer.Option(1, "--workers", help="Worker processes on this node."),
-    concurrency: Optional[int] = typer.Option(None, "-c", "--concurrency", help="Task messages per worker process (default: enough for 2 x parallel jobs)."),
+    concurrency: int | None = typer.Option(None, "-c", "--concurrency", help=(
+        "Task messages per worker process (default: enough for 2 x "
+        "parallel jobs)."
+    )),
     pool: str = typer.Option("threads", "--pool", "-P", help="Celery pool of the workers."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Measure this OpenAI-compatible server instead of the simulator."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model name to send to --endpoint."),
-    overhead_jobs: Optional[int] = typer.Option(None, "--overhead-jobs", help="Jobs for the latency-0 phase (default: --jobs)."),
+    endpoint: str | None = typer.Option(None, "--endpoint", help="Measure this OpenAI-compatible server instead of the simulator."),
+    model: str | None = typer.Option(None, "--model", help="Model name to send to --endpoint."),
+    overhead_jobs: int | None = typer.Option(None, "--overhead-jobs", help="Jobs for the latency-0 phase (default: --jobs)."),
     no_overhead: bool = typer.Option(False, "--no-overhead", help="Skip the latency-0 phase."),
     as_json: bool = typer.Option(False, "--json", help="Print the measurements as JSON."),
 ) -> None:

@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from medq.cli.common import DEFAULT_LOCAL_MODEL, err, fail, out
+from medq.core.errors import DemoError
 
 app = typer.Typer()
 
 
 @app.command()
 def demo(
-    model: str = typer.Option(DEFAULT_LOCAL_MODEL, "--model", "-m", help="Embedded model: qwen2.5-coder-1.5b (default), qwen2.5-coder-0.5b, gemma3-270m, smollm2 (fastest, lowest score), or a .gguf path."),
+    model: str = typer.Option(DEFAULT_LOCAL_MODEL, "--model", "-m", help=(
+        "Embedded model: qwen2.5-coder-1.5b (default), "
+        "qwen2.5-coder-0.5b, gemma3-270m, smollm2 (fastest, lowest score), or a .gguf path."
+    )),
     schema: str = typer.Option("clinical_note", "--schema", help="Which bundled samples: clinical_note or discharge_summary."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N sample records."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Use this running OpenAI-compatible server (…/v1) instead of starting the embedded one."),
-    endpoint_model: Optional[str] = typer.Option(None, "--endpoint-model", help="Model name to send with --endpoint (default MEDQ_LLM__MODEL)."),
-    concurrency: int = typer.Option(1, "-c", "--concurrency", help="Requests in flight to the model (the embedded server answers one at a time)."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="single or fields (default: what scored best for the model)."),
-    grounding: Optional[str] = typer.Option(None, "--grounding", help="flag or drop values not found in the note."),
-    few_shot: Optional[bool] = typer.Option(None, "--few-shot/--no-few-shot", help="Show the schema's examples to the model."),
-    timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="Give up after this many seconds."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N sample records."),
+    endpoint: str | None = typer.Option(None, "--endpoint", help=(
+        "Use this running OpenAI-compatible server (…/v1) instead of "
+        "starting the embedded one."
+    )),
+    endpoint_model: str | None = typer.Option(None, "--endpoint-model", help=(
+        "Model name to send with --endpoint (default "
+        "MEDQ_LLM__MODEL)."
+    )),
+    concurrency: int = typer.Option(1, "-c", "--concurrency", help=(
+        "Requests in flight to the model (the embedded server "
+        "answers one at a time)."
+    )),
+    strategy: str | None = typer.Option(None, "--strategy", help="single or fields (default: what scored best for the model)."),
+    grounding: str | None = typer.Option(None, "--grounding", help="flag or drop values not found in the note."),
+    few_shot: bool | None = typer.Option(None, "--few-shot/--no-few-shot", help="Show the schema's examples to the model."),
+    timeout_s: float | None = typer.Option(None, "--timeout-s", help="Give up after this many seconds."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
 ) -> None:
     """The main job on the embedded model: start what is missing, extract the bundled samples, score them, stop."""
     # the local extra (llama-cpp-python's server, the model packages): not in the base install
-    from medq.tools.demo import DemoError, DemoOptions, run_demo
+    from medq.tools.demo import DemoOptions, run_demo
 
     if strategy not in (None, "single", "fields"):
         raise fail("--strategy must be single or fields")

@@ -28,14 +28,14 @@ def endpoints(as_json: bool = typer.Option(False, "--json", help="Print JSON lin
     rows = endpoint_snapshots(r, [ep.url for ep in s.llm.all_endpoints], s.llm.max_in_flight)
     checks = check_models(s)
     if as_json:
-        for row, check in zip(rows, checks):
+        for row, check in zip(rows, checks, strict=True):
             print(json.dumps({**row, "model": check.as_dict()}))
         return
     table = Table(title="endpoints")
     for col in ("url", "model", "in flight", "cap", "cooling (s)", "ok", "errors", "cap cuts", "latency cuts",
                 "cool-downs"):
         table.add_column(col)
-    for row, check in zip(rows, checks):
+    for row, check in zip(rows, checks, strict=True):
         table.add_row(
             row["url"], escape(f"{check.model}: {check.summary()}"), str(row["in_flight"]), f"{row['limit']:g}",
             f"{row['cooling_s']:g}", str(row["ok"]), str(row["errors"]), str(row["cuts"]), str(row["latency_cuts"]),

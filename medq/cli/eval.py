@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -24,7 +23,7 @@ app = typer.Typer()
 def eval_(
     batch: str = typer.Argument(..., help="Batch id."),
     gold: Path = typer.Option(..., "--gold", help='Gold labels: JSONL of {"id", "data"} per record.'),
-    schema: Optional[str] = typer.Option(None, "--schema", help="Default: the batch's schema."),
+    schema: str | None = typer.Option(None, "--schema", help="Default: the batch's schema."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Per-field scores of a batch against gold labels: accuracy, precision / recall / F1, macro."""

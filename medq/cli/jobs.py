@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import redis
 import typer
@@ -16,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from medq.cli.common import EXIT_BAD_INPUT, EXIT_FAILED_JOBS, EXIT_TIMEOUT, connect_redis, err, fail, out
-from medq.core.errors import InvalidBatchId, MedqError, RedisFull, SchemaError, UnknownSchema
+from medq.core.errors import InvalidBatchId, MedqError, RedisFull, SchemaError, UnknownSchema, WaitTimeout
 from medq.core.schemas import SchemaLoader
 from medq.core.settings import get_settings
 from medq.state.jobs import REQUEUE_KINDS, counts
@@ -25,7 +24,7 @@ from medq.state.jobs import purge as purge_batch
 from medq.state.jobs import requeue as requeue_jobs
 from medq.state.results import open_store_for
 from medq.state.results.export import csv_lines, iter_results, to_jsonl
-from medq.tools.progress import WaitTimeout, wait_for_batch
+from medq.tools.progress import wait_for_batch
 from producer.enqueue import Producer, check_batch_id
 from producer.records import check, limits_of, read_path
 
@@ -36,11 +35,11 @@ app = typer.Typer()
 def enqueue(
     path: str = typer.Argument(..., help="JSONL or CSV file, a folder of .txt files, or - for JSONL on stdin."),
     schema: str = typer.Option(..., "--schema", "-s", help="Extraction schema name (see `medq schemas list`)."),
-    batch: Optional[str] = typer.Option(None, help="Batch id. Default: derived from the content, so re-running enqueues nothing twice."),
+    batch: str | None = typer.Option(None, help="Batch id. Default: derived from the content, so re-running enqueues nothing twice."),
     wait: bool = typer.Option(False, "--wait", help="Show progress until every job has finished."),
-    timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="With --wait: give up after this many seconds (exit 3)."),
+    timeout_s: float | None = typer.Option(None, "--timeout-s", help="With --wait: give up after this many seconds (exit 3)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Enqueue the good records even if some are bad."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="jsonl or csv; default: from the file extension."),
+    fmt: str | None = typer.Option(None, "--format", help="jsonl or csv; default: from the file extension."),
     replace: bool = typer.Option(False, "--replace", help="A record the batch already holds with different text runs "
                                  "again with the new text, as a new revision that replaces the old job and its result."),
 ) -> None:
@@ -151,7 +150,7 @@ def status(
 def results(
     batch: str = typer.Argument(..., help="Batch id."),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to this file instead of stdout."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write to this file instead of stdout."),
     csv_data: str = typer.Option(
         "flat", "--csv-data",
         help="CSV only: flat (a column per extracted value: age, medications[0].name, ...) or json (one data column).",
@@ -199,7 +198,8 @@ def failed(
     rows = failed_jobs(connect_redis(), batch)
     if as_json:
         for st in rows:
-            print(json.dumps({k: st.as_dict()[k] for k in ("record_id", "job_id", "error_kind", "error_message", "attempts", "deliveries")}))
+            fields = ("record_id", "job_id", "error_kind", "error_message", "attempts", "deliveries")
+            print(json.dumps({k: st.as_dict()[k] for k in fields}))
         return
     if not rows:
         out.print(f"no failed jobs in batch {batch}")
@@ -253,7 +253,7 @@ def purge(
     s = get_settings()
     if results_too and s.effective_results_url != s.redis_url:
         # After the job states: a run finishing from now on finds its job gone and takes
-        # its own result back (worker.jobs._forget_purged), so none outlives this.
+        # its own result back (worker.runner.JobRunner._forget_purged), so none outlives this.
         store = open_store_for(s)
         try:
             report.results += store.delete(report.job_ids) + store.delete_batch(batch)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import typer
 
 from medq.cli.common import DEFAULT_LOCAL_MODEL, err, fail
+from medq.core.errors import LocalModelError
 
 app = typer.Typer(help="Local OpenAI-compatible endpoints: the embedded model and the simulator.", no_args_is_help=True)
 
@@ -21,11 +21,11 @@ def llm_serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (keep it on loopback or a private network)."),
     port: int = typer.Option(8080, help="Port to listen on."),
     n_ctx: int = typer.Option(4096, "--n-ctx", help="Context window in tokens."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
+    threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
 ) -> None:
     """The embedded local model: llama.cpp's OpenAI-compatible server over a GGUF from a PyPI package."""
     # the local extra (the model packages): not in the base install
-    from medq.tools.local_model import LocalModelError, check_server_installed, resolve, server_command
+    from medq.tools.local_model import check_server_installed, resolve, server_command
 
     try:
         check_server_installed()
@@ -50,19 +50,22 @@ def llm_simulate(
     port: int = typer.Option(8090, help="Port to listen on."),
     latency_ms: float = typer.Option(0.0, "--latency-ms", help="Time each request takes once it is served."),
     parallel: int = typer.Option(64, help="Requests served at once; the rest wait, as in a batching server."),
-    fault: str = typer.Option("", help="Faults as KIND:RATE,... Kinds: 429, 500, 503, timeout, malformed, truncated, invalid, invented, runaway."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for reproducible faults."),
+    fault: str = typer.Option("", help=(
+        "Faults as KIND:RATE,... Kinds: 429, 500, 503, timeout, "
+        "malformed, truncated, invalid, invented, runaway."
+    )),
+    seed: int | None = typer.Option(None, help="Random seed for reproducible faults."),
     reject_json_schema: bool = typer.Option(
         False, help="Refuse response_format json_schema (HTTP 500, as llama-cpp-python's server does)."
     ),
     dialect: str = typer.Option(
         "openai", help="openai, or tgi: take only TGI's response_format (type json + value), refuse others with TGI's 422."
     ),
-    served_model: Optional[list[str]] = typer.Option(
+    served_model: list[str] | None = typer.Option(
         None, "--served-model", help="Serve only these models (repeat, or comma-separated): /v1/models lists them and "
         "a request for another gets Ollama's 404 'model not found'. Default: any model name is taken.",
     ),
-    context_tokens: Optional[int] = typer.Option(
+    context_tokens: int | None = typer.Option(
         None, "--context-tokens", min=1, help="Cut longer prompts to this many tokens without an error and report that "
         "many prompt tokens, as Ollama does with its default context (see --context-overflow).",
     ),

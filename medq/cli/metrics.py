@@ -22,7 +22,7 @@ def metrics(
     # the server extra (prometheus_client): not in the base install
     from prometheus_client import start_http_server
 
-    from medq.tools.metrics_server import registry_for
+    from medq.state.prometheus import registry_for
 
     start_http_server(port, addr=host, registry=registry_for(get_settings()))
     err.print(f"medq metrics on http://{host}:{port}/metrics", highlight=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -26,12 +26,12 @@ def review(
     batch: str = typer.Argument(..., help="Batch id."),
     output: Path = typer.Option(Path("review.html"), "-o", "--output",
                                 help="The page to write (mode 0600). It shows the notes: it is PHI, keep it where they may be kept."),
-    notes: Optional[Path] = typer.Option(
+    notes: Path | None = typer.Option(
         None, "--notes",
         help="The JSONL, CSV or folder the batch was enqueued from: the notes of jobs that succeeded "
              "(their stored record is deleted then), matched by record id.",
     ),
-    gold: Optional[Path] = typer.Option(None, "--gold", help='Gold labels (JSONL of {"id", "data"}): mark each value right or wrong.'),
+    gold: Path | None = typer.Option(None, "--gold", help='Gold labels (JSONL of {"id", "data"}): mark each value right or wrong.'),
 ) -> None:
     """One self-contained HTML page (nothing fetched over the network) showing each note with the
     evidence of every extracted value highlighted, the extraction beside it, values without

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -38,7 +37,7 @@ def schemas_list() -> None:
 @app.command("show")
 def schemas_show(
     name: str = typer.Argument(..., help="Schema name."),
-    version: Optional[int] = typer.Option(None, "--version", help="A loaded version (default: the newest)."),
+    version: int | None = typer.Option(None, "--version", help="A loaded version (default: the newest)."),
 ) -> None:
     """A schema as the JSON Schema sent to the model."""
     try:

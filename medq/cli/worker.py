@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import typer
 
@@ -16,13 +15,13 @@ app = typer.Typer()
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(
     ctx: typer.Context,
-    concurrency: Optional[int] = typer.Option(
+    concurrency: int | None = typer.Option(
         None, "-c", "--concurrency",
         help="Task messages at once (default MEDQ_WORKER__CONCURRENCY); each carries up to MEDQ_JOBS_PER_MESSAGE jobs. "
              "Requests in flight are capped by MEDQ_LLM__MAX_IN_FLIGHT.",
     ),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="Log level."),
-    pool: Optional[str] = typer.Option(None, "--pool", "-P", help="threads (default), prefork or solo."),
+    pool: str | None = typer.Option(None, "--pool", "-P", help="threads (default), prefork or solo."),
 ) -> None:
     """A Celery worker bound to the configured endpoint(s). Options after -- go to `celery worker`."""
     s = get_settings()

@@ -37,6 +37,40 @@ class JobStatus(str, Enum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
 
 
+class JobField:
+    """The job hash's field names (``job_key``), in one table: the Lua that writes them
+    (``medq.state.jobs``) and the Python that reads them agree here.
+    Another service that writes job hashes writes these names."""
+
+    # written at enqueue
+    BATCH = "batch"
+    RECORD_ID = "record_id"
+    SCHEMA = "schema"
+    SCHEMA_VERSION = "schema_version"
+    STATUS = "status"  # a JobStatus value
+    ENQUEUED_AT = "enqueued_at"
+    UPDATED_AT = "updated_at"
+    SEQ = "seq"  # position in the input: results are exported in input order
+    DIGEST = "digest"  # of the stored record: a corrected text is told from the same one
+    SENT = "sent"  # the task message was sent (an enqueue run again sends the rest)
+    REVISIONS = "revisions"  # on a record's first job: revisions made (``revision_job_id``)
+    SUPERSEDED_BY = "superseded_by"  # the newer revision of the record that replaced this job
+    # written by runs
+    ATTEMPTS = "attempts"  # runs that reached the model
+    UNSENT_RUNS = "unsent_runs"  # runs put back before any request: deliveries = attempts + these
+    FAILURES = "failures"  # charged errors (MEDQ_WORKER__MAX_RETRIES)
+    DEFERRALS = "deferrals"  # back-pressure put-backs
+    LOST = "lost"  # runs whose worker died (MEDQ_WORKER__MAX_LOST_RUNS)
+    FIRST_RUN_MS = "first_run_ms"  # when it first ran: MEDQ_WORKER__MAX_WAIT_S counts from here
+    LEASE_UNTIL = "lease_until"  # ms: the running delivery's lease
+    RUN_ID = "run_id"  # the run that holds the lease
+    ERROR_KIND = "error_kind"
+    ERROR_MESSAGE = "error_message"  # PHI-free: errors never quote the record
+
+
+JOB_FIELDS: frozenset[str] = frozenset(v for k, v in vars(JobField).items() if k.isupper())
+
+
 def job_key(job_id: str) -> str:
     """Hash with the job's PHI-free state: batch, record id, schema, status, attempts, error;
     ``digest`` (of the stored record, to tell a corrected text from the same one) and, on a

@@ -15,29 +15,41 @@
     │   └── StoreUnavailable      the results store (PostgreSQL, Redis) cannot be reached; the
     │                             worker holds the answer and writes again (back-pressure); a job
     │                             fails with it only after MEDQ_WORKER__STORE_WAIT_S
-    └── PermanentError            retrying cannot help; the job goes to dead letters at once
-        ├── WorkerLost            the job's worker died during MEDQ_WORKER__MAX_LOST_RUNS runs (poison)
-        ├── InvalidRecord         the record itself is unusable (empty, too large, bad UTF-8)
-        ├── PayloadMissing        the stored record expired (MEDQ_PAYLOAD_TTL_S) or was purged
-        ├── UnknownSchema         no schema by that name
-        ├── SchemaError           a schema file is malformed
-        ├── RequestRejected       HTTP 4xx other than 429: the request is wrong for the endpoint
-        ├── EndpointMisconfigured the endpoint is set up wrong for medq, not the record: fix the
-        │   │                     server or the settings, then plain `medq requeue` runs them again
-        │   │                     (raised itself for an HTTP 3xx: redirects are not followed)
-        │   ├── ModelNotFound     HTTP 404: the server does not serve MEDQ_LLM__MODEL
-        │   ├── PromptTruncated   the server read fewer prompt tokens than the prompt has: its
-        │   │                     context is too small and it cut the note without saying so
-        │   └── ContextExceeded   the server refused the prompt as longer than its context (HTTP
-        │                         400); carries the context size when the server said it
-        ├── OutputInvalid         still not valid JSON for the schema after the re-asks
-        └── OutputTruncated       still cut off at max_tokens_cap
-    InvalidBatchId (a MedqError and ValueError) a batch id that does not match
-                                 medq.core.contract.BATCH_ID_PATTERN: refused at enqueue, never a job's error
-
-    RedisFull (a MedqError)      Redis refused a write: used memory is at its maxmemory
-                                 (noeviction). Not a job's fault: workers wait for room;
-                                 `medq enqueue` stops, says how far it got, and a re-run sends the rest.
+    ├── PermanentError            retrying cannot help; the job goes to dead letters at once
+    │   ├── WorkerLost            the job's worker died during MEDQ_WORKER__MAX_LOST_RUNS runs (poison)
+    │   ├── InvalidRecord         the record itself is unusable (empty, too large, bad UTF-8)
+    │   ├── PayloadMissing        the stored record expired (MEDQ_PAYLOAD_TTL_S) or was purged
+    │   ├── UnknownSchema         no schema by that name
+    │   ├── SchemaError           a schema file is malformed
+    │   ├── RequestRejected       HTTP 4xx other than 429: the request is wrong for the endpoint
+    │   ├── EndpointMisconfigured the endpoint is set up wrong for medq, not the record: fix the
+    │   │   │                     server or the settings, then plain `medq requeue` runs them again
+    │   │   │                     (raised itself for an HTTP 3xx: redirects are not followed)
+    │   │   ├── ModelNotFound     HTTP 404: the server does not serve MEDQ_LLM__MODEL
+    │   │   ├── PromptTruncated   the server read fewer prompt tokens than the prompt has: its
+    │   │   │                     context is too small and it cut the note without saying so
+    │   │   └── ContextExceeded   the server refused the prompt as longer than its context (HTTP
+    │   │                         400); carries the context size when the server said it
+    │   ├── OutputInvalid         still not valid JSON for the schema after the re-asks
+    │   └── OutputTruncated       still cut off at max_tokens_cap
+    ├── InvalidBatchId (also a ValueError)  a batch id that does not match
+    │                         medq.core.contract.BATCH_ID_PATTERN: refused at enqueue, never a job's error
+    ├── InputError (also a ValueError)  records refused at enqueue (``problems``: which, with
+    │                         line numbers); nothing was enqueued
+    ├── UploadExpired (also a RuntimeError)  an upload's staged records expired before its jobs
+    │                         were written (it outlived its TTL, medq.state.uploads.STAGE_TTL_S)
+    ├── RedisFull             Redis refused a write: used memory is at its maxmemory
+    │                         (noeviction). Not a job's fault: workers wait for room;
+    │                         `medq enqueue` stops, says how far it got, and a re-run sends the rest.
+    └── OperatorError         never a job's error: the person running medq must act (fix a setting,
+        │                     install something, wait longer); the command stops with the message
+        ├── RemoteEndpointRefused  the privacy guard: an endpoint outside the private network that
+        │                     the settings do not allow; the worker does not start (exit 2)
+        ├── WaitTimeout       a wait for a batch ran past its timeout (``unfinished`` jobs)
+        └── ToolError (also a RuntimeError)  a medq tool cannot go on; the message says what to do
+            ├── DemoError     something `medq demo` or `medq bench` needs is missing or died
+            ├── LocalModelError  the embedded model cannot be started
+            └── PartsError    a split model's parts are missing or do not join into the published file
 
 A retryable error is either *charged* to the job (it may be the record's doing: a
 timeout, a 500), counted against ``MEDQ_WORKER__MAX_RETRIES``, or *back-pressure*
@@ -52,6 +64,8 @@ userinfo redacted (``medq.core.urls.redact_url``).
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MedqError(Exception):
     kind = "error"
@@ -60,7 +74,7 @@ class MedqError(Exception):
         super().__init__(message)
         self.message = message
 
-    def __reduce__(self):  # picklable/serialisable with its message only
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable/serialisable with its message only
         return (self.__class__, (self.message,))
 
 
@@ -72,7 +86,7 @@ class RetryableError(MedqError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.message, self.retry_after_s))
 
 
@@ -171,7 +185,7 @@ class PromptTruncated(EndpointMisconfigured):
         super().__init__(message)
         self.read_tokens = read_tokens
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.message, self.read_tokens))
 
 
@@ -187,7 +201,7 @@ class ContextExceeded(EndpointMisconfigured):
         super().__init__(message)
         self.context_tokens = context_tokens
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.message, self.context_tokens))
 
 
@@ -209,7 +223,7 @@ class RedisFull(MedqError):
         super().__init__(message)
         self.sent = sent
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.message, self.sent))
 
 
@@ -218,3 +232,76 @@ class InvalidBatchId(MedqError, ValueError):
     to a plain alphabet (``medq.core.contract.BATCH_ID_PATTERN``)."""
 
     kind = "invalid_batch_id"
+
+
+class InputError(MedqError, ValueError):
+    """The input has problems; ``problems`` says which, with line numbers. Its items are
+    ``producer.records.RecordProblem``s (typed loosely: medq.core imports nothing above it)."""
+
+    kind = "invalid_input"
+
+    def __init__(self, problems: list[Any]) -> None:
+        self.problems = problems
+        head = "; ".join(str(p) for p in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        super().__init__(f"{len(problems)} invalid record(s): {head}{more}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, (self.problems,))
+
+
+class UploadExpired(MedqError, RuntimeError):
+    """Staged records were gone when their jobs were written (the upload outlived its TTL)."""
+
+    kind = "upload_expired"
+
+
+class OperatorError(MedqError):
+    """Not a job's error: the person running medq must act. Caught by the command that
+    raised it, which prints the message and exits non-zero."""
+
+    kind = "operator_error"
+
+
+class RemoteEndpointRefused(OperatorError):
+    """An endpoint outside the private network, not allowed by the settings (medq.core.privacy)."""
+
+    kind = "remote_endpoint_refused"
+
+
+class WaitTimeout(OperatorError):
+    """A wait for a batch ran past its timeout; ``unfinished`` jobs had not finished."""
+
+    kind = "wait_timeout"
+
+    def __init__(self, unfinished: int) -> None:
+        super().__init__(f"{unfinished} job(s) unfinished")
+        self.unfinished = unfinished
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, (self.unfinished,))
+
+
+class ToolError(OperatorError, RuntimeError):
+    """A medq tool (the demo, the bench, the embedded model) cannot go on; the message says what to do.
+    Also a RuntimeError, as each of these was before they joined the tree."""
+
+    kind = "tool_error"
+
+
+class DemoError(ToolError):
+    """Something the demo or the bench needs is missing; the message says what to do."""
+
+    kind = "demo_error"
+
+
+class LocalModelError(ToolError):
+    """The embedded model cannot be started; the message says what to install or fix."""
+
+    kind = "local_model_error"
+
+
+class PartsError(ToolError):
+    """The parts are missing or do not join into the published file; the message says what to reinstall."""
+
+    kind = "parts_error"

@@ -14,11 +14,8 @@ import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from medq.core.errors import RemoteEndpointRefused
 from medq.core.urls import redact_url
-
-
-class RemoteEndpointRefused(Exception):
-    """An endpoint outside the private network, not allowed by the settings."""
 
 
 def _private(address: str) -> bool:

@@ -185,7 +185,7 @@ def build_schema(doc: Any, source: Path | str = "<schema>") -> ExtractionSchema:
         annotations[fname] = (py_type, ...)
         properties[fname] = _clean_property(prop)
 
-    model = create_model(  # type: ignore[call-overload]
+    model = create_model(
         _camel(name),
         __config__=ConfigDict(extra="ignore"),
         **annotations,
@@ -258,14 +258,16 @@ def _python_type(prop: Any, path: str, model_name: str) -> Any:
         literals = tuple(v for v in values if v is not None)
         if not literals:
             raise SchemaError(f"{path}: 'enum' needs at least one non-null value")
-        base: Any = Literal[literals]  # type: ignore[valid-type]
+        base: Any = Literal[literals]
     else:
         non_null = [t for t in types if t != "null"]
         if not non_null:
             raise SchemaError(f"{path}: needs a type other than null")
         parts = [_one_type(t, prop, path, model_name) for t in non_null]
-        base = parts[0] if len(parts) == 1 else Union[tuple(parts)]  # type: ignore[valid-type]
-    return Optional[base] if nullable else base
+        # Types built at run time from values: typing's Union takes a tuple of any length, and
+        # Optional/Union keep the annotations pydantic has always been given here.
+        base = parts[0] if len(parts) == 1 else Union[tuple(parts)]  # noqa: UP007
+    return Optional[base] if nullable else base  # noqa: UP045
 
 
 def _one_type(t: str, prop: dict[str, Any], path: str, model_name: str) -> Any:
@@ -286,14 +288,14 @@ def _one_type(t: str, prop: dict[str, Any], path: str, model_name: str) -> Any:
     sub: dict[str, Any] = {}
     for pname, pprop in props.items():
         ptype = _python_type(pprop, f"{path}.{pname}", f"{model_name}_{pname}")
-        sub[pname] = (ptype, ...) if pname in required else (Optional[ptype], None)
-    return create_model(model_name, __config__=ConfigDict(extra="ignore"), **sub)  # type: ignore[call-overload]
+        sub[pname] = (ptype, ...) if pname in required else (Optional[ptype], None)  # noqa: UP045 (built at run time)
+    return create_model(model_name, __config__=ConfigDict(extra="ignore"), **sub)
 
 
 def _clean_property(prop: dict[str, Any]) -> dict[str, Any]:
     """The property as JSON Schema: objects get ``additionalProperties: false`` and
     all their keys required, which constrained decoders need to terminate."""
-    out = json.loads(json.dumps(prop))  # deep copy, and proof it is JSON-able
+    out: dict[str, Any] = json.loads(json.dumps(prop))  # deep copy, and proof it is JSON-able
     _close_objects(out)
     return out
 

@@ -23,8 +23,8 @@ What a lease checks, per endpoint:
   tokens), and the endpoint keeps a floor (the least seen, drifting up slowly) and a
   recent average. A recent average over ``LATENCY_TOLERANCE`` times the floor means
   requests queue at the server: the cap shrinks by that excess (tolerance x floor /
-  recent, between a tenth and a half; at most once per second) instead of growing. A server that works on 2 requests at once and is sent 8 answers
-  each in 4 times its time, and then times out; this stops at the queue.
+  recent, between a tenth and a half; at most once per second) instead of growing.
+  A server that works on 2 requests at once and is sent 8 answers each in 4 times its time, and then times out; this stops at the queue.
 - A **circuit breaker**: after ``failure_threshold`` failures in a row (refused
   connections, 5xx, timeouts) the endpoint is cooled down for ``cooldown_s``,
   doubling up to ``cooldown_max_s`` while probes keep failing. After a cool-down the
@@ -38,10 +38,12 @@ job is put back with a countdown instead of holding a worker slot.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import threading
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,15 +53,14 @@ from medq.core.contract import KEY_PREFIX
 from medq.core.errors import (
     EndpointTimeout,
     EndpointUnavailable,
-    MedqError,
     NoCapacity,
     Overloaded,
     RateLimited,
     ServerError,
 )
+from medq.core.ids import new_id
 from medq.core.tokens import estimate_text_tokens
 from medq.core.urls import redact_url
-from medq.core.ids import new_id
 from medq.state.metrics import metrics
 
 WINDOW_S = 60
@@ -275,6 +276,20 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class _Ask:
+    """A step of taking a lease: run the acquire script with these arguments, send back its reply."""
+
+    args: list[Any]
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """A step of taking a lease: wait this long (or less: a freed slot may wake the waiter)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Lease:
     lease_id: str
     bucket: int
@@ -303,20 +318,28 @@ class EndpointGate:
         self._local: Any = None  # asyncio.Semaphore, made in the loop that uses it
         self._wake: Any = None  # asyncio.Event: a slot was given back
 
+    # The steps of taking a lease are written once, as a generator (:meth:`_acquiring`)
+    # that yields what it needs done: run the acquire script with these arguments
+    # (:class:`_Ask`; it is sent the reply), or wait (:class:`_Wait`). ``acquire`` does
+    # them blocking, ``aacquire`` on the worker engine's loop and its batched Redis.
+
     # ------------------------------------------------------------- blocking
 
     def acquire(self, est_tokens: int, lease_s: float | None = None) -> Lease:
         """A slot for one call, waiting up to ``max_wait_s``; else :class:`NoCapacity`.
         ``lease_s``: how long the call may take (default ``config.lease_s``)."""
-        lease_id = new_id()
-        deadline = time.monotonic() + self.config.max_wait_s
-        poll_s = 0.005
-        while True:
-            res = self._acquire(keys=list(self.keys), args=self._acquire_args(lease_id, est_tokens, lease_s))
-            lease, sleep_s, poll_s = self._decide(res, lease_id, deadline, poll_s)
-            if lease is not None:
-                return lease
-            time.sleep(sleep_s)
+        steps = self._acquiring(est_tokens, lease_s)
+        try:
+            step = next(steps)
+            while True:
+                if isinstance(step, _Wait):
+                    time.sleep(step.seconds)
+                    step = next(steps)
+                else:
+                    step = steps.send(self._acquire(keys=list(self.keys), args=step.args))
+        except StopIteration as done:
+            lease: Lease = done.value
+            return lease
 
     def release(self, lease: Lease, outcome: str, used_tokens: int | None = None, latency: float = 0.0) -> None:
         state, inflight, _, tok = self.keys
@@ -325,16 +348,14 @@ class EndpointGate:
     def call(self, est_tokens: int, fn: Any, lease_s: float | None = None) -> Any:
         """Run ``fn()`` under a lease; ``fn`` returns ``(result, used_tokens)`` or
         ``(result, used_tokens, work)``: with the work done (``worker.llm.speed.work_units``), its time per
-        unit is the latency signal of the adaptive cap."""
+        unit is the latency signal of the adaptive cap. An error is reported as its
+        outcome (:func:`outcome_of`: back-pressure, failure, or the request's fault)."""
         lease = self.acquire(est_tokens, lease_s)
         started = time.monotonic()
         try:
             result, used, *work = fn()
-        except MedqError as exc:
+        except BaseException as exc:
             self.release(lease, outcome_of(exc))
-            raise
-        except BaseException:
-            self.release(lease, NEUTRAL)
             raise
         self.release(lease, OK, used, _latency(started, work))
         return result
@@ -342,42 +363,33 @@ class EndpointGate:
     # ------------------------------------------------------------- asyncio
 
     async def aacquire(self, est_tokens: int, lease_s: float | None = None) -> Lease:
-        import asyncio
-
+        """:meth:`acquire` on the worker engine's loop. This process's own calls queue
+        here first, in order, without a deadline: the worker took their messages to run
+        them, and holds at most a few rounds of max_in_flight (MEDQ_WORKER__CONCURRENCY
+        messages). Waiting on the shared limits (other processes' calls, the windows,
+        the adaptive cap) is bounded, as in :meth:`acquire`; a call of this process that
+        ends wakes a waiter instead of letting it sleep out its poll."""
         if self._local is None:
             self._local = asyncio.Semaphore(self.config.max_in_flight)
             self._wake = asyncio.Event()
-        lease_id = new_id()
-        # This process's own calls queue here first, in order, without a deadline: the
-        # worker took their messages to run them, and holds at most a few rounds of
-        # max_in_flight (MEDQ_WORKER__CONCURRENCY messages). Waiting on the shared limits
-        # (other processes' calls, the windows, the adaptive cap) is bounded below.
         await self._local.acquire()
-        started = time.monotonic()
-        deadline = started + self.config.max_wait_s
-        waited_for = ""  # the first limit that made this call wait
         try:
-            poll_s = 0.005
-            while True:
-                res = await self._batcher.script(
-                    ACQUIRE_LUA, list(self.keys), self._acquire_args(lease_id, est_tokens, lease_s)
-                )
-                try:
-                    lease, sleep_s, poll_s = self._decide(res, lease_id, deadline, poll_s)
-                except NoCapacity:
-                    metrics.incr("medq_rate_limit_rejections_total", endpoint=self.url, reason=_s(res[2]))
-                    raise
-                if lease is not None:
-                    if waited_for:
-                        metrics.incr("medq_rate_limit_waits_total", endpoint=self.url, reason=waited_for)
-                        metrics.incr("medq_rate_limit_wait_seconds_total", time.monotonic() - started, endpoint=self.url)
-                    return lease
-                waited_for = waited_for or _s(res[2])
-                self._wake.clear()
-                try:  # until a call of this process ends, or the time the gate gave
-                    await asyncio.wait_for(self._wake.wait(), sleep_s)
-                except asyncio.TimeoutError:
-                    pass
+            steps = self._acquiring(est_tokens, lease_s)
+            try:
+                step = next(steps)
+                while True:
+                    if isinstance(step, _Wait):
+                        self._wake.clear()
+                        try:  # until a call of this process ends, or the time the gate gave
+                            await asyncio.wait_for(self._wake.wait(), step.seconds)
+                        except asyncio.TimeoutError:
+                            pass
+                        step = next(steps)
+                    else:
+                        step = steps.send(await self._batcher.script(ACQUIRE_LUA, list(self.keys), step.args))
+            except StopIteration as done:
+                lease: Lease = done.value
+                return lease
         except BaseException:
             self._local.release()
             raise
@@ -402,16 +414,36 @@ class EndpointGate:
         started = time.monotonic()
         try:
             result, used, *work = await fn()
-        except MedqError as exc:
+        except BaseException as exc:
             await self.arelease(lease, outcome_of(exc))
-            raise
-        except BaseException:
-            await self.arelease(lease, NEUTRAL)
             raise
         await self.arelease(lease, OK, used, _latency(started, work))
         return result
 
     # ------------------------------------------------------------- shared steps
+
+    def _acquiring(self, est_tokens: int, lease_s: float | None) -> Generator[_Ask | _Wait, Any, Lease]:
+        """Taking a lease: ask the acquire script until it grants one, waiting as it says
+        (:meth:`_decide`). Counts the waits and the rejections (``medq_rate_limit_*``)."""
+        lease_id = new_id()
+        started = time.monotonic()
+        deadline = started + self.config.max_wait_s
+        waited_for = ""  # the first limit that made this call wait
+        poll_s = 0.005
+        while True:
+            res = yield _Ask(self._acquire_args(lease_id, est_tokens, lease_s))
+            try:
+                lease, sleep_s, poll_s = self._decide(res, lease_id, deadline, poll_s)
+            except NoCapacity:
+                metrics.incr("medq_rate_limit_rejections_total", endpoint=self.url, reason=_s(res[2]))
+                raise
+            if lease is not None:
+                if waited_for:
+                    metrics.incr("medq_rate_limit_waits_total", endpoint=self.url, reason=waited_for)
+                    metrics.incr("medq_rate_limit_wait_seconds_total", time.monotonic() - started, endpoint=self.url)
+                return lease
+            waited_for = waited_for or _s(res[2])
+            yield _Wait(sleep_s)
 
     def _acquire_args(self, lease_id: str, est_tokens: int, lease_s: float | None = None) -> list[Any]:
         c = self.config
@@ -495,7 +527,7 @@ def _snapshots(urls: list[str], replies: list[Any], max_in_flight: int | None) -
     (secs, micros), *rest = replies
     now_ms = secs * 1000 + micros // 1000
     out = []
-    for url, raw, n in zip(urls, rest[0::2], rest[1::2]):
+    for url, raw, n in zip(urls, rest[0::2], rest[1::2], strict=True):
         h = {_s(k): _s(v) for k, v in raw.items()}
         cool_until = float(h.get("cool_until", 0))
         limit = float(h["limit"]) if "limit" in h else float(max_in_flight or 0)

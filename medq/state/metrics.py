@@ -8,12 +8,19 @@ serves them, with gauges read at scrape time (queue length, endpoint slots), at
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
+import redis
+
 from medq.core.contract import KEY_PREFIX
+
+log = logging.getLogger("medq.worker")  # the engine's flusher logs as the worker it runs in
 
 METRICS_KEY = f"{KEY_PREFIX}:metrics"
 RUNNING_KEY = f"{KEY_PREFIX}:metrics:running"  # worker process -> "jobs held, unix time"
@@ -104,3 +111,15 @@ def worker_processes(held: dict[bytes, bytes], now: float) -> tuple[list[int], l
 
 
 metrics = Metrics()  # the process's counts; the engine flushes them
+
+
+async def flush_forever(r: Any, who: str, running: Callable[[], int]) -> None:
+    """Add this process's counts to the shared ones every ``FLUSH_S`` (``medq metrics``
+    serves them), with ``running()`` jobs held now. Redis away: the counts wait for the
+    next flush."""
+    while True:
+        await asyncio.sleep(FLUSH_S)
+        try:
+            await metrics.flush(r, who, running())
+        except redis.RedisError as exc:
+            log.warning("metrics flush: %s", type(exc).__name__)

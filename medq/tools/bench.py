@@ -37,7 +37,8 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from medq.tools.processes import DemoError, Supervisor, _free_port, _wait_until, answers, ensure_redis
+from medq.core.errors import DemoError
+from medq.tools.processes import Supervisor, _free_port, _wait_until, answers, ensure_redis
 
 
 @dataclass
@@ -151,8 +152,8 @@ class Bench:
         """What a worker sends for one record (strategy single), in the first
         response_format the endpoint accepts (asked as the processor's auto mode does)."""
         from medq.core.schemas import SchemaLoader
-        from worker.llm.client import RESPONSE_FORMATS, response_format_for
         from worker.extract.processor import MedicalDataProcessor
+        from worker.llm.client import RESPONSE_FORMATS, response_format_for
 
         proc = MedicalDataProcessor.from_settings(self.settings, SchemaLoader(self.settings.schema_dirs))
         sch = proc.schema_loader.get(self.opts.schema)

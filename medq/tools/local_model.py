@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from medq.tools.model_parts import PartsError, SplitGGUF, ensure_joined
+from medq.core.errors import LocalModelError, PartsError
+from medq.tools.model_parts import SplitGGUF, ensure_joined
 
 # Picked by the measured score on the bundled samples (README, "Extraction quality"):
 # Qwen2.5-Coder-1.5B macro 0.888 (English 0.868, Chinese 0.907) at 16 s a record, against
@@ -29,10 +30,6 @@ DEFAULT_MODEL = "qwen2.5-coder-1.5b"
 INSTALL_HINT = (
     'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install -e ".[local]"'
 )
-
-
-class LocalModelError(RuntimeError):
-    """The embedded model cannot be started; the message says what to install or fix."""
 
 
 @dataclass(frozen=True)

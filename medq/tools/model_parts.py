@@ -26,11 +26,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from medq.core.errors import PartsError
+
 BLOCK = 1 << 20  # read and hash 1 MiB at a time: constant memory for any model size
-
-
-class PartsError(RuntimeError):
-    """The parts are missing or do not join into the published file; the message says what to reinstall."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +146,7 @@ def _check_part_sizes(spec: SplitGGUF, paths: list[Path]) -> None:
         return
     last = spec.size - spec.part_bytes * (len(paths) - 1)
     expected = [spec.part_bytes] * (len(paths) - 1) + [last]
-    wrong = [package for package, path, want in zip(spec.packages, paths, expected) if path.stat().st_size != want]
+    wrong = [package for package, path, want in zip(spec.packages, paths, expected, strict=True) if path.stat().st_size != want]
     if wrong:
         raise PartsError(
             f"{spec.filename}: {', '.join(wrong)} {'has' if len(wrong) == 1 else 'have'} the wrong size "
@@ -165,7 +163,7 @@ def _mismatch(spec: SplitGGUF, paths: list[Path], size: int, sha256: str) -> str
 
 
 def _sizes(spec: SplitGGUF, paths: list[Path]) -> str:
-    return ", ".join(f"{package} {path.stat().st_size}" for package, path in zip(spec.packages, paths))
+    return ", ".join(f"{package} {path.stat().st_size}" for package, path in zip(spec.packages, paths, strict=True))
 
 
 def _marker(target: Path) -> Path:

@@ -23,9 +23,7 @@ from urllib.request import urlopen
 import redis
 from rich.console import Console
 
-
-class DemoError(RuntimeError):
-    """Something the demo or the bench needs is missing; the message says what to do."""
+from medq.core.errors import DemoError
 
 
 @dataclass

@@ -10,13 +10,8 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from medq.core.errors import WaitTimeout
 from medq.state.jobs import counts
-
-
-class WaitTimeout(Exception):
-    def __init__(self, unfinished: int) -> None:
-        super().__init__(f"{unfinished} job(s) unfinished")
-        self.unfinished = unfinished
 
 
 def wait_for_batch(

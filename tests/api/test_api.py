@@ -19,8 +19,7 @@ import pytest
 import redis
 
 from medq.core.schemas import SchemaLoader
-from tests.conftest import MEDQ, REPO, Proc, free_port, run_cli, wait_http
-from tests.worker.test_phi_canary import _values, report_scan
+from tests.helpers import MEDQ, REPO, Proc, free_port, report_scan, run_cli, values, wait_http
 
 TOKEN_A = "tok-ward-a-0123456789abcdef"
 TOKEN_B = "tok-lab-b-0123456789abcdefg"
@@ -361,8 +360,10 @@ def test_the_readme_curl_examples_work_as_written(
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     assert len(blocks) == 2
     script = "set -e\n" + "\n".join(blocks).replace("8000", str(free_port()))
-    (tmp_path / "medq" / "samples").mkdir(parents=True)
-    (tmp_path / "medq" / "samples" / "clinical_note.jsonl").symlink_to(REPO / "medq" / "samples" / "clinical_note.jsonl")
+    (tmp_path / "medq" / "tools" / "samples").mkdir(parents=True)
+    # the README's path, run from a checkout
+    (tmp_path / "medq" / "tools" / "samples" / "clinical_note.jsonl").symlink_to(
+        REPO / "medq" / "tools" / "samples" / "clinical_note.jsonl")
     env = {**medq_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     # output to files: the background `medq api` keeps a pipe open after bash is done
     with open(tmp_path / "out.txt", "w") as fo, open(tmp_path / "err.txt", "w") as fe:
@@ -381,7 +382,7 @@ def test_the_readme_curl_examples_work_as_written(
     assert '"id":"note-1","created":true' in out
     assert '"batch":"ward-a-demo","jobs":' in out
     docs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    samples = (REPO / "medq" / "samples" / "clinical_note.jsonl").read_text().splitlines()
+    samples = (REPO / "medq" / "tools" / "samples" / "clinical_note.jsonl").read_text().splitlines()
     assert len(docs) == len(samples) and {d["status"] for d in docs} == {"succeeded"}
 
 
@@ -419,9 +420,9 @@ def test_records_are_sealed_in_redis_with_a_key(
     Redis key, parked uploads included), and the results come back opened."""
     from cryptography.fernet import Fernet
 
+    from medq.core.settings import Settings
     from producer.enqueue import Producer
     from producer.uploads import BodyParser, Upload
-    from medq.core.settings import Settings
 
     key = Fernet.generate_key().decode()
     wk = worker(simulator("--latency-ms", "5"), env={"MEDQ_ENCRYPTION_KEY": key})
@@ -444,7 +445,7 @@ def test_records_are_sealed_in_redis_with_a_key(
     docs = [json.loads(line) for line in httpx.get(f"{url}/v1/batches/{batch}/results", headers=A).text.splitlines()]
     assert len(docs) == 20 and all(d["status"] == "succeeded" and d["data"] for d in docs)
     keys = r.keys("*")
-    hits = [k for k in keys if any(CANARY.encode() in v for v in _values(r, k))]
+    hits = [k for k in keys if any(CANARY.encode() in v for v in values(r, k))]
     hits += [name for name, log in (("api log", proc.log), ("worker log", wk.log)) if CANARY in log]
     report_scan("api", {"parked upload fields (sealed)": len(parked), "Redis keys after the batch, every value": len(keys),
                         "API log lines": len(proc.log.splitlines()), "worker log lines": len(wk.log.splitlines())},

@@ -18,7 +18,7 @@ import redis
 
 from medq.core.contract import JobStatus, job_key
 from medq.state.jobs import iter_states
-from tests.chaos.conftest import (
+from tests.chaos.helpers import (
     KillWhileRunning,
     enqueue,
     kill_children,
@@ -28,7 +28,7 @@ from tests.chaos.conftest import (
     wait_done,
     write_records,
 )
-from tests.conftest import MEDQ, Proc, free_port, run_cli, wait_http, wait_log
+from tests.helpers import MEDQ, Proc, free_port, run_cli, wait_http, wait_log
 
 
 def sim_stats(base_url: str) -> dict[str, Any]:
@@ -95,7 +95,8 @@ def test_poison_job_goes_to_dead_letters_after_max_lost_runs(
     wait_done(r, "after-poison", 5, timeout_s=60)
     after = outcome(r, env, "after-poison", 5)
     assert after.succeeded == 5
-    record("poison job: its worker killed whenever it runs", o, f"dead letter after 3 lost runs ({len(crash.killed)} kills); next batch 5/5")
+    record("poison job: its worker killed whenever it runs", o,
+           f"dead letter after 3 lost runs ({len(crash.killed)} kills); next batch 5/5")
     assert (o.failed, o.lost, o.failed_kinds) == (1, 0, {"worker_lost": 1})
     assert len(crash.killed) == 3
 
@@ -194,7 +195,8 @@ def test_four_workers_share_one_rate_limit_and_in_flight_cap(
     span = max(stats["arrivals"]) - min(stats["arrivals"])
     per_s = (held[1][1] - held[0][1]) / (held[1][0] - held[0][0])
     record(f"4 workers x 4 messages, limit {rpm} requests/min, {cap} in flight", o,
-           f"busiest 60 s window {busiest} requests; max in flight {stats['max_in_flight']}; {stats['requests']} requests over {span:.0f} s; "
+           f"busiest 60 s window {busiest} requests; max in flight {stats['max_in_flight']}; "
+           f"{stats['requests']} requests over {span:.0f} s; "
            f"{per_s:.1f} limiter/job scripts per s while {n - rpm} jobs waited for the next minute")
     assert (o.succeeded, o.lost, o.duplicated) == (n, 0, 0), o
     assert busiest <= rpm, busiest

@@ -15,7 +15,7 @@ import redis
 
 from medq.core.contract import job_key
 from medq.state.jobs import iter_states
-from tests.chaos.conftest import (
+from tests.chaos.helpers import (
     KillWhileRunning,
     enqueue,
     kill_group,
@@ -24,7 +24,7 @@ from tests.chaos.conftest import (
     wait_done,
     write_records,
 )
-from tests.conftest import Proc, run_cli
+from tests.helpers import Proc, run_cli
 
 
 def _lost_runs(r: redis.Redis, batch: str) -> dict[str, int]:

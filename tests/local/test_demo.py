@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import MEDQ, REPO, free_port, run_cli
+from tests.helpers import MEDQ, REPO, free_port, run_cli
 
 
 def _processes_mentioning(marker: str) -> list[int]:

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from medq.tools.local_model import LocalModelError, resolve, server_command
+from medq.core.errors import LocalModelError
 from medq.core.schemas import SchemaLoader
-from tests.conftest import run_cli
+from medq.tools.local_model import resolve, server_command
+from tests.helpers import run_cli
 from worker.extract.processor import MedicalDataProcessor
 
-NOTE = "Clinic note. 54-year-old woman with hypertension. Amlodipine 5 mg once daily. No known drug allergies. Never smoker. BP 142/88, HR 76."
+NOTE = ("Clinic note. 54-year-old woman with hypertension. Amlodipine 5 mg once daily. No known drug allergies. "
+        "Never smoker. BP 142/88, HR 76.")
 
 
 def test_models_are_found_in_their_packages_without_downloading() -> None:
@@ -90,7 +92,7 @@ def test_a_40k_character_note_on_the_embedded_model_is_read_in_pieces(
     """No context setting: llama-cpp-python's server says nothing of its context (4096 here)
     until it refuses the whole note ("maximum context length is 4096 tokens"); the worker
     learns it from that and sends pieces that fit."""
-    from tests.worker.test_long_note_e2e import discharge_summary
+    from tests.helpers import discharge_summary
 
     worker(llama_server, "-c", "1", env={"MEDQ_LLM__MODEL": "smollm2", "MEDQ_LLM__MAX_IN_FLIGHT": "1",
                                          "MEDQ_LLM__MAX_TOKENS": "512", "MEDQ_LLM__TIMEOUT_S": "120"})

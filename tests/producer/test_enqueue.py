@@ -15,7 +15,7 @@ from medq.core.errors import UnknownSchema
 from medq.core.settings import Settings
 from producer import InputError, enqueue
 from producer.records import check, read_path
-from tests.conftest import MEDQ
+from tests.helpers import MEDQ
 
 
 @pytest.fixture

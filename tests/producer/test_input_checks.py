@@ -24,7 +24,7 @@ from medq.core.schemas import SchemaLoader
 from medq.core.settings import REPO_ROOT, Settings
 from producer import InputError, enqueue
 from producer.records import check, from_objects, read_path
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 
 from medq.core.contract import job_key, result_key
-from tests.conftest import Proc, run_cli, wait_log
+from tests.helpers import Proc, run_cli, wait_log
 
 NOTE = "Patient {i} is a {age}-year-old woman with asthma. Salbutamol 100 mcg as needed."
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import redis
 
 from medq.state.jobs import iter_states
-from tests.conftest import run_cli
-from tests.worker.test_reliability import _enqueue_wait, _records, _stats
+from tests.helpers import enqueue_wait, records, run_cli, stats
 
 
 def test_no_capacity_deferrals_are_deliveries_not_attempts(
@@ -24,8 +23,8 @@ def test_no_capacity_deferrals_are_deliveries_not_attempts(
     worker(base, env=tight)
     n = 12
     env = {**medq_env, "MEDQ_JOBS_PER_MESSAGE": "1"}  # one job a message: both workers get some
-    assert _enqueue_wait(env, _records(tmp_path / "recs.jsonl", n), "tight", timeout_s=180) == 0
-    assert _stats(base)["requests"] == n  # each job asked the model once
+    assert enqueue_wait(env, records(tmp_path / "recs.jsonl", n), "tight", timeout_s=180) == 0
+    assert stats(base)["requests"] == n  # each job asked the model once
 
     docs = [json.loads(x) for x in run_cli(["results", "tight"], medq_env).stdout.splitlines()]
     assert len(docs) == n and {d["status"] for d in docs} == {"succeeded"}

@@ -17,12 +17,21 @@ import redis
 import sqlalchemy as sa
 
 from medq.state.jobs import iter_states
-from tests.conftest import MEDQ, Proc, run_cli
-from tests.worker.test_endpoint_privacy import CHINESE, ESCAPED, NEEDLES, SHORT_LINES, _echo, _hits, redis_hits
-from tests.worker.test_endpoint_privacy import servers  # noqa: F401 - a fixture
-from tests.worker.test_phi_canary import report_scan
-from tests.worker.test_store_outage import TcpProxy, _wait_until
-from tests.worker.test_store_outage import proxied_pg  # noqa: F401 - a fixture
+from tests.helpers import (
+    CHINESE,
+    ESCAPED,
+    MEDQ,
+    NEEDLES,
+    SHORT_LINES,
+    Proc,
+    TcpProxy,
+    echo,
+    hits,
+    redis_hits,
+    report_scan,
+    run_cli,
+    wait_until,
+)
 
 BATCH = "canary-faults"
 
@@ -41,10 +50,10 @@ def test_no_canary_with_an_echoing_endpoint_and_a_failing_store(
 ) -> None:
     proxy, pg_url = proxied_pg
     key = run_cli(["keygen"], medq_env).stdout.strip()
-    echo = servers(_echo)
+    echoer = servers(echo)
     sim = simulator("--latency-ms", "800")
     env = {**medq_env, "MEDQ_ENCRYPTION_KEY": key, "MEDQ_RESULTS_URL": pg_url, "MEDQ_WORKER__LEASE_S": "3",
-           "MEDQ_LLM__ENDPOINTS": f"{sim},{echo.base}"}  # type: ignore[attr-defined]
+           "MEDQ_LLM__ENDPOINTS": f"{sim},{echoer.base}"}  # type: ignore[attr-defined]
     proc = worker(sim, env=env)
     needles = NEEDLES  # the canary of the English notes (ZZCANARY) among them
 
@@ -54,7 +63,7 @@ def test_no_canary_with_an_echoing_endpoint_and_a_failing_store(
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        _wait_until(lambda: Counter(st.status for st in iter_states(r, BATCH))["succeeded"] >= 2)
+        wait_until(lambda: Counter(st.status for st in iter_states(r, BATCH))["succeeded"] >= 2)
         proxy.cut()  # the store goes away while answers keep arriving
         time.sleep(8)
         proxy.restore()
@@ -65,7 +74,7 @@ def test_no_canary_with_an_echoing_endpoint_and_a_failing_store(
     states = Counter(st.status for st in iter_states(r, BATCH))
     assert sum(states.values()) == 24 and set(states) <= {"succeeded", "failed"}, states
     assert states["succeeded"] and states["failed"], states  # both faults were in the mix
-    assert any(method == "POST" for method, *_ in echo.requests)  # type: ignore[attr-defined]
+    assert any(method == "POST" for method, *_ in echoer.requests)  # type: ignore[attr-defined]
     assert "result store unavailable" in proc.log
 
     failed = run_cli(["failed", BATCH, "--json"], env)
@@ -78,9 +87,9 @@ def test_no_canary_with_an_echoing_endpoint_and_a_failing_store(
                 for row in conn.execute(sa.text("SELECT * FROM medq_results WHERE batch = :b"), {"b": BATCH})]
     engine.dispose()
     assert len(rows) == 24
-    hits = {k: _hits(v, needles) for k, v in places.items() if _hits(v, needles)}
-    hits.update({f"postgres row {i}": _hits(row, needles) for i, row in enumerate(rows) if _hits(row, needles)})
+    found = {k: hits(v, needles) for k, v in places.items() if hits(v, needles)}
+    found.update({f"postgres row {i}": hits(row, needles) for i, row in enumerate(rows) if hits(row, needles)})
     redis_found = redis_hits(r, needles)
     report_scan("faults", {**{k: 1 for k in places}, "postgres rows": len(rows),
-                           "redis keys": sum(1 for _ in r.scan_iter(count=1000))}, len(hits) + len(redis_found))
-    assert hits == {} and redis_found == {}
+                           "redis keys": sum(1 for _ in r.scan_iter(count=1000))}, len(found) + len(redis_found))
+    assert found == {} and redis_found == {}

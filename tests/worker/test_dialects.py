@@ -18,14 +18,15 @@ import redis
 
 from medq.core.schemas import SchemaLoader
 from medq.core.settings import ResponseFormat
-from tests.conftest import run_cli
+from tests.helpers import run_cli
+from tests.llm_paths import PATHS, Driven
+from worker.extract.processor import MedicalDataProcessor
 from worker.llm.client import (
     RESPONSE_FORMATS,
     FormatRejected,
     error_for_status,
     response_format_for,
 )
-from worker.extract.processor import MedicalDataProcessor
 
 NOTE = "Mr Tan is a 64-year-old male with asthma. Salbutamol 100 mcg as needed. Never smoker."
 MESSAGES = [{"role": "user", "content": NOTE}]
@@ -93,9 +94,10 @@ def test_simulated_tgi_answers_its_own_form_from_the_schema_in_value(simulator: 
     assert answer["age"] == 64
 
 
-def test_processor_on_tgi_steps_down_to_its_form_and_remembers(simulator: Callable[..., str]) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_processor_on_tgi_steps_down_to_its_form_and_remembers(simulator: Callable[..., str], path: str) -> None:
     sim = simulator("--dialect", "tgi")
-    proc = MedicalDataProcessor("tgi", "sk-test", sim, SchemaLoader())
+    proc = Driven(MedicalDataProcessor("tgi", "sk-test", sim, SchemaLoader()), path)
     first = proc.process(NOTE, "clinical_note", record_id="r1")
     assert first.provenance.response_format == "tgi" and first.data.age == 64
     proc.process(NOTE, "clinical_note", record_id="r2")

@@ -11,9 +11,10 @@ import httpx
 import redis
 
 from medq.core.schemas import SchemaLoader
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
-NOTE = "{cid} Patient {i} is a {age}-year-old female with asthma and type 2 diabetes. Salbutamol 100 mcg as needed. Allergic to penicillin. Former smoker."
+NOTE = ("{cid} Patient {i} is a {age}-year-old female with asthma and type 2 diabetes. Salbutamol 100 mcg as needed. "
+        "Allergic to penicillin. Former smoker.")
 
 
 def _records(path: Path, n: int, canary: str = "") -> Path:

@@ -12,10 +12,8 @@ import redis
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
-from tests.conftest import run_cli
-from tests.worker.test_phi_canary import _values, report_scan
-from tests.worker.test_postgres_results import pg_url, store  # noqa: F401 - fixtures
 from medq.state.results.postgres_store import PostgresResultStore
+from tests.helpers import report_scan, run_cli, values
 
 CANARY = "ZZSEALED"
 K1, K2 = Fernet.generate_key().decode(), Fernet.generate_key().decode()
@@ -32,7 +30,7 @@ def _notes(path: Path, n: int) -> Path:
 def _redis_hits(r: redis.Redis) -> tuple[int, list[str]]:
     """Every key in the test database, payloads and results included."""
     keys = list(r.scan_iter(count=1000))
-    return len(keys), [k.decode() for k in keys if any(CANARY.encode() in v for v in _values(r, k))]
+    return len(keys), [k.decode() for k in keys if any(CANARY.encode() in v for v in values(r, k))]
 
 
 def test_payloads_and_redis_results_are_sealed_and_read_back(
@@ -81,7 +79,7 @@ def test_postgres_rows_are_sealed(
 def test_a_malformed_key_stops_the_worker_at_start(medq_env: dict[str, str]) -> None:
     import subprocess
 
-    from tests.conftest import MEDQ
+    from tests.helpers import MEDQ
 
     res = subprocess.run([MEDQ, "worker", "-c", "1"], env={**medq_env, "MEDQ_ENCRYPTION_KEY": "not-a-key"},
                          capture_output=True, text=True, timeout=60)

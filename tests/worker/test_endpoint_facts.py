@@ -21,9 +21,9 @@ import pytest
 
 from medq.core.errors import ContextExceeded, PermanentError, RequestRejected
 from medq.tools.simulator import LLAMA_CPP_JSON_SCHEMA_REFUSAL
-from tests.conftest import MEDQ, REPO, Proc, free_port, wait_http
-from worker.llm.facts import EndpointFacts, learn_endpoint
+from tests.helpers import MEDQ, REPO, Proc, free_port, wait_http
 from worker.llm.client import AsyncLLMClient, FormatRejected, LLMClient, error_for_status
+from worker.llm.facts import EndpointFacts, learn_endpoint
 
 # A word that stands for the note: no message medq makes may repeat it.
 CANARY = "Zebrafishcanary"

@@ -16,9 +16,7 @@ import base64
 import hashlib
 import json
 import re
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,111 +25,25 @@ import pytest
 import redis
 
 from medq.core.errors import EndpointMisconfigured, RequestRejected
-from tests.conftest import MEDQ, Proc, free_port, run_cli, wait_http
-from tests.worker.test_phi_canary import CANARY, _decoded, _values
+from tests.helpers import (
+    CHINESE,
+    ESCAPED,
+    MEDQ,
+    MODELS,
+    NEEDLES,
+    SHORT_LINES,
+    Proc,
+    Server,
+    echo,
+    free_port,
+    hits,
+    redis_hits,
+    run_cli,
+    wait_http,
+)
 from worker.llm.client import FormatRejected, LLMClient, error_for_status
 
-# Three notes that the old check (a 16-character window shared with the request) let
-# through: lines shorter than the window, Chinese (which the echo JSON-escapes), and
-# characters JSON escapes (quotes, backslashes, newlines).
-SHORT_LINES = f"{CANARY}01\nBP 150/95\nHR 88\nAF\nwarfarin 5mg\nINR 2.4\n"
-CHINESE = "患者张伟\n男，六十四岁。\n高血压，二型糖尿病。\n二甲双胍五百毫克。\n"
-ESCAPED = 'Pt said "ZZQUOTE stop"\nC:\\ward\\ZZSLASH\ttab\n'
-NEEDLES = (CANARY, "张伟", "六十四岁", "二型糖尿病", 'said "ZZQUOTE', "ZZQUOTE", "ZZSLASH")
 PASSWORD = "s3cretpw"
-
-
-def _unescaped(text: str) -> str:
-    """``text`` with JSON escapes undone, at any depth of escaping (a message quoted in
-    JSON stored in JSON): what a reader of the stored value would see."""
-    for _ in range(4):
-        text = re.sub(r"\\+u([0-9a-fA-F]{4})", lambda m: chr(int(m[1], 16)), text)
-        text = re.sub(r"\\+n", "\n", text)
-        text = re.sub(r"\\+t", "\t", text)
-        text = re.sub(r'\\+"', '"', text)
-        text = re.sub(r"\\{2,}", r"\\", text)
-    return text
-
-
-def _hits(text: str, needles: tuple[str, ...]) -> list[str]:
-    plain = _unescaped(text)
-    return [n for n in needles if n in text or n in plain]
-
-
-def redis_hits(r: redis.Redis, needles: tuple[str, ...]) -> dict[str, list[str]]:
-    """Every key, of every type (payloads and results too: they are sealed), with kombu
-    bodies base64-decoded and JSON escapes undone: the keys that hold a needle."""
-    found: dict[str, list[str]] = {}
-    scanned = 0
-    for key in r.scan_iter(count=1000):
-        scanned += 1
-        for value in _values(r, key):
-            text = _decoded(key + b" " + value).decode("utf-8", "replace")
-            hits = _hits(text, needles)
-            if hits:
-                found.setdefault(key.decode(errors="replace"), []).extend(hits)
-    assert scanned > 0
-    return found
-
-
-class _Server:
-    """An HTTP server of the test's own, on 127.0.0.1, in a thread of this process."""
-
-    def __init__(self, answer: Callable[[BaseHTTPRequestHandler, bytes], tuple[int, dict[str, str], bytes]]) -> None:
-        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                server.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-                status, headers, out = answer(self, body)
-                self.send_response(status)
-                for k, v in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            do_GET = do_POST = _serve
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_port}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-MODELS = json.dumps({"object": "list", "data": [{"id": "medq-simulator", "object": "model"}]}).encode()
-
-
-def _echo(handler: BaseHTTPRequestHandler, body: bytes) -> tuple[int, dict[str, str], bytes]:
-    """A server or proxy refusing a request, quoting it back: the turn it names (the
-    note's, last) and then the request's messages JSON."""
-    if handler.command == "GET":
-        return 200, {}, MODELS
-    messages = json.loads(body)["messages"]
-    said = f"bad request in {json.dumps(messages[-1])}: {json.dumps(messages)}"
-    return 400, {}, json.dumps({"error": {"message": said}}).encode()
-
-
-@pytest.fixture
-def servers() -> Iterator[Callable[..., _Server]]:
-    started: list[_Server] = []
-
-    def start(answer: Callable[[BaseHTTPRequestHandler, bytes], tuple[int, dict[str, str], bytes]]) -> _Server:
-        started.append(_Server(answer))
-        return started[-1]
-
-    yield start
-    for s in started:
-        s.close()
 
 
 def _notes(path: Path, notes: dict[str, str]) -> Path:
@@ -164,26 +76,26 @@ def test_an_error_message_says_what_the_server_said_in_kind_never_its_words() ->
 
 
 def test_an_endpoint_that_echoes_the_request_leaks_no_note(
-    r: redis.Redis, medq_env: dict[str, str], worker: Callable[..., Proc], servers: Callable[..., _Server],
+    r: redis.Redis, medq_env: dict[str, str], worker: Callable[..., Proc], servers: Callable[..., Server],
     tmp_path: Path,
 ) -> None:
     key = run_cli(["keygen"], medq_env).stdout.strip()
     env = {**medq_env, "MEDQ_ENCRYPTION_KEY": key}
-    echo = servers(_echo)
-    proc = worker(echo.base, "--loglevel", "DEBUG", env={"MEDQ_ENCRYPTION_KEY": key})
+    echoer = servers(echo)
+    proc = worker(echoer.base, "--loglevel", "DEBUG", env={"MEDQ_ENCRYPTION_KEY": key})
     notes = _notes(tmp_path / "notes.jsonl", {"short": SHORT_LINES, "zh": CHINESE, "esc": ESCAPED})
     waited = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "echo", "--wait",
                       "--timeout-s", "90"], env)
     assert waited.returncode == 1, waited.stderr  # every job refused
 
     # the server did get the notes, and did quote them back
-    posted = [json.loads(b) for method, _, _, b in echo.requests if method == "POST"]
+    posted = [json.loads(b) for method, _, _, b in echoer.requests if method == "POST"]
     assert any(SHORT_LINES in m["content"] for p in posted for m in p["messages"])
     docs = _results(env, "echo")
     assert {d["status"] for d in docs.values()} == {"failed"}
     for d in docs.values():
         assert d["error"]["kind"] == "request_rejected"
-        assert re.fullmatch(rf"HTTP 400 from {re.escape(echo.base)} \(body sha256 [0-9a-f]{{12}}\)", d["error"]["message"])
+        assert re.fullmatch(rf"HTTP 400 from {re.escape(echoer.base)} \(body sha256 [0-9a-f]{{12}}\)", d["error"]["message"])
 
     failed = run_cli(["failed", "echo", "--json"], env)
     results = run_cli(["results", "echo"], env)
@@ -192,7 +104,7 @@ def test_an_endpoint_that_echoes_the_request_leaks_no_note(
     assert "failed: request_rejected" in proc.log or "request_rejected" in proc.log  # the log is real
     places = {"worker log": proc.log, "medq failed": failed.stdout + failed.stderr,
               "medq results": results.stdout + results.stderr, "enqueue --wait": waited.stdout + waited.stderr}
-    assert {k: _hits(v, NEEDLES) for k, v in places.items() if _hits(v, NEEDLES)} == {}
+    assert {k: hits(v, NEEDLES) for k, v in places.items() if hits(v, NEEDLES)} == {}
     assert redis_hits(r, NEEDLES) == {}
 
 
@@ -200,7 +112,7 @@ def test_an_endpoint_that_echoes_the_request_leaks_no_note(
 
 
 def test_a_redirecting_endpoint_does_not_get_the_note_sent_elsewhere(
-    r: redis.Redis, medq_env: dict[str, str], worker: Callable[..., Proc], servers: Callable[..., _Server],
+    r: redis.Redis, medq_env: dict[str, str], worker: Callable[..., Proc], servers: Callable[..., Server],
     tmp_path: Path,
 ) -> None:
     elsewhere = servers(lambda h, b: (200, {}, MODELS) if h.command == "GET" else (400, {}, b"{}"))
@@ -220,7 +132,7 @@ def test_a_redirecting_endpoint_does_not_get_the_note_sent_elsewhere(
         f"HTTP 307 from {redirect.base}: medq does not follow redirects on model calls; "
         "point MEDQ_LLM__BASE_URL (or the endpoint in MEDQ_LLM__ENDPOINTS) at the final address"
     )
-    # the SDK path (the start-up model check, MedicalDataProcessor.process) does not follow either
+    # the blocking path (the start-up model check, MedicalDataProcessor.process) does not follow either
     with pytest.raises(EndpointMisconfigured, match="HTTP 307"):
         LLMClient(redirect.base, "x", "m").complete([{"role": "user", "content": "hi"}], response_format=None,
                                                     max_tokens=1, temperature=0.0)
@@ -274,7 +186,7 @@ def test_credentials_in_the_endpoint_url_are_sent_and_shown_nowhere(
     assert redis_hits(r, (PASSWORD,)) == {}
 
 
-def test_credentials_in_the_url_authenticate_both_clients(servers: Callable[..., _Server]) -> None:
+def test_credentials_in_the_url_authenticate_both_clients(servers: Callable[..., Server]) -> None:
     answer = json.dumps({"model": "m", "choices": [{"message": {"content": "{}"}, "finish_reason": "stop"}],
                          "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
     seen = servers(lambda h, b: (200, {}, answer))

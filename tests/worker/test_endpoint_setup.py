@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from tests.conftest import MEDQ, Proc, free_port, run_cli, wait_http, wait_log
+from tests.helpers import MEDQ, Proc, free_port, run_cli, wait_http, wait_log
 
 SHORT = "Patient is a 64-year-old man with hypertension on amlodipine 5 mg."
 # About 20,000 characters: with medq's prompt, far past a 2,048-token context.

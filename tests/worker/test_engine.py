@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 NOTE = "Patient {i} is a {age}-year-old woman with asthma on salbutamol 100 mcg."
 

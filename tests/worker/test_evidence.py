@@ -15,14 +15,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from medq.core.schemas import SchemaLoader
-from tests.conftest import free_port
+from tests.helpers import assert_evidence_slices_note_to_values, free_port
 from worker.extract.evidence import (
     Locator,
     drop_unsupported,
     locate,
     normalize,
     unsupported_paths,
-    value_at,
 )
 from worker.extract.processor import Extraction, MedicalDataProcessor
 
@@ -140,17 +139,6 @@ def test_enums_are_never_unsupported_and_invented_values_are_dropped_by_path() -
     assert cleaned["medications"] == [{"name": "metformin", "dose": None, "frequency": None}]
     assert cleaned["sex"] == "male" and cleaned["smoking_status"] == "former"
     assert unsupported_paths(cleaned, SCHEMA, locate(cleaned, SCHEMA, note)) == []
-
-
-def assert_evidence_slices_note_to_values(note: str, data: dict[str, Any], evidence: dict[str, Any]) -> None:
-    """Every span of every path cuts the note to text that normalises to the path's value."""
-    for path, spans in evidence.items():
-        value = value_at(data, path)
-        for a, b in spans:
-            if isinstance(value, str):
-                assert normalize(note[a:b]) == normalize(value), path
-            else:
-                assert Decimal(normalize(note[a:b])) == Decimal(repr(value)), path
 
 
 # ------------------------------------------------------------------ through the processor

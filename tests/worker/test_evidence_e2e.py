@@ -8,8 +8,7 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import run_cli
-from tests.worker.test_evidence import assert_evidence_slices_note_to_values
+from tests.helpers import assert_evidence_slices_note_to_values, run_cli
 
 NOTES = {
     "en": "Mr Lee is a 72-year-old male with hypertension. Metformin 500 mg twice daily. Never smoker.",

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.conftest import MEDQ, Proc, free_port, run_cli, wait_http
+from tests.helpers import MEDQ, Proc, free_port, run_cli, wait_http
 
 
 def test_flower_will_not_start_without_credentials(medq_env: dict[str, str]) -> None:

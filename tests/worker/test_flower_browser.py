@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import MEDQ, REPO, Proc, free_port, headless_chromium, wait_http
+from tests.helpers import MEDQ, REPO, Proc, free_port, headless_chromium, wait_http
 
 CANARY = "ZZBROWSER"
 ARTIFACTS = REPO / "tests" / "artifacts"

@@ -1,9 +1,16 @@
-"""How servers' error answers become medq's errors: back-pressure is not failure."""
+"""How servers' error answers, and sends without one, become medq's errors: back-pressure
+is not failure. Each case goes over HTTP, through both clients (``LLMClient``, blocking;
+``AsyncLLMClient``, the worker engine's): one table, whichever path asks."""
 
 from __future__ import annotations
 
-import httpx
-import openai
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
 import pytest
 
 from medq.core.errors import (
@@ -15,15 +22,49 @@ from medq.core.errors import (
     RequestRejected,
     ServerError,
 )
-from worker.llm.client import FormatRejected, LLMClient
+from medq.state.metrics import metrics
+from tests.helpers import free_port
+from tests.llm_paths import PATHS, complete
+from worker.llm.client import FormatRejected
 
-def status_error(status: int, message: str, headers: dict[str, str] | None = None) -> openai.APIStatusError:
-    request = httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
-    response = httpx.Response(status, headers=headers or {}, request=request)
-    cls = {429: openai.RateLimitError, 400: openai.BadRequestError}.get(status, openai.InternalServerError)
-    return cls(message, response=response, body={"error": {"message": message}})
+HI = [{"role": "user", "content": "hi"}]
 
 
+class _Answering:
+    """A server of the test's own that answers every request with ``answer`` (status, headers, body)."""
+
+    def __init__(self) -> None:
+        self.answer: tuple[int, dict[str, str], bytes] = (200, {}, b"{}")
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, headers, body = outer.answer
+                self.send_response(status)
+                for k, v in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[_Answering]:
+    s = _Answering()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     ("status", "message", "expected", "charged"),
     [
@@ -41,10 +82,41 @@ def status_error(status: int, message: str, headers: dict[str, str] | None = Non
         (404, "404 page not found", RequestRejected, None),  # a base URL without /v1: not the model
     ],
 )
-def test_server_errors_are_classified(status: int, message: str, expected: type, charged: bool | None) -> None:
-    client = LLMClient("http://127.0.0.1:1/v1", "x", "m")
-    err = client._translate(status_error(status, message, {"retry-after": "3"}))
+def test_server_errors_are_classified(
+    server: _Answering, path: str, status: int, message: str, expected: type, charged: bool | None
+) -> None:
+    server.answer = (status, {"retry-after": "3"}, json.dumps({"error": {"message": message}}).encode())
+    with pytest.raises(expected) as caught:
+        complete(path, server.base, HI)
+    err = caught.value
     assert type(err) is expected
+    assert err.message.startswith(f"HTTP {status} from {server.base}") and message not in err.message
+    assert err.__cause__ is None  # the server's words are not chained into a logged traceback
     if charged is not None:
         assert err.charged is charged  # back-pressure waits; charged errors spend the retry budget
         assert err.retry_after_s == 3
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_answer_without_a_completion_is_a_server_error(server: _Answering, path: str) -> None:
+    server.answer = (200, {}, b'{"choices": []}')
+    with pytest.raises(ServerError, match=r"answered HTTP 200 without a chat completion in it$"):
+        complete(path, server.base, HI)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_no_answer_is_unavailable_or_a_timeout_and_counted(path: str) -> None:
+    refused = f"http://127.0.0.1:{free_port()}/v1"
+    metrics.take()
+    with pytest.raises(EndpointUnavailable, match=rf"^cannot connect to {refused} \(\w+\)$") as caught:
+        complete(path, refused, HI)
+    assert caught.value.__cause__ is None
+    with socket.socket() as silent:  # accepts the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        with pytest.raises(EndpointTimeout, match=rf"^no answer from {url} within the timeout$"):
+            complete(path, url, HI, timeout_s=0.3)
+    counted = metrics.take()
+    assert counted[f"medq_llm_errors_total|endpoint={refused}|kind={EndpointUnavailable.kind}"] == 1
+    assert counted[f"medq_llm_errors_total|endpoint={url}|kind={EndpointTimeout.kind}"] == 1

@@ -11,27 +11,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from tests.conftest import Proc, run_cli, wait_log
-from tests.worker.test_evidence import assert_evidence_slices_note_to_values
-
-CANARY = "CANARY-LONG-7731"
-SECTION = (
-    "{title}:\n"
-    "Day {n}: reviewed on the ward round. Observations stable overnight, eating and drinking, "
-    "mobilising with the physiotherapist. Plan discussed with the family.\n"
-    "Bloods: sodium 138, potassium 4.1, creatinine 92, CRP trending down.\n\n"
-)
-TITLES = ["History", "Progress", "Investigations", "Plan"]
-
-
-def discharge_summary(chars: int = 40_000) -> str:
-    head = f"DISCHARGE SUMMARY {CANARY}\nMr Lee is a 72-year-old man admitted with pneumonia.\n\n"
-    body, n = [], 0
-    while len(head) + sum(map(len, body)) < chars - 200:
-        body.append(SECTION.format(title=TITLES[n % len(TITLES)], n=n))
-        n += 1
-    tail = "Discharge medications:\nAmoxicillin 500 mg three times daily. Metformin 500 mg twice daily.\n"
-    return head + "".join(body) + tail
+from tests.helpers import LONG_CANARY, Proc, assert_evidence_slices_note_to_values, discharge_summary, run_cli, wait_log
 
 
 def test_a_40k_character_note_is_read_in_pieces_that_fit_and_merged(
@@ -61,4 +41,4 @@ def test_a_40k_character_note_is_read_in_pieces_that_fit_and_merged(
     # the pieces' lists are merged, and their evidence points into the whole note, late pieces too
     assert len(doc["data"]["diagnoses"]) >= 2
     assert max(a for spans in doc["evidence"].values() for a, _ in spans) > len(note) // 2
-    assert CANARY not in proc.log and CANARY not in res.stderr
+    assert LONG_CANARY not in proc.log and LONG_CANARY not in res.stderr

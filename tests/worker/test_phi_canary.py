@@ -8,7 +8,6 @@ events, Flower's pages and API, or any other Redis key.
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -18,45 +17,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from tests.conftest import MEDQ, Proc, free_port, run_cli, wait_http
-
-CANARY = "ZZCANARY"
-
-
-def _values(r: redis.Redis, key: bytes) -> list[bytes]:
-    t = r.type(key)
-    if t == b"string":
-        return [r.get(key) or b""]
-    if t == b"hash":
-        return [k + b"=" + v for k, v in r.hgetall(key).items()]
-    if t == b"list":
-        return r.lrange(key, 0, -1)
-    if t == b"set":
-        return list(r.smembers(key))
-    if t == b"zset":
-        return [m for m, _ in r.zrange(key, 0, -1, withscores=True)]
-    return []
-
-
-def report_scan(name: str, places: dict[str, int], hits: int) -> None:
-    """Write what a canary scan looked at to tests/artifacts/ (for the closing notes)."""
-    from tests.conftest import REPO
-
-    out = REPO / "tests" / "artifacts"
-    out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {name}", "", "| place | scanned |", "|---|---|", *(f"| {k} | {v} |" for k, v in places.items()),
-             "", f"total {sum(places.values())} places, canary hits: {hits}", ""]
-    (out / f"privacy-scan-{name}.md").write_text("\n".join(lines), encoding="utf-8")
-
-
-def _decoded(published: bytes) -> bytes:
-    """A message published on Redis, with its kombu body (base64) decoded next to it."""
-    _, _, data = published.partition(b" ")
-    try:
-        body = json.loads(data).get("body")
-        return published + b" " + base64.b64decode(body) if isinstance(body, str) else published
-    except (ValueError, AttributeError):
-        return published
+from tests.helpers import CANARY, MEDQ, Proc, decoded, free_port, report_scan, run_cli, values, wait_http
 
 
 def _scanned_keys(r: redis.Redis) -> int:
@@ -71,7 +32,7 @@ def _leaks(r: redis.Redis) -> dict[str, int]:
         if key.startswith((b"medq:payload:", b"medq:result:")):
             continue
         scanned += 1
-        for value in _values(r, key):
+        for value in values(r, key):
             blobs = [value]
             try:  # kombu messages carry the task body base64-encoded
                 body = json.loads(value).get("body")
@@ -188,16 +149,17 @@ def test_flower_events_and_the_info_log_show_no_record_text(
 
     names = {t["name"] for t in tasks.values()}
     assert {"medq.extract_many", "medq.extract"} <= names  # the batch's messages, its retry and the dead letter
+    datatable = "/tasks/datatable?draw=1&start=0&length=100&order[0][column]=0&columns[0][data]=name&order[0][dir]=asc"
     pages = {path: httpx.get(flower_url + path, auth=auth, timeout=10) for path in
-             ("/", "/tasks", "/workers", "/api/tasks", "/api/workers", "/tasks/datatable?draw=1&start=0&length=100&order[0][column]=0&columns[0][data]=name&order[0][dir]=asc")}
+             ("/", "/tasks", "/workers", "/api/tasks", "/api/workers", datatable)}
     pages.update({f"/task/{tid}": httpx.get(f"{flower_url}/task/{tid}", auth=auth, timeout=10) for tid in tasks})
     assert [(k, p.status_code) for k, p in pages.items() if p.status_code != 200] == []
     assert any("OutputInvalid" in p.text for p in pages.values())  # the failure is there, by its class
     leaks = [path for path, p in pages.items() if CANARY in p.text]
     assert leaks == []
-    decoded = [_decoded(e) for e in events]
-    assert any(b"task-failed" in d for d in decoded) and any(b"task-succeeded" in d for d in decoded)
-    assert [d for d in decoded if CANARY.encode() in d] == []
+    bodies = [decoded(e) for e in events]
+    assert any(b"task-failed" in d for d in bodies) and any(b"task-succeeded" in d for d in bodies)
+    assert [d for d in bodies if CANARY.encode() in d] == []
     assert proc.log.count("succeeded in") >= 2 and CANARY not in proc.log and CANARY not in flower.log
     leaked = _leaks(r)
     assert leaked == {}

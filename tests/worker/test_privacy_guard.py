@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from medq.core.privacy import RemoteEndpointRefused, check_endpoints, why_not_private
-from tests.conftest import MEDQ
+from medq.core.errors import RemoteEndpointRefused
+from medq.core.privacy import check_endpoints, why_not_private
+from tests.helpers import MEDQ
 
 
 @pytest.mark.parametrize(

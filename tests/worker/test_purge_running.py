@@ -12,9 +12,8 @@ from pathlib import Path
 import redis
 import sqlalchemy as sa
 
-from tests.conftest import run_cli
-from tests.worker.test_postgres_results import pg_url  # noqa: F401  (the fixture)
 from medq.state.results.postgres_store import PostgresResultStore
+from tests.helpers import run_cli
 
 N = 60
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import httpx
 
 from medq.core.schemas import SchemaLoader
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _readme_block() -> str:

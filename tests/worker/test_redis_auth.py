@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import private_redis, run_cli
+from tests.helpers import private_redis, run_cli
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import Proc, private_redis, run_cli
+from tests.helpers import Proc, private_redis, run_cli
 
 
 @pytest.fixture

@@ -15,29 +15,11 @@ from medq.core.contract import QUEUE, WATCH_KEY, job_key
 from medq.core.settings import Settings
 from medq.state.jobs import iter_states, job_ids
 from producer.enqueue import Producer
-from tests.conftest import Proc, free_port, run_cli
-from medq.state.results import open_store
-
-NOTE = "Patient {i} is a {age}-year-old male with hypertension on amlodipine 5 mg."
-
-
-def _records(path: Path, n: int) -> Path:
-    path.write_text("".join(json.dumps({"id": f"r{i:03d}", "text": NOTE.format(i=i, age=30 + i)}) + "\n" for i in range(n)))
-    return path
+from tests.helpers import Proc, check_first_success_kept, enqueue_wait, free_port, records, run_cli, stats
 
 
 def _script(base_url: str, *outcomes: str) -> None:
     httpx.post(base_url.removesuffix("/v1") + "/sim/script", json={"outcomes": list(outcomes)}).raise_for_status()
-
-
-def _stats(base_url: str) -> dict:
-    return httpx.get(base_url.removesuffix("/v1") + "/stats").json()
-
-
-def _enqueue_wait(env: dict[str, str], path: Path, batch: str, timeout_s: int = 90) -> int:
-    res = run_cli(["enqueue", str(path), "--schema", "clinical_note", "--batch", batch, "--wait", "--timeout-s", str(timeout_s)], env)
-    assert res.returncode in (0, 1), res.stderr
-    return res.returncode
 
 
 def _results(env: dict[str, str], batch: str) -> list[dict]:
@@ -49,21 +31,21 @@ def test_backpressure_does_not_spend_the_retry_budget_but_failures_do(
 ) -> None:
     base = simulator()
     worker(base, env={"MEDQ_WORKER__MAX_RETRIES": "2", "MEDQ_LLM__FAILURE_THRESHOLD": "10"})
-    one = _records(tmp_path / "one.jsonl", 1)
+    one = records(tmp_path / "one.jsonl", 1)
 
     # Ollama's "server busy" five times and two 429s: the server is busy, the record is fine.
     _script(base, "503", "503", "503", "429", "503", "429", "503")
-    assert _enqueue_wait(medq_env, one, "busy") == 0
+    assert enqueue_wait(medq_env, one, "busy") == 0
     [doc] = _results(medq_env, "busy")
     assert doc["status"] == "succeeded" and doc["attempts"] == 8
 
     # Three 500s with a budget of two retries: a dead letter that says why.
     _script(base, "500", "500", "500")
-    assert _enqueue_wait(medq_env, one, "broken") == 1
+    assert enqueue_wait(medq_env, one, "broken") == 1
     [doc] = _results(medq_env, "broken")
     assert doc["error"]["kind"] == "server_error"
     assert "gave up after 3 failed attempts" in doc["error"]["message"]
-    assert _stats(base)["requests"] == 8 + 3  # one HTTP request per attempt: no SDK retries underneath
+    assert stats(base)["requests"] == 8 + 3  # one HTTP request per attempt: no SDK retries underneath
 
 
 def test_a_second_delivery_of_a_running_job_does_not_run_it_again(
@@ -71,7 +53,7 @@ def test_a_second_delivery_of_a_running_job_does_not_run_it_again(
 ) -> None:
     base = simulator("--latency-ms", "1500")
     worker(base)
-    res = run_cli(["enqueue", str(_records(tmp_path / "one.jsonl", 1)), "--schema", "clinical_note", "--batch", "dup"], medq_env)
+    res = run_cli(["enqueue", str(records(tmp_path / "one.jsonl", 1)), "--schema", "clinical_note", "--batch", "dup"], medq_env)
     assert res.returncode == 0, res.stderr
     [st] = list(iter_states(r, "dup"))
     deadline = time.monotonic() + 20
@@ -79,22 +61,11 @@ def test_a_second_delivery_of_a_running_job_does_not_run_it_again(
         time.sleep(0.05)
     # What a visibility-timeout redelivery looks like: the same job id, sent again while it runs.
     Producer(Settings(redis_url=medq_env["MEDQ_REDIS_URL"])).send([st.job_id])
-    assert _enqueue_wait(medq_env, tmp_path / "one.jsonl", "dup") == 0
+    assert enqueue_wait(medq_env, tmp_path / "one.jsonl", "dup") == 0
     time.sleep(3)  # the second delivery comes back after the lease and finds the job done
     [doc] = _results(medq_env, "dup")
     assert doc["status"] == "succeeded" and doc["attempts"] == 1
-    assert _stats(base)["requests"] == 1
-
-
-def check_first_success_kept(url: str) -> None:
-    store = open_store(url)
-    base = {"job_id": f"first-wins-{time.time_ns()}", "batch": "b", "id": "r1", "schema": "clinical_note"}
-    assert store.put({**base, "status": "failed", "data": None})
-    assert store.put({**base, "status": "succeeded", "data": {"age": 1}})  # a requeue replaces a failure
-    assert not store.put({**base, "status": "succeeded", "data": {"age": 2}})  # a second run does not
-    assert not store.put({**base, "status": "failed", "data": None})
-    assert store.get(base["job_id"])["data"] == {"age": 1}
-    store.close()
+    assert stats(base)["requests"] == 1
 
 
 def test_redis_result_store_keeps_the_first_success(redis_url: str, r: redis.Redis) -> None:
@@ -109,7 +80,7 @@ def test_jobs_fail_over_from_a_dead_endpoint_and_spread_by_weight(
     endpoints = f"{heavy}*3,{light},{dead}"
     # caps high enough that no endpoint is ever full: a full one goes last, whatever its weight
     worker(heavy, env={"MEDQ_LLM__ENDPOINTS": endpoints, "MEDQ_LLM__MAX_IN_FLIGHT": "64"})
-    assert _enqueue_wait(medq_env, _records(tmp_path / "recs.jsonl", 120), "spread") == 0
+    assert enqueue_wait(medq_env, records(tmp_path / "recs.jsonl", 120), "spread") == 0
     docs = _results(medq_env, "spread")
     used = Counter(d["endpoint"] for d in docs)
     assert sum(used.values()) == 120 and used[dead] == 0
@@ -123,7 +94,7 @@ def test_a_started_job_whose_message_was_lost_is_sent_again(
     r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., Proc], tmp_path: Path
 ) -> None:
     env = {"MEDQ_WORKER__VISIBILITY_TIMEOUT_S": "2", "MEDQ_WORKER__LEASE_S": "1"}
-    res = run_cli(["enqueue", str(_records(tmp_path / "one.jsonl", 1)), "--schema", "clinical_note", "--batch", "orphan"],
+    res = run_cli(["enqueue", str(records(tmp_path / "one.jsonl", 1)), "--schema", "clinical_note", "--batch", "orphan"],
                   {**medq_env, **env})
     assert res.returncode == 0, res.stderr
     # as if a worker had started it and died, and its message had been lost with it

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import REPO, headless_chromium, run_cli
+from tests.helpers import REPO, headless_chromium, run_cli
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 NOTES = {
@@ -58,7 +58,8 @@ def test_review_page_highlights_each_value_on_its_words_offline(
     assert "note from the stored record" in early.read_text(encoding="utf-8")
     assert "氨氯地平" in early.read_text(encoding="utf-8")
 
-    worker(simulator(), env={"MEDQ_ENCRYPTION_KEY": medq_env["MEDQ_ENCRYPTION_KEY"]})  # the simulator copies phrases of the note into the values
+    # the simulator copies phrases of the note into the values
+    worker(simulator(), env={"MEDQ_ENCRYPTION_KEY": medq_env["MEDQ_ENCRYPTION_KEY"]})
     res = run_cli([*enq, "--wait", "--timeout-s", "120"], medq_env)  # the same batch: waits for it
     assert res.returncode == 0 and res.stdout.strip() == batch, res.stderr
 

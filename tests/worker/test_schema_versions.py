@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 V1 = """name: lab_report
 version: 1

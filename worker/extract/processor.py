@@ -57,7 +57,10 @@ from medq.core.schemas import ExtractionSchema, SchemaLoader, build_schema
 from medq.core.settings import EndpointSettings
 from medq.core.tokens import estimate_text_tokens
 from medq.core.urls import redact_url
+from medq.state.endpoints import EndpointGate
 from worker.extract.evidence import Evidence, drop_unsupported, locate, unsupported_paths
+from worker.extract.long_notes import merge_answers, split_note
+from worker.extract.runaway import complete_missing, dedupe_lists, is_runaway, salvage
 from worker.llm.client import (
     RESPONSE_FORMATS,
     AsyncLLMClient,
@@ -67,12 +70,8 @@ from worker.llm.client import (
     Usage,
     response_format_for,
 )
-from worker.extract.long_notes import merge_answers, split_note
-from medq.state.endpoints import EndpointGate
-from worker.extract.runaway import complete_missing, dedupe_lists, is_runaway, salvage
 from worker.llm.speed import SpeedModel
 
-_UNSET = object()
 Strategy = Literal["single", "fields"]
 Grounding = Literal["flag", "drop"]
 
@@ -224,7 +223,7 @@ class MedicalDataProcessor:
         self.speed = SpeedModel(timeout_s, max(timeout_max_s, timeout_s))
         self._parts: dict[tuple[str, int, bool], list[_Part]] = {}
         self._fixed_tokens: dict[tuple[str, int, bool], int] = {}  # the longest prompt without the note, estimated
-        self._formats: dict[tuple[str, str, int], Any] = {}
+        self._formats: dict[tuple[str, str, int], dict[str, Any] | None] = {}
         # The engine's client: same endpoint and gate, made now, connected on first use.
         self.aclient = AsyncLLMClient(url, api_key, model, timeout_s, gate=gate)
 
@@ -433,62 +432,65 @@ class MedicalDataProcessor:
         except ValidationError:
             return None
 
+    # The two drivers of one call: the request is built, and a refusal read, by the same
+    # steps (_request, _refused); only how the client is called differs.
     def _call(
         self, messages: list[dict[str, str]], sch: ExtractionSchema, max_tokens: int, prov: Provenance, fixed: int
     ) -> Completion | ContextExceeded:
         while True:
-            mode = self._format
-            prompt = self._real_tokens(_estimate_prompt(messages))
-            timeout_s = self.speed.timeout_for(prompt, max_tokens)
+            mode, ask = self._request(messages, sch, max_tokens, fixed)
             try:
-                completion = self.client.complete(
-                    messages,
-                    response_format=self._response_format(mode, sch),
-                    max_tokens=max_tokens,
-                    temperature=self.temperature,
-                    timeout_s=timeout_s,
-                )
-                prov.response_format = mode
-                self._observe_speed(completion)
-                return completion
-            except FormatRejected:
-                if not self._step_down(mode):
-                    raise
-            except ContextExceeded as refused:  # the extraction reads it: pieces, smaller
-                return refused
+                return self._answered(mode, prov, self.client.complete(messages, **ask))
+            except (FormatRejected, ContextExceeded) as exc:
+                if (refused := self._refused(mode, exc)) is not None:
+                    return refused
 
     async def _acall(
         self, messages: list[dict[str, str]], sch: ExtractionSchema, max_tokens: int, prov: Provenance, fixed: int
     ) -> Completion | ContextExceeded:
         while True:
-            mode = self._format
-            prompt = self._real_tokens(_estimate_prompt(messages))
-            timeout_s = self.speed.timeout_for(prompt, max_tokens)
+            mode, ask = self._request(messages, sch, max_tokens, fixed)
             try:
-                completion = await self.aclient.complete(
-                    messages,
-                    response_format=self._response_format(mode, sch),
-                    max_tokens=max_tokens,
-                    temperature=self.temperature,
-                    fixed=fixed,
-                    timeout_s=timeout_s,
-                )
-                prov.response_format = mode
-                self._observe_speed(completion)
-                return completion
-            except FormatRejected:
-                if not self._step_down(mode):
-                    raise
-            except ContextExceeded as refused:  # the extraction reads it: pieces, smaller
-                return refused
+                return self._answered(mode, prov, await self.aclient.complete(messages, **ask))
+            except (FormatRejected, ContextExceeded) as exc:
+                if (refused := self._refused(mode, exc)) is not None:
+                    return refused
+
+    def _request(
+        self, messages: list[dict[str, str]], sch: ExtractionSchema, max_tokens: int, fixed: int
+    ) -> tuple[str, dict[str, Any]]:
+        """The response_format mode tried now, and the client's keyword arguments: the
+        timeout follows the endpoint's measured speed for this prompt and answer."""
+        mode = self._format
+        timeout_s = self.speed.timeout_for(self._real_tokens(_estimate_prompt(messages)), max_tokens)
+        return mode, {
+            "response_format": self._response_format(mode, sch),
+            "max_tokens": max_tokens,
+            "temperature": self.temperature,
+            "fixed": fixed,
+            "timeout_s": timeout_s,
+        }
+
+    def _answered(self, mode: str, prov: Provenance, completion: Completion) -> Completion:
+        prov.response_format = mode
+        self._observe_speed(completion)
+        return completion
+
+    def _refused(self, mode: str, exc: FormatRejected | ContextExceeded) -> ContextExceeded | None:
+        """A prompt too long goes back to the extraction (which reads it: pieces, smaller);
+        a refused response_format steps down to the next (None: ask again), or raises."""
+        if isinstance(exc, ContextExceeded):
+            return exc
+        if not self._step_down(mode):
+            raise exc
+        return None
 
     def _response_format(self, mode: str, sch: ExtractionSchema) -> dict[str, Any] | None:
         """Built once per (mode, schema): the grammar form walks the whole schema."""
         key = (mode, sch.name, sch.version)
-        fmt = self._formats.get(key, _UNSET)
-        if fmt is _UNSET:
-            fmt = self._formats[key] = response_format_for(mode, sch.name, sch.json_schema)
-        return fmt  # type: ignore[return-value]
+        if key not in self._formats:
+            self._formats[key] = response_format_for(mode, sch.name, sch.json_schema)
+        return self._formats[key]
 
     def _step_down(self, failed_mode: str) -> bool:
         """Move to the next looser response_format; False when there is none or auto is off."""

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import openai
-
-from medq.core.errors import EndpointUnavailable, MedqError, ModelNotFound
+from medq.core.errors import EndpointTimeout, EndpointUnavailable, MedqError, ModelNotFound
 from medq.core.urls import redact_url
-from worker.llm.client import LLMClient, sdk_client
+from worker.llm.client import LLMClient
 
 # Short: a worker waits for this at start, and an endpoint that is down is only worth a warning.
 CHECK_TIMEOUT_S = 5.0
@@ -49,7 +47,7 @@ class ModelCheck:
             return f"not served (serves: {', '.join(self.served) or 'none listed'})"
         if self.status is ModelStatus.UNCONFIRMED:
             return f"unconfirmed ({self.reason})"
-        return self.status.value
+        return str(self.status.value)
 
     def problem(self) -> str:
         """What is wrong and what to change, for a model that is not served."""
@@ -67,20 +65,24 @@ def check_model(url: str, api_key: str, model: str, timeout_s: float = CHECK_TIM
                 setting: str = "MEDQ_LLM__MODEL") -> ModelCheck:
     """Ask ``url`` whether it serves ``model``: its model list, then a one-token probe."""
     shown = redact_url(url)
-    client = sdk_client(url, api_key, timeout_s)
+    client = LLMClient(url, api_key, model, timeout_s)
     try:
-        served = tuple(str(m.id) for m in client.models.list())
-    except openai.APIConnectionError as exc:  # refused, DNS, or no answer in time
-        return ModelCheck(shown, model, ModelStatus.UNREACHABLE, reason=type(exc).__name__, setting=setting)
-    except Exception:  # noqa: BLE001 - no list here (a 404, TGI's single object): the probe decides
-        served = ()
+        return _check(client, shown, model, setting)
     finally:
         client.close()
+
+
+def _check(client: LLMClient, shown: str, model: str, setting: str) -> ModelCheck:
+    try:
+        served = _served(client.get_json("models"))
+    except (EndpointUnavailable, EndpointTimeout) as exc:  # refused, DNS, or no answer in time
+        return ModelCheck(shown, model, ModelStatus.UNREACHABLE, reason=exc.kind, setting=setting)
+    except Exception:  # noqa: BLE001 - no list here (a 404, not JSON): the probe decides
+        served = ()
     if model in served:
         return ModelCheck(shown, model, ModelStatus.OK, served, setting=setting)
-    probe = LLMClient(url, api_key, model, timeout_s)
     try:
-        probe.complete(PROBE_MESSAGES, response_format=None, max_tokens=1, temperature=0.0)
+        client.complete(PROBE_MESSAGES, response_format=None, max_tokens=1, temperature=0.0)
     except ModelNotFound:
         return ModelCheck(shown, model, ModelStatus.NOT_SERVED, served, setting=setting)
     except EndpointUnavailable:
@@ -88,6 +90,13 @@ def check_model(url: str, api_key: str, model: str, timeout_s: float = CHECK_TIM
     except MedqError as exc:  # busy, loading the model, slow: the name may well be right
         return ModelCheck(shown, model, ModelStatus.UNCONFIRMED, served, exc.kind, setting)
     return ModelCheck(shown, model, ModelStatus.OK, served, setting=setting)
+
+
+def _served(doc: Any) -> tuple[str, ...]:
+    """The model ids of an OpenAI model list (``{"data": [{"id": ...}]}``); none from
+    anything else (TGI's single object)."""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return tuple(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m) if isinstance(data, list) else ()
 
 
 def check_models(settings: Any, timeout_s: float = CHECK_TIMEOUT_S) -> list[ModelCheck]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from medq.core.crypto import Sealer, open_doc, seal_doc
 from medq.core.errors import StoreUnavailable
+from medq.state.jobs import ScriptCalls
 
 metadata = sa.MetaData()
 results = sa.Table(
@@ -80,6 +82,11 @@ class PostgresResultStore:
         ).returning(results.c.job_id)
         with _reachable(), self._engine.begin() as conn:
             return conn.execute(upsert).first() is not None
+
+    async def aput(self, doc: dict[str, Any], calls: ScriptCalls | None = None) -> bool:
+        """:meth:`put` in a thread, off the worker's loop. ``calls`` is not used: PostgreSQL
+        cannot see a purge of the job states (the worker deletes such a result afterwards)."""
+        return await asyncio.to_thread(self.put, doc)
 
     def delete(self, job_ids: Iterable[str]) -> int:
         ids = list(job_ids)

@@ -8,10 +8,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+import redis.asyncio
 
-from medq.core.contract import result_key
+from medq.core.contract import job_key, result_key
 from medq.core.crypto import Sealer, open_doc, seal_doc
 from medq.core.errors import StoreUnavailable
+from medq.state.jobs import ScriptCalls
 
 _CHUNK = 500
 
@@ -27,7 +29,7 @@ def reachable() -> Iterator[None]:
 
 # One round trip, atomic: a stored success is never replaced (first success wins).
 # KEYS[1] result, KEYS[2] (optional) the job hash: no result for a job purged while it
-# ran (gone from the job states; see worker.jobs.FINISH_LUA)   ARGV[1] value, ARGV[2] ttl_s
+# ran (gone from the job states; see medq.state.jobs.FINISH_LUA)   ARGV[1] value, ARGV[2] ttl_s
 PUT_LUA = """
 if KEYS[2] then
   local live = redis.call('HMGET', KEYS[2], 'status', 'batch')
@@ -48,9 +50,12 @@ return 1
 
 
 class RedisResultStore:
-    def __init__(self, url: str, ttl_s: int | None = None, sealer: Sealer | None = None) -> None:
+    def __init__(
+        self, url: str, ttl_s: int | None = None, sealer: Sealer | None = None, beside_jobs: bool = False,
+    ) -> None:
         self._url = url
         self.sealer = sealer
+        self.beside_jobs = beside_jobs  # in the job states' Redis: written through the worker's pipelines
         self._r = redis.Redis.from_url(url)
         self.ttl_s = ttl_s
         self._put = self._r.register_script(PUT_LUA)
@@ -65,13 +70,17 @@ class RedisResultStore:
         with reachable():
             return bool(self._put(keys=[result_key(doc["job_id"])], args=[value, self.ttl_s or 0]))
 
-    async def aput(self, doc: dict[str, Any]) -> bool:
-        """:meth:`put` on the running asyncio loop (the worker engine's)."""
+    async def aput(self, doc: dict[str, Any], calls: ScriptCalls | None = None) -> bool:
+        """:meth:`put` on the running asyncio loop (the worker engine's). Beside the job
+        states, through ``calls`` (their pipelines), with the job key: no result for a job
+        purged while it ran."""
+        value = self.encode(doc)  # sealed with this store's key
+        if self.beside_jobs and calls is not None:
+            keys = [result_key(doc["job_id"]), job_key(doc["job_id"])]
+            with reachable():
+                return bool(await calls.script(PUT_LUA, keys, [value, self.ttl_s or 0]))
         if self._aput is None:
-            import redis.asyncio
-
             self._aput = redis.asyncio.Redis.from_url(self._url).register_script(PUT_LUA)
-        value = self.encode(doc)
         with reachable():
             return bool(await self._aput(keys=[result_key(doc["job_id"])], args=[value, self.ttl_s or 0]))
 

@@ -4,6 +4,7 @@ Real worker, simulator and exporter processes."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,8 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MEDQ, Proc, free_port, run_cli, wait_http
+from medq.state.prometheus import HELP
+from tests.helpers import MEDQ, REPO, Proc, free_port, run_cli, wait_http
 
 CANARY = "ZZMETRIC"
 
@@ -67,13 +69,8 @@ def test_metrics_count_jobs_calls_tokens_reasks_and_truncations(
     assert CANARY not in text and "m0" not in text  # labels are schemas, endpoints and kinds only
 
     # the Grafana dashboard in configs/ asks only for series the exporter serves
-    import re
-
-    from tests.conftest import REPO
-
     dashboard = json.loads((REPO / "configs" / "grafana-medq.json").read_text())
     asked = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"medq_[a-z_]+", t["expr"])}
-    from medq.tools.metrics_server import HELP
 
     # what was served in this run (gauges included), and every counter or histogram the
     # exporter knows (a counter is only served once something was counted)

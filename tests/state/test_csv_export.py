@@ -15,8 +15,8 @@ import redis
 
 from medq.core.errors import MedqError
 from medq.core.schemas import SchemaLoader
-from tests.conftest import REPO, run_cli
 from medq.state.results.export import csv_lines
+from tests.helpers import REPO, run_cli
 
 JOB_COLUMNS = ["job_id", "batch", "schema", "schema_version", "status", "error_kind", "error_message",
                "model", "endpoint", "attempts", "latency_ms", "usage", "metadata"]
@@ -89,7 +89,7 @@ def test_a_real_batch_exports_one_row_per_record_with_a_column_per_value(
     ]
     data_columns = header[1 : -len(JOB_COLUMNS)]
     assert [row["id"] for row in rows] == [d["id"] for d in docs] == [f"r{i}" for i in range(6)]
-    for row, doc in zip(rows, docs):
+    for row, doc in zip(rows, docs, strict=True):
         expected = _flat(doc["data"] or {})
         assert set(expected) <= set(data_columns)  # no value left out
         assert {c: row[c] for c in data_columns} == {c: expected.get(c, "") for c in data_columns}

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from tests.conftest import Proc, run_cli, wait_log
 from medq.state.endpoints import endpoint_snapshot
+from tests.helpers import Proc, run_cli, wait_log
 
 NOTE = "Mr Lee is a {age}-year-old man with hypertension. Amlodipine 5 mg once daily."
 

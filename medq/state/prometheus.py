@@ -1,6 +1,6 @@
-"""``medq metrics``: medq's metrics for Prometheus, beside Flower's.
+"""medq's metrics for Prometheus (``medq metrics``, ``medq api``'s /metrics), beside Flower's.
 
-Workers add their counts to one Redis hash (``worker/metrics.py``); this exporter
+Workers add their counts to one Redis hash (``medq.state.metrics``); this collector
 reads it at each scrape, with the gauges that Redis knows now: messages waiting and
 unacknowledged, and each endpoint's requests in flight, adaptive cap and cool-down.
 """
@@ -17,8 +17,8 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.registry import Collector
 
 from medq.core.contract import QUEUE
+from medq.state.endpoints import endpoint_snapshots
 from medq.state.metrics import METRICS_KEY, RUNNING_KEY, parse_field, worker_processes
-
 
 HELP = {
     "medq_jobs": "Jobs finished by schema and outcome (succeeded, failed, retried: a retry was scheduled).",
@@ -43,8 +43,6 @@ class MedqCollector(Collector):
         self.max_in_flight = max_in_flight
 
     def collect(self) -> Iterator[Any]:
-        from medq.state.endpoints import endpoint_snapshots
-
         stored: dict[bytes, bytes] = self.r.hgetall(METRICS_KEY)  # type: ignore[assignment]
         raw = {k.decode(): float(v) for k, v in stored.items()}
         counters: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)

@@ -6,7 +6,7 @@ import json
 
 import redis
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_bench_reports_every_figure_from_one_run(r: redis.Redis, medq_env: dict[str, str]) -> None:

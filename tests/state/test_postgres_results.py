@@ -3,44 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import redis
 import sqlalchemy as sa
 
-from tests.conftest import run_cli
 from medq.state.results.postgres_store import PostgresResultStore
-
-ADMIN_URL = os.environ.get("MEDQ_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-TEST_DB = "medq_test"
-PG_URL = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + f"/{TEST_DB}"
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> str:
-    try:
-        engine = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            if not conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": TEST_DB}).scalar():
-                conn.execute(sa.text(f'CREATE DATABASE "{TEST_DB}"'))
-        engine.dispose()
-    except sa.exc.OperationalError:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432")
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-    return PG_URL
-
-
-@pytest.fixture
-def store(pg_url: str) -> Iterator[PostgresResultStore]:
-    s = PostgresResultStore(pg_url)
-    with s._engine.begin() as conn:
-        conn.execute(sa.text("TRUNCATE medq_results"))
-    yield s
-    s.close()
+from tests.helpers import check_first_success_kept, run_cli
 
 
 def _doc(job_id: str, status: str = "succeeded", **kw: object) -> dict:
@@ -81,6 +51,4 @@ def test_worker_writes_results_to_postgres(
 
 
 def test_postgres_result_store_keeps_the_first_success(pg_url: str) -> None:
-    from tests.worker.test_reliability import check_first_success_kept
-
     check_first_success_kept(pg_url)

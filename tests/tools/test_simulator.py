@@ -28,7 +28,7 @@ import pytest
 
 from medq.core.schemas import SchemaLoader
 from medq.tools.simulator import FAULT_KINDS, SimConfig, draw_outcome, generate, parse_faults
-from tests.conftest import MEDQ, REPO, Proc, free_port, wait_http
+from tests.helpers import MEDQ, REPO, Proc, free_port, wait_http
 
 NOTE = (
     "72-year-old man seen in clinic. Former smoker, quit 2010. History of type 2 diabetes "

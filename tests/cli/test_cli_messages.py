@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import MEDQ, run_cli
+from tests.helpers import MEDQ, run_cli
 
 
 def _notes(path: Path) -> Path:

@@ -1,26 +1,40 @@
 """The shared endpoint gate against the real Redis: windows, leases, AIMD, the breaker.
 
-Process-level proof (4 workers, one limit) is in tests/chaos; these pin the rules."""
+Process-level proof (4 workers, one limit) is in tests/chaos; these pin the rules, on
+both paths: the blocking calls (``call``) and the worker engine's (``acall``)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
 
 from medq.core.errors import NoCapacity
-from medq.state.endpoints import BACKOFF, FAIL, NEUTRAL, OK, TIMEOUT, EndpointGate, GateConfig
+from medq.state.endpoints import BACKOFF, FAIL, NEUTRAL, OK, TIMEOUT, GateConfig
+from tests.llm_paths import PATHS, DrivenGate
 
 URL = "http://gate.test:1/v1"
 
 
-def gate(r: redis.Redis, **kw: object) -> EndpointGate:
-    cfg = {"max_wait_s": 0.05, "adaptive": False, "max_in_flight": 100, **kw}
-    return EndpointGate(r, URL, GateConfig(**cfg))  # type: ignore[arg-type]
+@pytest.fixture(params=PATHS)
+def gate(request: pytest.FixtureRequest) -> Iterator[Callable[..., DrivenGate]]:
+    made: list[DrivenGate] = []
+
+    def make(r: redis.Redis, **kw: object) -> DrivenGate:
+        cfg = {"max_wait_s": 0.05, "adaptive": False, "max_in_flight": 100, **kw}
+        made.append(DrivenGate(r, URL, GateConfig(**cfg), request.param))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for g in made:
+        g.close()
 
 
-def test_requests_per_min_is_shared_and_says_when_there_is_room(r: redis.Redis) -> None:
+def test_requests_per_min_is_shared_and_says_when_there_is_room(
+    r: redis.Redis, gate: Callable[..., DrivenGate]
+) -> None:
     a, b = gate(r, requests_per_min=5), gate(r, requests_per_min=5)  # two workers, one endpoint
     for g in (a, b, a, b, a):
         g.release(g.acquire(10), OK)
@@ -31,7 +45,7 @@ def test_requests_per_min_is_shared_and_says_when_there_is_room(r: redis.Redis) 
     assert "requests per min" in exc.value.message
 
 
-def test_in_flight_cap_counts_leases_until_released_or_expired(r: redis.Redis) -> None:
+def test_in_flight_cap_counts_leases_until_released_or_expired(r: redis.Redis, gate: Callable[..., DrivenGate]) -> None:
     g = gate(r, max_in_flight=2, lease_s=0.5)
     first, _ = g.acquire(1), g.acquire(1)
     with pytest.raises(NoCapacity, match="in flight"):
@@ -44,7 +58,7 @@ def test_in_flight_cap_counts_leases_until_released_or_expired(r: redis.Redis) -
     assert g.snapshot()["in_flight"] == 2
 
 
-def test_waiting_call_gets_the_slot_when_it_frees(r: redis.Redis) -> None:
+def test_waiting_call_gets_the_slot_when_it_frees(r: redis.Redis, gate: Callable[..., DrivenGate]) -> None:
     g = gate(r, max_in_flight=1, lease_s=0.3, max_wait_s=2)
     g.acquire(1)  # never released: its lease runs out after 0.3 s
     started = time.monotonic()
@@ -52,7 +66,7 @@ def test_waiting_call_gets_the_slot_when_it_frees(r: redis.Redis) -> None:
     assert 0.2 < time.monotonic() - started < 2
 
 
-def test_tokens_are_estimated_then_settled(r: redis.Redis) -> None:
+def test_tokens_are_estimated_then_settled(r: redis.Redis, gate: Callable[..., DrivenGate]) -> None:
     g = gate(r, tokens_per_min=1000)
     lease = g.acquire(600)
     with pytest.raises(NoCapacity, match="tokens per min"):
@@ -61,7 +75,9 @@ def test_tokens_are_estimated_then_settled(r: redis.Redis) -> None:
     g.acquire(600)
 
 
-def test_adaptive_cap_halves_on_backpressure_once_per_second_and_grows_back(r: redis.Redis) -> None:
+def test_adaptive_cap_halves_on_backpressure_once_per_second_and_grows_back(
+    r: redis.Redis, gate: Callable[..., DrivenGate]
+) -> None:
     g = gate(r, adaptive=True, max_in_flight=8)
     g.release(g.acquire(1), BACKOFF)
     assert g.snapshot()["limit"] == 4
@@ -82,7 +98,7 @@ def test_adaptive_cap_halves_on_backpressure_once_per_second_and_grows_back(r: r
     assert g.snapshot()["cuts"] == 2
 
 
-def _timed_call(g: EndpointGate, seconds: float, work: float = 100.0) -> None:
+def _timed_call(g: DrivenGate, seconds: float, work: float = 100.0) -> None:
     def fn() -> tuple[None, int, float]:
         time.sleep(seconds)
         return None, 10, work
@@ -90,7 +106,9 @@ def _timed_call(g: EndpointGate, seconds: float, work: float = 100.0) -> None:
     g.call(1, fn)
 
 
-def test_adaptive_cap_shrinks_when_latency_shows_a_queue_before_any_error(r: redis.Redis) -> None:
+def test_adaptive_cap_shrinks_when_latency_shows_a_queue_before_any_error(
+    r: redis.Redis, gate: Callable[..., DrivenGate]
+) -> None:
     g = gate(r, adaptive=True, max_in_flight=8)
     for _ in range(5):  # the server's own pace: 50 ms for 100 units of work
         _timed_call(g, 0.05)
@@ -109,7 +127,7 @@ def test_adaptive_cap_shrinks_when_latency_shows_a_queue_before_any_error(r: red
     assert fixed.snapshot()["limit"] == 8  # MEDQ_LLM__ADAPTIVE=false: the cap stays
 
 
-def test_breaker_cools_down_then_lets_one_probe_through(r: redis.Redis) -> None:
+def test_breaker_cools_down_then_lets_one_probe_through(r: redis.Redis, gate: Callable[..., DrivenGate]) -> None:
     g = gate(r, failure_threshold=3, cooldown_s=0.4, cooldown_max_s=5, max_in_flight=8, adaptive=True)
     for _ in range(2):
         g.release(g.acquire(1), FAIL)

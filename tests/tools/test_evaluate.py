@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from medq.core.schemas import ExtractionSchema, SchemaLoader, build_schema
+from medq.core.settings import REPO_ROOT
 from medq.tools import samples
 from medq.tools.evaluate import (
     ScoreKind,
@@ -18,8 +20,6 @@ from medq.tools.evaluate import (
     records_by_id,
     values_equal,
 )
-from medq.core.schemas import ExtractionSchema, SchemaLoader, build_schema
-from medq.core.settings import REPO_ROOT
 
 SHIPPED = REPO_ROOT / "configs" / "schemas"
 

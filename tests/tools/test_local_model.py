@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from medq.tools.local_model import MODELS, QWEN_CODER_0_5B, QWEN_CODER_1_5B, LocalModelError, resolve
-from medq.tools.model_parts import PartsError, SplitGGUF, ensure_joined
+from medq.core.errors import LocalModelError, PartsError
+from medq.tools.local_model import MODELS, QWEN_CODER_0_5B, QWEN_CODER_1_5B, resolve
+from medq.tools.model_parts import SplitGGUF, ensure_joined
 
 PART = 3000  # bytes per part: several parts, small enough to be instant
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import redis
 
 from medq.core.contract import batch_key, job_key
-from tests.conftest import run_cli
 from medq.state.results.redis_store import RedisResultStore
+from tests.helpers import run_cli
 
 VITALS_NONE = {"temperature_c": None, "heart_rate_bpm": None, "systolic_bp_mmhg": None,
                "diastolic_bp_mmhg": None, "spo2_pct": None}

@@ -1,0 +1,419 @@
+"""Plain helpers the tests share (fixtures live in the conftest.py files): paths, processes,
+the CLI, a private redis-server, a browser, canary scans and the servers tests stand up.
+Test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from medq.state.results import open_store
+from worker.extract.evidence import normalize, value_at
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_REDIS_URL = os.environ.get("MEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+MEDQ = str(Path(sys.executable).with_name("medq"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, popen: subprocess.Popen, log_path: Path) -> None:
+        self.popen = popen
+        self.log_path = log_path
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 15) -> None:
+        if self.popen.poll() is not None:
+            return
+        os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+
+def wait_http(url: str, proc: Proc | None = None, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"process exited early:\n{proc.log[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
+
+
+def wait_log(proc: Proc, needle: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if needle in proc.log:
+            return
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"process exited early:\n{proc.log[-3000:]}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{needle!r} not in log after {timeout_s}s:\n{proc.log[-3000:]}")
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], stdin: str | None = None, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MEDQ, *args], env=env, input=stdin, capture_output=True, text=True, timeout=timeout_s)
+
+
+@contextmanager
+def private_redis(tmp_path: Path, *options: str) -> Iterator[int]:
+    """A redis-server of the test's own on a free port (no persistence, plus ``options``),
+    for tests that fill, lock or stop it: never the shared one. Yields its port."""
+    port = free_port()
+    with open(tmp_path / f"redis-{port}.log", "wb") as log:
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *options],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        for _ in range(100):  # listening is enough: the caller's client may need credentials
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@contextmanager
+def headless_chromium() -> Iterator[object]:
+    """Debian's Chromium under selenium; skips locally without it, fails in CI."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver are needed (apt-get install -y chromium chromium-driver)")
+        pytest.skip("no chromium / chromedriver (apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+# ------------------------------------------------------------------ batches on the simulator
+
+NOTE = "Patient {i} is a {age}-year-old male with hypertension on amlodipine 5 mg."
+
+
+def records(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"id": f"r{i:03d}", "text": NOTE.format(i=i, age=30 + i)}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def stats(base_url: str) -> dict:
+    return httpx.get(base_url.removesuffix("/v1") + "/stats").json()
+
+
+def enqueue_wait(env: dict[str, str], path: Path, batch: str, timeout_s: int = 90) -> int:
+    res = run_cli(["enqueue", str(path), "--schema", "clinical_note", "--batch", batch,
+                   "--wait", "--timeout-s", str(timeout_s)], env)
+    assert res.returncode in (0, 1), res.stderr
+    return res.returncode
+
+
+def check_first_success_kept(url: str) -> None:
+    store = open_store(url)
+    base = {"job_id": f"first-wins-{time.time_ns()}", "batch": "b", "id": "r1", "schema": "clinical_note"}
+    assert store.put({**base, "status": "failed", "data": None})
+    assert store.put({**base, "status": "succeeded", "data": {"age": 1}})  # a requeue replaces a failure
+    assert not store.put({**base, "status": "succeeded", "data": {"age": 2}})  # a second run does not
+    assert not store.put({**base, "status": "failed", "data": None})
+    assert store.get(base["job_id"])["data"] == {"age": 1}
+    store.close()
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+ADMIN_URL = os.environ.get("MEDQ_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+TEST_DB = "medq_test"
+PG_URL = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + f"/{TEST_DB}"
+
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+OUTAGE_DB = "medq_test_outage"  # a database of these tests' own: others truncate medq_test
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to PostgreSQL until cut; listens again when restored."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        lsock = socket.socket()
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(("127.0.0.1", self.port))
+        lsock.listen(64)
+        self._listener = lsock
+        threading.Thread(target=self._accept, args=(lsock,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        with self._lock:
+            socks, self._socks = self._socks, []
+            lsock, self._listener = self._listener, None
+        for s in [lsock, *socks]:
+            if s is None:
+                continue
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _accept(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = lsock.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not lsock:  # cut meanwhile
+                    client.close()
+                    upstream.close()
+                    return
+                self._socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+# ------------------------------------------------------------------ canaries
+
+CANARY = "ZZCANARY"
+
+
+def values(r: redis.Redis, key: bytes) -> list[bytes]:
+    t = r.type(key)
+    if t == b"string":
+        return [r.get(key) or b""]
+    if t == b"hash":
+        return [k + b"=" + v for k, v in r.hgetall(key).items()]
+    if t == b"list":
+        return r.lrange(key, 0, -1)
+    if t == b"set":
+        return list(r.smembers(key))
+    if t == b"zset":
+        return [m for m, _ in r.zrange(key, 0, -1, withscores=True)]
+    return []
+
+
+def report_scan(name: str, places: dict[str, int], hits: int) -> None:
+    """Write what a canary scan looked at to tests/artifacts/ (for the closing notes)."""
+    out = REPO / "tests" / "artifacts"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {name}", "", "| place | scanned |", "|---|---|", *(f"| {k} | {v} |" for k, v in places.items()),
+             "", f"total {sum(places.values())} places, canary hits: {hits}", ""]
+    (out / f"privacy-scan-{name}.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def decoded(published: bytes) -> bytes:
+    """A message published on Redis, with its kombu body (base64) decoded next to it."""
+    _, _, data = published.partition(b" ")
+    try:
+        body = json.loads(data).get("body")
+        return published + b" " + base64.b64decode(body) if isinstance(body, str) else published
+    except (ValueError, AttributeError):
+        return published
+
+
+# Three notes that the old check (a 16-character window shared with the request) let
+# through: lines shorter than the window, Chinese (which the echo JSON-escapes), and
+# characters JSON escapes (quotes, backslashes, newlines).
+SHORT_LINES = f"{CANARY}01\nBP 150/95\nHR 88\nAF\nwarfarin 5mg\nINR 2.4\n"
+CHINESE = "患者张伟\n男，六十四岁。\n高血压，二型糖尿病。\n二甲双胍五百毫克。\n"
+ESCAPED = 'Pt said "ZZQUOTE stop"\nC:\\ward\\ZZSLASH\ttab\n'
+NEEDLES = (CANARY, "张伟", "六十四岁", "二型糖尿病", 'said "ZZQUOTE', "ZZQUOTE", "ZZSLASH")
+
+
+def _unescaped(text: str) -> str:
+    """``text`` with JSON escapes undone, at any depth of escaping (a message quoted in
+    JSON stored in JSON): what a reader of the stored value would see."""
+    for _ in range(4):
+        text = re.sub(r"\\+u([0-9a-fA-F]{4})", lambda m: chr(int(m[1], 16)), text)
+        text = re.sub(r"\\+n", "\n", text)
+        text = re.sub(r"\\+t", "\t", text)
+        text = re.sub(r'\\+"', '"', text)
+        text = re.sub(r"\\{2,}", r"\\", text)
+    return text
+
+
+def hits(text: str, needles: tuple[str, ...]) -> list[str]:
+    plain = _unescaped(text)
+    return [n for n in needles if n in text or n in plain]
+
+
+def redis_hits(r: redis.Redis, needles: tuple[str, ...]) -> dict[str, list[str]]:
+    """Every key, of every type (payloads and results too: they are sealed), with kombu
+    bodies base64-decoded and JSON escapes undone: the keys that hold a needle."""
+    found: dict[str, list[str]] = {}
+    scanned = 0
+    for key in r.scan_iter(count=1000):
+        scanned += 1
+        for value in values(r, key):
+            text = decoded(key + b" " + value).decode("utf-8", "replace")
+            held = hits(text, needles)
+            if held:
+                found.setdefault(key.decode(errors="replace"), []).extend(held)
+    assert scanned > 0
+    return found
+
+
+class Server:
+    """An HTTP server of the test's own, on 127.0.0.1, in a thread of this process."""
+
+    def __init__(self, answer: Callable[[BaseHTTPRequestHandler, bytes], tuple[int, dict[str, str], bytes]]) -> None:
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                status, headers, out = answer(self, body)
+                self.send_response(status)
+                for k, v in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+MODELS = json.dumps({"object": "list", "data": [{"id": "medq-simulator", "object": "model"}]}).encode()
+
+
+def echo(handler: BaseHTTPRequestHandler, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A server or proxy refusing a request, quoting it back: the turn it names (the
+    note's, last) and then the request's messages JSON."""
+    if handler.command == "GET":
+        return 200, {}, MODELS
+    messages = json.loads(body)["messages"]
+    said = f"bad request in {json.dumps(messages[-1])}: {json.dumps(messages)}"
+    return 400, {}, json.dumps({"error": {"message": said}}).encode()
+
+
+# ------------------------------------------------------------------ evidence and long notes
+
+def assert_evidence_slices_note_to_values(note: str, data: dict[str, Any], evidence: dict[str, Any]) -> None:
+    """Every span of every path cuts the note to text that normalises to the path's value."""
+    for path, spans in evidence.items():
+        value = value_at(data, path)
+        for a, b in spans:
+            if isinstance(value, str):
+                assert normalize(note[a:b]) == normalize(value), path
+            else:
+                assert Decimal(normalize(note[a:b])) == Decimal(repr(value)), path
+
+
+LONG_CANARY = "CANARY-LONG-7731"  # in discharge_summary: it must stay out of logs
+SECTION = (
+    "{title}:\n"
+    "Day {n}: reviewed on the ward round. Observations stable overnight, eating and drinking, "
+    "mobilising with the physiotherapist. Plan discussed with the family.\n"
+    "Bloods: sodium 138, potassium 4.1, creatinine 92, CRP trending down.\n\n"
+)
+TITLES = ["History", "Progress", "Investigations", "Plan"]
+
+
+def discharge_summary(chars: int = 40_000) -> str:
+    head = f"DISCHARGE SUMMARY {LONG_CANARY}\nMr Lee is a 72-year-old man admitted with pneumonia.\n\n"
+    body, n = [], 0
+    while len(head) + sum(map(len, body)) < chars - 200:
+        body.append(SECTION.format(title=TITLES[n % len(TITLES)], n=n))
+        n += 1
+    tail = "Discharge medications:\nAmoxicillin 500 mg three times daily. Metformin 500 mg twice daily.\n"
+    return head + "".join(body) + tail

@@ -1,0 +1,71 @@
+"""The worker process's engine: one asyncio loop in a thread of its own, made once per process.
+
+Celery's pool threads hand it jobs and wait for the outcome, so a process keeps as many
+requests in flight as the endpoints allow, not one per pool thread, and every job shares
+one Redis client and one HTTP pool. The Celery app is passed in (for the orphan sweep's
+messages): this module does not import ``worker.celery_app``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+from medq.core.settings import Settings, get_settings
+from medq.state.dispatch import TaskSender, send_jobs
+from worker.leases import OrphanSweep, orphan_grace_s
+from worker.runner import JobRunner, Outcome, RetryLater
+
+
+class Engine:
+    """The loop, its :class:`JobRunner` and the sweep for jobs whose message was lost."""
+
+    def __init__(self, settings: Settings, app: TaskSender) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="medq-engine", daemon=True)
+        self._thread.start()
+        self.runner: JobRunner = self.call(self._make_runner(settings))
+        # Each lost job alone, as medq.extract: as it was first sent or not, it runs by itself.
+        self.orphans = OrphanSweep(self.runner.r, orphan_grace_s(settings), lambda ids: send_jobs(app, ids))
+        self._sweeper = asyncio.run_coroutine_threadsafe(self.orphans.forever(), self.loop)
+
+    @staticmethod
+    async def _make_runner(settings: Settings) -> JobRunner:
+        runner = JobRunner(settings)
+        # From the start, not at the first job: an idle worker is seen too (``medq api``'s /healthz).
+        runner.keep_flushing_metrics()
+        return runner
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on the engine's loop and wait for its result (from another thread)."""
+        future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result()
+
+    def run(self, job_id: str) -> Outcome | RetryLater:
+        result: Outcome | RetryLater = self.call(self.runner.run(job_id))
+        return result
+
+    def run_many(self, job_ids: list[str]) -> list[Outcome | RetryLater | BaseException]:
+        result: list[Outcome | RetryLater | BaseException] = self.call(self.runner.run_many(job_ids))
+        return result
+
+
+_engine: Engine | None = None
+_engine_pid: int | None = None
+_lock = threading.Lock()
+
+
+def get_engine(app: TaskSender) -> Engine:
+    """The process's engine: made once per process (a forked child makes its own), sending
+    through ``app``."""
+    global _engine, _engine_pid
+    if _engine is None or _engine_pid != os.getpid():
+        with _lock:
+            if _engine is None or _engine_pid != os.getpid():
+                _engine = Engine(get_settings(), app)
+                _engine_pid = os.getpid()
+    return _engine

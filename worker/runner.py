@@ -1,0 +1,391 @@
+"""A job's life in a worker: load by id, extract, store one result, record the state.
+
+    queued -> running -> succeeded
+                      -> retrying -> running ...   (retryable errors, with backoff)
+                      -> failed                    (permanent error, or a budget spent: dead letter)
+
+Exactly one result per job, whatever the broker does:
+
+- A run takes a *lease* on the job (``lease_until``, renewed by a heartbeat while it
+  runs). A second delivery of a job whose lease is live (a visibility-timeout
+  redelivery, a duplicate message) does not run it: it is put back until the lease
+  ends, and then finds the job finished.
+- A job found ``running`` with an expired lease lost its worker (``kill -9``, OOM, a
+  host gone). It runs again; after ``MEDQ_WORKER__MAX_LOST_RUNS`` lost runs it is a
+  poison job and goes to dead letters instead of killing workers forever. After one
+  lost run it runs alone (``worker.isolation``), so another record's deaths are not its.
+- The result store keeps the first success: a late second run cannot replace it.
+
+Budgets: charged errors (timeouts, 5xx) count against ``MEDQ_WORKER__MAX_RETRIES``;
+back-pressure (busy, down, rate-limited, no capacity) only delays the job, for at most
+``MEDQ_WORKER__MAX_WAIT_S``. Dead letters keep their payload until the job succeeds
+or the batch is purged, so ``medq requeue`` can run them again.
+
+Only ids and PHI-free summaries leave this module: the note is read from the
+payload store, given to the processor, and dropped.
+
+Where the parts live: the job hash's steps in ``medq.state.jobs``, the retry decision in
+``worker.policy``, leases and lost messages in ``worker.leases``, the result document in
+``medq.state.results.document``, the loop that runs all this in ``worker.engine``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio
+
+from medq.core.contract import JobStatus
+from medq.core.crypto import Sealer, open_text
+from medq.core.errors import (
+    MedqError,
+    NoCapacity,
+    PayloadMissing,
+    PermanentError,
+    RetryableError,
+    ServerError,
+    StoreUnavailable,
+    TimeLimitExceeded,
+    WorkerLost,
+)
+from medq.core.ids import new_id
+from medq.core.settings import Settings
+from medq.state import jobs
+from medq.state.jobs import Job, Run
+from medq.state.metrics import flush_forever, metrics
+from medq.state.results import ResultStore, open_store_for
+from medq.state.results.document import document, summary
+from worker.endpoints import EndpointPool
+from worker.extract.processor import Extraction, MedicalDataProcessor
+from worker.isolation import SuspectGate
+from worker.leases import Leases
+from worker.pipeline import Batcher
+from worker.policy import GiveUp, Limits, RunFacts, compute_backoff, decide
+
+log = logging.getLogger("medq.worker")
+
+# A store that comes back is written to within this long; MEDQ_WORKER__STORE_WAIT_S bounds the whole wait.
+_STORE_RETRY_MAX_S = 30.0
+
+T = TypeVar("T")
+
+Outcome = dict[str, Any]  # a run's summary (``medq.state.results.document.summary``)
+
+
+class _NeedsGate:
+    """_run's answer for a suspect alone in its message: run it again once it has the process alone."""
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    countdown_s: float
+    error: RetryableError
+
+
+class JobRunner:
+    """Runs jobs on one asyncio loop (the process's ``worker.engine.Engine``): every job of
+    the process shares one async Redis client, one HTTP connection pool per endpoint and
+    one lease heartbeat. Make it, and call it, inside that loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        processor: MedicalDataProcessor | None = None,
+        store: ResultStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.r = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+        self.batch = Batcher(self.r)  # the per-job calls of all running jobs, pipelined
+        self.sealer = Sealer.from_settings(settings)  # MEDQ_ENCRYPTION_KEY: payloads and results at rest
+        self.store = store or open_store_for(settings)
+        self.pool = EndpointPool.from_settings(
+            settings, redis.Redis.from_url(settings.redis_url, decode_responses=True), processor, batcher=self.batch
+        )
+        self.limits = Limits.from_settings(settings)
+        self.leases = Leases(self.r, int(settings.worker.lease_s * 1000))
+        self.gate = SuspectGate()  # a job whose worker died runs alone in the process
+        self._flusher: asyncio.Task[None] | None = None
+        self._who = f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def processor(self) -> MedicalDataProcessor:
+        return self.pool.primary.processor
+
+    def keep_flushing_metrics(self) -> None:
+        """Flush this process's metrics every few seconds (again, if the flusher ended)."""
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(
+                flush_forever(self.r, self._who, lambda: len(self.leases))
+            )
+
+    async def run_many(self, job_ids: list[str]) -> list[Outcome | RetryLater | BaseException]:
+        """Run jobs side by side; each one's outcome, or the exception it raised."""
+        shared = len(job_ids) > 1
+        return await asyncio.gather(*(self.run(j, shared) for j in job_ids), return_exceptions=True)
+
+    async def run(self, job_id: str, shared: bool = False) -> Outcome | RetryLater:
+        """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
+        after recording the failure, so Celery and Flower show it as failed. ``shared``: the
+        job came in a message of several; one whose worker died before is then not run
+        (``worker.isolation``), and alone it runs with no other job in this process.
+
+        START_LUA tells a suspect apart in the same round trip that starts a job, so only a
+        suspect pays a second call (after it has the process to itself)."""
+        async with self.gate.turn(False):
+            outcome = await self._run(job_id, "1" if shared else "0")
+        if not isinstance(outcome, _NeedsGate):
+            return outcome
+        async with self.gate.turn(True):
+            outcome = await self._run(job_id, "2")
+        assert not isinstance(outcome, _NeedsGate)  # mode 2 never asks for the gate
+        return outcome
+
+    async def _run(self, job_id: str, mode: str) -> Outcome | RetryLater | _NeedsGate:
+        run_id = new_id()
+        st = await jobs.start(self.batch, job_id, run_id, lease_ms=self.leases.lease_ms,
+                              max_lost_runs=self.settings.worker.max_lost_runs, mode=mode)
+        if st.verdict == "missing":
+            # Nothing to record the failure in: the job was purged or never written.
+            log.warning("job %s: no job state in Redis (purged, expired or foreign); dropped", job_id)
+            return {"job_id": job_id, "status": "unknown"}
+        if st.verdict == "superseded":
+            log.info("job %s: replaced by job %s (a corrected record); dropped", job_id, st.superseded_by)
+            return {"job_id": job_id, "status": "superseded", "superseded_by": st.superseded_by}
+        job = st.job
+        assert job is not None
+        if st.verdict == "final":
+            # Redelivered after it finished (worker lost before the ack): one result only.
+            return summary(job_id, JobStatus(st.status), st.attempts)
+        if st.verdict == "busy":
+            # Another delivery runs it now; come back when its lease would have run out.
+            wait_s = min(st.lease_left_ms / 1000 + 1, self.settings.max_countdown_s)
+            log.info("job %s: already running elsewhere; checking again in %.1fs", job_id, wait_s)
+            return RetryLater(wait_s, RetryableError(f"job {job_id} is running in another worker"))
+        if st.verdict == "gate":
+            return _NeedsGate()
+        if st.verdict == "alone":
+            # A worker died while it ran (with companions, so nobody knows whose record killed
+            # it): it goes on as a message of its own (what the message does with RetryLater),
+            # so that a poison record takes down only itself and is charged alone.
+            log.warning("job %s record %s: a worker died during %s run(s) of it; sent on to run alone",
+                        job_id, job.record_id, st.lost)
+            return RetryLater(0.0, RetryableError(f"job {job_id} lost a worker before; runs in a message of its own"))
+        if st.verdict == "poison":
+            exc = WorkerLost(
+                f"record {job.record_id}: its worker died during {st.lost} runs (MEDQ_WORKER__MAX_LOST_RUNS); "
+                "not run again"
+            )
+            await self._fail(job, st.attempts, exc)
+            raise exc
+        assert st.run is not None
+        self.leases.hold(job_id, run_id)
+        self.keep_flushing_metrics()
+        try:
+            return await self._execute(job, st.run)
+        finally:
+            self.leases.release(job_id)
+
+    async def _execute(self, job: Job, run: Run) -> Outcome | RetryLater:
+        if run.lost and await self._already_stored(job):
+            # The last run stored its result and died before saying so: finish, do not redo.
+            await self._mark_succeeded(job)
+            return summary(job.job_id, JobStatus.SUCCEEDED, run.attempts)
+        limit_s = self.settings.worker.task_time_limit_s
+        try:
+            text, metadata = self._load_payload(job, run.raw_payload)
+            # The engine enforces the time limit itself (Celery's threads pool cannot):
+            # the extraction is cancelled, its endpoint slot given back, the job retried.
+            extraction = await asyncio.wait_for(self._extract(job, text), limit_s)
+        except asyncio.TimeoutError:
+            return await self._retry_later(job, run, TimeLimitExceeded(
+                f"record {job.record_id}: extraction ran past MEDQ_WORKER__TASK_TIME_LIMIT_S={limit_s}s"
+            ))
+        except RetryableError as exc:
+            return await self._retry_later(job, run, exc)
+        except PermanentError as exc:
+            await self._fail(job, run.attempts, exc)
+            raise
+        except redis.RedisError:
+            raise  # the task puts the message back; the lease lapses and the job runs again
+        except Exception as exc:  # a bug: charged like a 5xx, never with its message (it may quote data)
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            log.error("job %s: internal error %s at %s:%s",
+                      job.job_id, type(exc).__name__, where.filename, where.lineno)
+            return await self._retry_later(
+                job, run, ServerError(f"internal error in medq ({type(exc).__name__}); see the worker log")
+            )
+        if not await self._succeed(job, run, extraction, metadata):
+            return summary(job.job_id, JobStatus.FAILED, run.attempts)  # the store stayed away: a dead letter
+        return summary(job.job_id, JobStatus.SUCCEEDED, run.attempts, extraction.provenance.latency_ms)
+
+    async def _extract(self, job: Job, text: str) -> Extraction:
+        """The first endpoint that answers; endpoint errors fail over to the next."""
+        # The version the job was enqueued under, never another one (SchemaVersionUnavailable
+        # puts it back for a worker that has it): the result says the version that produced it.
+        sch = self.processor.schema_loader.get(job.schema, job.schema_version)
+        last: RetryableError | None = None
+        for endpoint in await self.pool.aorder():
+            try:
+                return await endpoint.processor.aprocess(text, sch, record_id=job.record_id)
+            except RetryableError as exc:
+                if last is not None and isinstance(exc, NoCapacity) and not isinstance(last, NoCapacity):
+                    continue  # keep the more telling error
+                last = exc
+                if len(self.pool.endpoints) > 1:
+                    log.info("job %s: %s from %s; trying the next endpoint", job.job_id, exc.kind, endpoint.url)
+        assert last is not None
+        raise last
+
+    async def _retry_later(self, job: Job, run: Run, exc: RetryableError) -> RetryLater:
+        """Put the job back as ``worker.policy.decide`` says, or make it a dead letter
+        (raising the error, with why) when a budget is spent."""
+        decision = decide(exc, RunFacts(run.failures, run.deferrals, run.waited_s), self.limits)
+        due_ms = time.time() * 1000 + decision.countdown_s * 1000
+        # Counted first, also when giving up, so the dead letter's attempts are the runs that reached the model.
+        live = await jobs.put_back(self.batch, job, counter=decision.counter, due_ms=due_ms, error_kind=exc.kind,
+                                   error_message=exc.message, unsent=decision.unsent)
+        if isinstance(decision, GiveUp):
+            attempts = run.attempts - 1 if decision.unsent else run.attempts
+            await self._give_up(job, attempts, exc, decision.why)
+        metrics.incr("medq_jobs_total", schema=job.schema, outcome="retried")
+        metrics.incr("medq_retries_total", schema=job.schema, kind=exc.kind)
+        if not live:
+            log.info("job %s: purged while it ran; its state stays gone", job.job_id)
+            return RetryLater(decision.countdown_s, exc)  # the message comes back to nothing and is dropped
+        log.info("job %s record %s: %s; retry in %.1fs", job.job_id, job.record_id, exc.kind, decision.countdown_s)
+        return RetryLater(decision.countdown_s, exc)
+
+    async def _give_up(self, job: Job, attempts: int, exc: RetryableError, why: str) -> None:
+        gave_up = type(exc)(f"{exc.message} ({why})", exc.retry_after_s)
+        await self._fail(job, attempts, gave_up)
+        raise gave_up from None
+
+    async def _already_stored(self, job: Job) -> bool:
+        try:
+            doc = await self._while_store_away(job.job_id, lambda: asyncio.to_thread(self.store.get, job.job_id))
+        except StoreUnavailable:
+            return False  # cannot tell: run it; the first success stays the one kept
+        return bool(doc and doc.get("status") == JobStatus.SUCCEEDED.value)
+
+    async def _put(self, doc: dict[str, Any]) -> bool:
+        """Store a result; True if written (False: a success was already stored, or the job
+        was purged). A store away is back-pressure: the answer is held and written again
+        (see :meth:`_while_store_away`); raises ``StoreUnavailable`` once
+        MEDQ_WORKER__STORE_WAIT_S passes. Every store alike: one beside the job states
+        writes through their pipelines (``ResultStore.aput``)."""
+        return await self._while_store_away(doc["job_id"], lambda: self.store.aput(doc, self.batch))
+
+    async def _while_store_away(self, job_id: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call`` the results store until it answers, with backoff, for MEDQ_WORKER__STORE_WAIT_S
+        at most. Meanwhile the job keeps its lease (the heartbeat renews it; the store is not
+        Redis's job state), so no other delivery runs it and the model is not asked again, and
+        nothing is charged: the store being away is not the record's doing."""
+        wait_s = self.settings.worker.store_wait_s
+        deadline = time.monotonic() + wait_s
+        tries = 0
+        while True:
+            try:
+                out = await call()
+            except StoreUnavailable as exc:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise StoreUnavailable(
+                        f"{exc.message} for {wait_s:.0f}s (MEDQ_WORKER__STORE_WAIT_S); the result was not stored"
+                    ) from None
+                if tries == 0:
+                    log.warning(
+                        "job %s: result store unavailable (%s); holding the answer, writing again for up to %.0fs",
+                        job_id, exc.message, wait_s,
+                    )
+                    metrics.incr("medq_store_waits_total")
+                await asyncio.sleep(min(compute_backoff(tries, self.limits.policy), _STORE_RETRY_MAX_S, left_s))
+                tries += 1
+                continue
+            if tries:
+                log.info("job %s: result store answered again after %d tries", job_id, tries + 1)
+            return out
+
+    def _load_payload(self, job: Job, raw: str | None) -> tuple[str, dict[str, Any]]:
+        if raw is None:
+            raise PayloadMissing(
+                f"record {job.record_id}: stored record is gone (expired after MEDQ_PAYLOAD_TTL_S or purged); "
+                "enqueue it again under a new --batch"
+            )
+        payload = json.loads(open_text(raw, self.sealer, f"the stored record {job.record_id}"))
+        return payload["text"], payload.get("metadata") or {}
+
+    async def _succeed(self, job: Job, run: Run, ex: Extraction, metadata: dict[str, Any]) -> bool:
+        """Store the result and finish the job. False if the store stayed away past
+        MEDQ_WORKER__STORE_WAIT_S: the job is then a dead letter of kind store_unavailable."""
+        prov = ex.provenance
+        # START_LUA handed out the counts: no round trip for them on the way out
+        attempts = run.attempts
+        doc = document(
+            job, JobStatus.SUCCEEDED, attempts=attempts, deliveries=attempts + run.unsent_runs,
+            data=ex.data_dict(),
+            schema_version=ex.schema.version,
+            model=prov.model,
+            endpoint=prov.endpoint,
+            usage=prov.usage,
+            latency_ms=round(prov.latency_ms, 1),
+            metadata=metadata,
+            evidence=ex.evidence,
+            provenance=prov.as_dict(),
+        )
+        try:
+            written = await self._put(doc)
+        except StoreUnavailable as exc:
+            await self._fail(job, attempts, exc, store_result=False)
+            return False
+        if not written:
+            log.info("job %s: a result was already stored; kept the first", job.job_id)
+        metrics.incr("medq_jobs_total", schema=job.schema, outcome="succeeded")
+        if prov.reasks:
+            metrics.incr("medq_reasks_total", prov.reasks, schema=job.schema)
+        if prov.truncations:
+            metrics.incr("medq_truncations_total", prov.truncations, schema=job.schema)
+        await self._mark_succeeded(job)
+        return True
+
+    async def _mark_succeeded(self, job: Job) -> None:
+        if not await jobs.finish(self.batch, job, self.settings.results_ttl_s):
+            await self._forget_purged(job)
+
+    async def _forget_purged(self, job: Job) -> None:
+        """The job's batch was purged while it ran: take back the result this run stored
+        before or after the purge. (The Redis store beside the job states refuses a put
+        after it, in ``aput``; PostgreSQL or another Redis cannot see the purge when writing.)"""
+        log.info("job %s: purged while it ran; no state or result kept", job.job_id)
+        await asyncio.to_thread(self.store.delete, [job.job_id])
+
+    async def _fail(self, job: Job, attempts: int, exc: MedqError, store_result: bool = True) -> None:
+        """Make the job a dead letter. Its document goes to the results store too, held while
+        the store is away (``_put``); if it stays away, the job state alone says why
+        (``medq failed`` and ``medq results`` read it)."""
+        metrics.incr("medq_jobs_total", schema=job.schema, outcome="failed")
+        metrics.incr("medq_dead_letters_total", schema=job.schema, kind=exc.kind)
+        deliveries = attempts + await jobs.unsent_runs(self.batch, job.job_id)
+        doc = document(job, JobStatus.FAILED, attempts=attempts, deliveries=deliveries, model=self.processor.model,
+                       endpoint=self.processor.base_url, error={"kind": exc.kind, "message": exc.message})
+        if store_result:
+            try:
+                await self._put(doc)
+            except StoreUnavailable as away:
+                log.warning("job %s: its failure was not stored (%s); the job state keeps it", job.job_id, away.kind)
+        # A dead letter, unless the batch was purged while the job ran (FAIL_LUA).
+        failed = await jobs.fail(self.batch, job, error_kind=exc.kind, error_message=exc.message,
+                                 failed_at_s=time.time())
+        if not failed:
+            await self._forget_purged(job)
+            return
+        log.warning("job %s record %s failed: %s", job.job_id, job.record_id, exc.kind)

@@ -1,0 +1,124 @@
+"""The worker's Celery signal handlers: start-up checks, the engine made at start, quiet SDK loggers.
+
+Imported by ``worker.tasks`` (which the worker loads before it sends ``worker_init``), so
+``celery -A worker.celery_app worker`` registers them; the app is passed to the engine,
+which never imports ``worker.celery_app`` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import redis
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+)
+
+from medq.core.crypto import Sealer
+from medq.core.errors import MedqError, SchemaError  # MedqError: RemoteEndpointRefused among them
+from medq.core.privacy import check_endpoints
+from medq.core.schemas import SchemaLoader
+from medq.state.memory import wait_for_room
+from worker.celery_app import app, settings
+from worker.engine import get_engine
+from worker.llm.model_check import ModelStatus, check_models
+
+log = logging.getLogger("medq.worker")
+
+
+@worker_init.connect
+def _check_config(**_: Any) -> None:
+    """Fail at start, not at the first job: the encryption key must be well-formed, every
+    endpoint must pass the privacy guard and serve its model, and at least one schema must
+    load. A bad schema file is reported here with its file and line or field, and the
+    worker serves the others (its jobs wait for a worker that has it). Celery logs and
+    ignores an exception from a signal handler, so a failed check ends the process itself."""
+    try:
+        _report_schema_problems(SchemaLoader(settings.schema_dirs))
+        Sealer.from_settings(settings)  # a malformed MEDQ_ENCRYPTION_KEY fails here, not per job
+        check_endpoints(
+            [ep.url for ep in settings.llm.all_endpoints], settings.llm.allowed_hosts, settings.allow_remote_llm
+        )
+    except MedqError as exc:
+        log.critical("medq worker cannot start: %s", exc)
+        print(f"medq worker cannot start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    _check_models()  # after the privacy guard: never probe an endpoint it refuses
+
+
+@worker_init.connect
+def _wait_for_room(**_: Any) -> None:
+    """Start on a full Redis without dying: Celery's start-up writes (queue bindings, the
+    hello to other workers) raise ``OutOfMemoryError`` out of the consumer. Wait until a
+    tiny write succeeds, saying why (the messages and jobs stay in Redis meanwhile)."""
+    client = redis.Redis.from_url(settings.redis_url)
+    attempt = 0
+    try:
+        while True:
+            try:
+                client.set("medq:write-probe", 1, px=1000)
+                return
+            except redis.exceptions.OutOfMemoryError:
+                wait_for_room(client, "the worker waits to start", attempt)
+                attempt += 1
+            except redis.RedisError:
+                return  # unreachable: Celery's own connection retries say so
+    finally:
+        client.close()
+
+
+def _report_schema_problems(loader: SchemaLoader) -> None:
+    for problem in loader.problems:
+        log.error("schema %s is not available: %s", problem.name, problem.message)
+        print(f"medq worker: schema {problem.name} is not available: {problem.message}", file=sys.stderr, flush=True)
+    if loader.problems and not loader.names():
+        raise SchemaError("no schema could be loaded; fix the files above")
+
+
+def _check_models() -> None:
+    """A model the endpoint does not serve would fail every job (``model_not_found``):
+    refuse to start and say what to change. An endpoint that does not answer yet only
+    gets a warning: it may come up after the workers (a compose start, a restart)."""
+    checks = check_models(settings)
+    for check in checks:
+        if check.status is ModelStatus.UNREACHABLE:
+            log.warning("cannot reach %s to check model %s; starting anyway, jobs wait for it", check.url, check.model)
+        elif check.status is ModelStatus.UNCONFIRMED:
+            log.warning("%s did not confirm model %s (%s); starting anyway", check.url, check.model, check.reason)
+    wrong = [check.problem() for check in checks if check.status is ModelStatus.NOT_SERVED]
+    if wrong:
+        for problem in wrong:
+            log.error("medq worker cannot start: %s", problem)
+            print(f"medq worker cannot start: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+@worker_process_init.connect
+def _init_process(**_: Any) -> None:
+    # One engine (event loop, Redis and HTTP clients, compiled schemas) per worker
+    # process, made at start.
+    get_engine(app)
+
+
+@worker_ready.connect
+def _start_engine(sender: Any = None, **_: Any) -> None:
+    """Threads and solo pools: the engine starts with the worker, not with its first job,
+    so its sweeps for lost jobs run on an idle worker too. (Prefork: each child's, above.)"""
+    pool = getattr(sender, "pool", None)
+    if pool is not None and "prefork" in type(pool).__module__:
+        return
+    get_engine(app)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _quiet_sdk_loggers(**_: Any) -> None:
+    # The openai SDK logs whole request bodies, i.e. the note, at DEBUG.
+    for name in ("openai", "openai._base_client"):
+        logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.INFO))
