@@ -24,7 +24,7 @@ from medq.core.crypto import Sealer
 from medq.core.errors import MedqError, SchemaError  # MedqError: RemoteEndpointRefused among them
 from medq.core.privacy import check_endpoints
 from medq.core.schemas import SchemaLoader
-from medq.state.memory import wait_for_room
+from medq.state.memory import probe_write, wait_for_room
 from worker.celery_app import app, settings
 from worker.engine import get_engine
 from worker.llm.model_check import ModelStatus, check_models
@@ -62,7 +62,7 @@ def _wait_for_room(**_: Any) -> None:
     try:
         while True:
             try:
-                client.set("medq:write-probe", 1, px=1000)
+                probe_write(client)
                 return
             except redis.exceptions.OutOfMemoryError:
                 wait_for_room(client, "the worker waits to start", attempt)

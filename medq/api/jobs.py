@@ -19,10 +19,9 @@ from medq.api.auth import client_of
 from medq.api.deps import ApiState, api_state
 from medq.api.errors import APIError, opened
 from medq.api.models import BATCH_ID, ERRORS, JOB_ID, JOB_IN_SCHEMA, OWNED, TAKEN, ErrorOut, JobAccepted, ResultDoc
-from medq.core.contract import job_key
 from medq.core.errors import UnknownSchema
 from medq.core.schemas import ExtractionSchema
-from medq.state.jobs import claim_batch
+from medq.state.jobs import batch_of, claim_batch
 from medq.state.results.export import job_doc
 from producer.enqueue import BatchHasher, EnqueueResult
 from producer.records import Record, RecordChecker, RecordProblem, limits_of
@@ -61,10 +60,10 @@ def get_job(job_id: str, client: str = Security(client_of), state: ApiState = De
     """A job's state, and its result once it has one (the CONTRACT result format)."""
     if not re.fullmatch(JOB_ID, job_id):
         raise APIError(404, "no such job (job ids are 32 hex digits, then -r<n> for a revision)")
-    batch = state.r.hget(job_key(job_id), "batch")
+    batch = batch_of(state.r, job_id)
     if batch is None:
         raise APIError(404, f"no job {job_id}")
-    state.own(client, batch.decode() if isinstance(batch, bytes) else batch, f"no job {job_id}")
+    state.own(client, batch, f"no job {job_id}")
     doc = opened(lambda: job_doc(state.r, state.store, job_id))
     if doc is None:
         raise APIError(404, f"no job {job_id}")

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from medq.api.errors import APIError
 from medq.core.errors import RedisFull
 from medq.core.settings import Settings
-from medq.state.metrics import RUNNING_KEY, worker_processes
+from medq.state.metrics import live_workers
 from medq.state.prometheus import MedqCollector
 
 log = logging.getLogger("medq.api")
@@ -40,8 +40,7 @@ class Stats:
                                  registry=self.registry)
 
     def live_workers(self) -> int:
-        held: dict[bytes, bytes] = self.r.hgetall(RUNNING_KEY)  # type: ignore[assignment]
-        return len(worker_processes(held, time.time())[0])
+        return live_workers(self.r)
 
 
 class AccessGuard:

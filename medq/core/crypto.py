@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
 from medq.core.errors import PermanentError
 
 PREFIX = "medq-fernet:"
@@ -30,8 +32,6 @@ class EncryptionKeyError(PermanentError):
 
 class Sealer:
     def __init__(self, keys: list[str]) -> None:
-        from cryptography.fernet import Fernet, MultiFernet
-
         try:
             self._fernet = MultiFernet([Fernet(k.encode()) for k in keys])
         except (ValueError, TypeError):
@@ -50,8 +50,6 @@ class Sealer:
         return PREFIX + self._fernet.encrypt(text.encode("utf-8")).decode("ascii")
 
     def open(self, value: str) -> str:
-        from cryptography.fernet import InvalidToken
-
         try:
             return self._fernet.decrypt(value[len(PREFIX) :].encode("ascii")).decode("utf-8")
         except InvalidToken:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from medq.core.errors import SchemaError, SchemaVersionUnavailable, UnknownSchema
+from medq.core.settings import get_settings
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _SCALARS: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": bool}
@@ -66,8 +67,6 @@ class SchemaLoader:
 
     def __init__(self, dirs: Iterable[Path | str] | None = None) -> None:
         if dirs is None:
-            from medq.core.settings import get_settings
-
             dirs = get_settings().schema_dirs
         self.dirs = [Path(d) for d in dirs]
         self._schemas: dict[str, dict[int, ExtractionSchema]] = {}

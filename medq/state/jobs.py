@@ -250,6 +250,38 @@ def owner_of(r: redis.Redis, batch: str) -> str | None:
     return "" if exists or has_failed else None
 
 
+def batch_of(r: redis.Redis, job_id: str) -> str | None:
+    """The batch a job belongs to; None if there is no such job."""
+    batch = r.hget(job_key(job_id), JobField.BATCH)
+    return None if batch is None else _s(batch)
+
+
+def stored_records(r: redis.Redis, job_ids: list[str]) -> list[tuple[bytes | None, bytes | None]]:
+    """For each job, in order: its stored record (the payload, sealed when
+    MEDQ_ENCRYPTION_KEY is set; None once the job succeeded and it was dropped) and the
+    digest of the record it was enqueued with (``medq review`` matches a notes file by it)."""
+    pipe = r.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.get(payload_key(job_id))
+        pipe.hget(job_key(job_id), JobField.DIGEST)
+    replies = pipe.execute()
+    return [(replies[2 * i], replies[2 * i + 1]) for i in range(len(job_ids))]
+
+
+def run_times_s(r: redis.Redis, job_ids: list[str]) -> list[float | None]:
+    """For each job, in order: seconds from enqueue to its last update if it succeeded, else None."""
+    pipe = r.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hmget(job_key(job_id), JobField.STATUS, JobField.ENQUEUED_AT, JobField.UPDATED_AT)
+    out: list[float | None] = []
+    for status, enq, upd in pipe.execute():
+        if status != JobStatus.SUCCEEDED.value.encode():
+            out.append(None)
+            continue
+        out.append((datetime.fromisoformat(upd.decode()) - datetime.fromisoformat(enq.decode())).total_seconds())
+    return out
+
+
 def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 

@@ -15,6 +15,14 @@ from typing import Any
 
 import redis
 
+from medq.core.contract import KEY_PREFIX
+
+
+def probe_write(r: redis.Redis) -> None:
+    """One tiny write that expires by itself: raises ``OutOfMemoryError`` while Redis is full."""
+    r.set(f"{KEY_PREFIX}:write-probe", 1, px=1000)
+
+
 log = logging.getLogger("medq.worker")
 
 WAIT_MAX_S = 30.0  # the longest pause between two tries while Redis is full

@@ -97,6 +97,12 @@ class Metrics:
             raise
 
 
+def live_workers(r: redis.Redis) -> int:
+    """Worker processes seen in the last three metric flushes (``RUNNING_KEY``)."""
+    held: dict[bytes, bytes] = r.hgetall(RUNNING_KEY)  # type: ignore[assignment]
+    return len(worker_processes(held, time.time())[0])
+
+
 def worker_processes(held: dict[bytes, bytes], now: float) -> tuple[list[int], list[bytes]]:
     """From ``RUNNING_KEY``: the jobs held by each worker process seen in the last three
     flushes, and the entries of processes gone for an hour (to delete)."""

@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError, URLError
@@ -37,8 +36,18 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from medq.core.contract import QUEUE
 from medq.core.errors import DemoError
+from medq.core.schemas import SchemaLoader
+from medq.core.settings import get_settings
+from medq.core.urls import redact_url
+from medq.state.jobs import counts, job_ids, run_times_s
+from medq.state.results import open_store_for
 from medq.tools.processes import Supervisor, _free_port, _wait_until, answers, ensure_redis
+from medq.tools.samples import sample_path
+from producer.enqueue import Producer
+from worker.extract.processor import MedicalDataProcessor
+from worker.llm.client import RESPONSE_FORMATS, response_format_for
 
 
 @dataclass
@@ -57,8 +66,6 @@ class BenchOptions:
 
 
 def _notes(n: int, batch: str) -> list[dict[str, Any]]:
-    from medq.tools.samples import sample_path
-
     base = [json.loads(line) for line in sample_path("clinical_note").read_text().splitlines() if line.strip()]
     return [{"id": f"{batch}-{i:06d}", "text": base[i % len(base)]["text"]} for i in range(n)]
 
@@ -90,8 +97,6 @@ def _redis_commands(r: redis.Redis) -> int:
 
 class Bench:
     def __init__(self, opts: BenchOptions, console: Console) -> None:
-        from medq.core.settings import get_settings
-
         self.opts = opts
         self.console = console
         self.settings = get_settings()
@@ -151,10 +156,6 @@ class Bench:
     def request_body(self, base_url: str | None = None) -> dict[str, Any]:
         """What a worker sends for one record (strategy single), in the first
         response_format the endpoint accepts (asked as the processor's auto mode does)."""
-        from medq.core.schemas import SchemaLoader
-        from worker.extract.processor import MedicalDataProcessor
-        from worker.llm.client import RESPONSE_FORMATS, response_format_for
-
         proc = MedicalDataProcessor.from_settings(self.settings, SchemaLoader(self.settings.schema_dirs))
         sch = proc.schema_loader.get(self.opts.schema)
         part = proc._parts_for(sch, proc.few_shot)[0]
@@ -239,8 +240,6 @@ class Bench:
         return {"jobs": n, "ok": ok, "seconds": elapsed, "jobs_per_s": ok / elapsed}
 
     def through_medq(self, base_url: str, n: int, label: str, sim_pid: int | None) -> dict[str, Any]:
-        from producer.enqueue import Producer
-
         pids = self.start_workers(base_url)
         producer = Producer(self.settings)
         try:
@@ -289,9 +288,6 @@ class Bench:
         """Until every job is final. Polls the queue and kombu's unacked hash (two
         commands) and reads the job states only once those are empty, so the waiting
         does not add to the Redis work being measured."""
-        from medq.core.contract import QUEUE
-        from medq.state.jobs import counts
-
         while True:
             pipe = r.pipeline(transaction=False)
             pipe.llen(QUEUE)
@@ -304,9 +300,6 @@ class Bench:
             time.sleep(0.05)
 
     def _llm_calls(self, r: redis.Redis, batch: str) -> float:
-        from medq.state.jobs import job_ids
-        from medq.state.results import open_store_for
-
         store = open_store_for(self.settings)
         try:
             docs = list(store.get_many(job_ids(r, batch)))
@@ -317,20 +310,7 @@ class Bench:
 
     @staticmethod
     def _latencies(r: redis.Redis, batch: str) -> list[float | None]:
-        from medq.core.contract import job_key
-        from medq.state.jobs import job_ids
-
-        ids = job_ids(r, batch)
-        pipe = r.pipeline(transaction=False)
-        for j in ids:
-            pipe.hmget(job_key(j), "status", "enqueued_at", "updated_at")
-        out: list[float | None] = []
-        for status, enq, upd in pipe.execute():
-            if status != b"succeeded":
-                out.append(None)
-                continue
-            out.append((datetime.fromisoformat(upd.decode()) - datetime.fromisoformat(enq.decode())).total_seconds())
-        return out
+        return run_times_s(r, job_ids(r, batch))
 
     def run(self) -> dict[str, Any]:
         o = self.opts
@@ -399,6 +379,4 @@ def _accepted(url: str, body: dict[str, Any], api_key: str) -> bool:
     except HTTPError:
         return False
     except (URLError, OSError) as exc:
-        from medq.core.urls import redact_url
-
         raise DemoError(f"cannot reach {redact_url(url)}: {exc}") from None

@@ -21,7 +21,11 @@ from typing import Any
 from rich.console import Console
 
 from medq.core.errors import DemoError, LocalModelError, WaitTimeout
+from medq.core.settings import get_settings
 from medq.core.urls import redact_url
+from medq.state.results import open_store_for
+from medq.state.results.export import iter_results
+from medq.tools.evaluate import evaluate, records_by_id
 from medq.tools.local_model import DEFAULT_MODEL, check_server_installed, resolve, server_command
 from medq.tools.processes import (
     Supervisor,
@@ -31,6 +35,11 @@ from medq.tools.processes import (
     answers,
     ensure_redis,
 )
+from medq.tools.progress import wait_for_batch
+from medq.tools.report import results_table, score_table
+from medq.tools.samples import gold_path, sample_path
+from producer.enqueue import Producer
+from producer.records import check, limits_of, read_path
 
 # What measured best per embedded model (README, "Extraction quality"; reproduce with
 # `medq demo --model M --strategy S --grounding G`).
@@ -80,16 +89,6 @@ class DemoOptions:
 
 def run_demo(opts: DemoOptions, console: Console) -> dict[str, Any]:
     """Run the demo; returns a summary (score, timings). Raises ``DemoError``."""
-    from medq.core.settings import get_settings
-    from medq.state.results import open_store_for
-    from medq.state.results.export import iter_results
-    from medq.tools.evaluate import evaluate, records_by_id
-    from medq.tools.progress import wait_for_batch
-    from medq.tools.report import results_table, score_table
-    from medq.tools.samples import gold_path, sample_path
-    from producer.enqueue import Producer
-    from producer.records import check, limits_of, read_path
-
     settings = get_settings()
     try:
         records_file, gold_file = sample_path(opts.schema), gold_path(opts.schema)

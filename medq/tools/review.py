@@ -37,8 +37,8 @@ from typing import Any
 
 import redis
 
-from medq.core.contract import job_key, payload_key
 from medq.core.crypto import EncryptionKeyError, Sealer, open_text
+from medq.state.jobs import stored_records
 from medq.tools.evaluate import item_key, match_items, values_equal
 from producer.enqueue import record_digest
 from producer.records import Record, check, read_path
@@ -79,16 +79,9 @@ def find_notes(
     r: redis.Redis, docs: list[dict[str, Any]], records: Mapping[str, Record], sealer: Sealer | None,
 ) -> dict[str, Note]:
     """Each job's note (by job id): its stored record first, else the notes file's."""
-    pipe = r.pipeline(transaction=False)
-    for doc in docs:
-        pipe.get(payload_key(doc["job_id"]))
-        pipe.hget(job_key(doc["job_id"]), "digest")
-    replies = pipe.execute()
-    out: dict[str, Note] = {}
-    for i, doc in enumerate(docs):
-        raw, digest = replies[2 * i], replies[2 * i + 1]
-        out[doc["job_id"]] = _note_of(doc, raw, digest, records, sealer)
-    return out
+    stored = stored_records(r, [doc["job_id"] for doc in docs])
+    return {doc["job_id"]: _note_of(doc, raw, digest, records, sealer)
+            for doc, (raw, digest) in zip(docs, stored, strict=True)}
 
 
 def _note_of(doc: dict[str, Any], raw: bytes | None, digest: bytes | None,
