@@ -14,8 +14,9 @@ import redis
 
 from medq.core.errors import MedqError, UnknownSchema
 from medq.core.schemas import SchemaLoader
-from medq.state.jobs import JobState, iter_states
+from medq.state.jobs import iter_states
 from medq.state.results import ResultStore
+from medq.state.results.document import from_state
 
 # --csv-data json: today's layout, the extraction as one JSON column.
 CSV_COLUMNS = (
@@ -40,7 +41,7 @@ def iter_results(r: redis.Redis, store: ResultStore, batch: str) -> Iterator[dic
             doc = stored.get(st.job_id)
             # The job state is newer when a failed job was requeued after its result was stored.
             if doc is None or doc["status"] != st.status:
-                doc = _from_state(st, doc)
+                doc = from_state(st, doc)
             yield doc
 
 
@@ -50,21 +51,7 @@ def job_doc(r: redis.Redis, store: ResultStore, job_id: str) -> dict[str, Any] |
     if not states:
         return None
     stored = store.get(job_id)
-    return stored if stored is not None and stored["status"] == states[0].status else _from_state(states[0], stored)
-
-
-def _from_state(st: JobState, stored: dict[str, Any] | None) -> dict[str, Any]:
-    error = {"kind": st.error_kind, "message": st.error_message} if st.error_kind else None
-    doc = dict(stored) if stored else {}
-    doc.update(
-        id=st.record_id, job_id=st.job_id, batch=st.batch, schema=st.schema, schema_version=st.schema_version,
-        status=st.status, data=None, error=error, attempts=st.attempts, deliveries=st.deliveries,
-        evidence=None,  # it locates values of data, which an older run's result does not stand for
-    )
-    for key in ("model", "endpoint", "usage", "latency_ms"):
-        doc.setdefault(key, None)
-    doc.setdefault("metadata", {})
-    return doc
+    return stored if stored is not None and stored["status"] == states[0].status else from_state(states[0], stored)
 
 
 def to_jsonl(doc: dict[str, Any]) -> str:
