@@ -14,7 +14,18 @@ import redis
 import sqlalchemy as sa
 
 from medq.state.results.postgres_store import PostgresResultStore
-from tests.helpers import ADMIN_URL, MEDQ, PG_URL, REPO, TEST_DB, TEST_REDIS_URL, Proc, free_port, wait_http, wait_log
+from tests.helpers import (
+    MEDQ,
+    PG_URL,
+    REPO,
+    TEST_DB,
+    TEST_REDIS_URL,
+    Proc,
+    ensure_database,
+    free_port,
+    wait_http,
+    wait_log,
+)
 
 
 @pytest.fixture(scope="session")
@@ -135,16 +146,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def pg_url() -> str:
-    try:
-        engine = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            if not conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": TEST_DB}).scalar():
-                conn.execute(sa.text(f'CREATE DATABASE "{TEST_DB}"'))
-        engine.dispose()
-    except sa.exc.OperationalError:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432")
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    ensure_database(TEST_DB)
     return PG_URL
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import sqlalchemy as sa
 
 from medq.state.results import open_store
 from worker.extract.evidence import normalize, value_at
@@ -185,6 +186,21 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 90) -> None:
 ADMIN_URL = os.environ.get("MEDQ_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TEST_DB = "medq_test"
 PG_URL = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + f"/{TEST_DB}"
+
+
+def ensure_database(name: str) -> None:
+    """Create PostgreSQL database ``name`` if it is missing. Skips locally without
+    PostgreSQL and fails in CI, like the Redis fixture."""
+    try:
+        engine = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            if not conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": name}).scalar():
+                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+    except sa.exc.OperationalError:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432")
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
 
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432

@@ -259,10 +259,10 @@ class JobRunner:
             await self._give_up(job, attempts, exc, decision.why)
         metrics.incr("medq_jobs_total", schema=job.schema, outcome="retried")
         metrics.incr("medq_retries_total", schema=job.schema, kind=exc.kind)
-        if not live:
+        if live:
+            log.info("job %s record %s: %s; retry in %.1fs", job.job_id, job.record_id, exc.kind, decision.countdown_s)
+        else:  # the message comes back to nothing and is dropped
             log.info("job %s: purged while it ran; its state stays gone", job.job_id)
-            return RetryLater(decision.countdown_s, exc)  # the message comes back to nothing and is dropped
-        log.info("job %s record %s: %s; retry in %.1fs", job.job_id, job.record_id, exc.kind, decision.countdown_s)
         return RetryLater(decision.countdown_s, exc)
 
     async def _give_up(self, job: Job, attempts: int, exc: RetryableError, why: str) -> None:

@@ -7,9 +7,8 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 
 import pytest
-import sqlalchemy as sa
 
-from tests.helpers import ADMIN_URL, OUTAGE_DB, PG_HOST, PG_PORT, Server, TcpProxy
+from tests.helpers import ADMIN_URL, OUTAGE_DB, PG_HOST, PG_PORT, Server, TcpProxy, ensure_database
 
 
 @pytest.fixture
@@ -28,14 +27,7 @@ def servers() -> Iterator[Callable[..., Server]]:
 @pytest.fixture
 def proxied_pg() -> Iterator[tuple[TcpProxy, str]]:
     """A PostgreSQL URL through a proxy the test can cut, on a database of its own."""
-    try:
-        engine = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            if not conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": OUTAGE_DB}).scalar():
-                conn.execute(sa.text(f'CREATE DATABASE "{OUTAGE_DB}"'))
-        engine.dispose()
-    except sa.exc.OperationalError:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    ensure_database(OUTAGE_DB)
     proxy = TcpProxy((PG_HOST, PG_PORT))
     user = ADMIN_URL.split("://", 1)[1].split("@", 1)[0]
     yield proxy, f"postgresql://{user}@127.0.0.1:{proxy.port}/{OUTAGE_DB}"

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 
@@ -23,45 +20,26 @@ from medq.core.errors import (
     ServerError,
 )
 from medq.state.metrics import metrics
-from tests.helpers import free_port
+from tests.helpers import Server, free_port
 from tests.llm_paths import PATHS, complete
 from worker.llm.client import FormatRejected
 
 HI = [{"role": "user", "content": "hi"}]
 
 
-class _Answering:
+class _Answering(Server):
     """A server of the test's own that answers every request with ``answer`` (status, headers, body)."""
 
     def __init__(self) -> None:
         self.answer: tuple[int, dict[str, str], bytes] = (200, {}, b"{}")
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                status, headers, body = outer.answer
-                self.send_response(status)
-                for k, v in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_port}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        super().__init__(lambda handler, body: self.answer)
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[_Answering]:
     s = _Answering()
     yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
+    s.close()
 
 
 @pytest.mark.parametrize("path", PATHS)
