@@ -17,7 +17,7 @@ from typing import Any
 
 from medq.core.settings import Settings, get_settings
 from medq.state.dispatch import TaskSender, send_jobs
-from worker.leases import OrphanSweep, orphan_grace_s
+from worker.leases import OrphanSweep, orphan_grace_s, sweep_period_s
 from worker.runner import JobRunner, Outcome, RetryLater
 
 
@@ -30,7 +30,10 @@ class Engine:
         self._thread.start()
         self.runner: JobRunner = self.call(self._make_runner(settings))
         # Each lost job alone, as medq.extract: as it was first sent or not, it runs by itself.
-        self.orphans = OrphanSweep(self.runner.r, orphan_grace_s(settings), lambda ids: send_jobs(app, ids))
+        # A job sent again that has not started within the visibility timeout (its message
+        # lost once more, or stuck behind a long queue) is sent once more.
+        self.orphans = OrphanSweep(self.runner.r, orphan_grace_s(settings), lambda ids: send_jobs(app, ids),
+                                   period_s=sweep_period_s(settings), hold_s=settings.visibility_timeout_s)
         self._sweeper = asyncio.run_coroutine_threadsafe(self.orphans.forever(), self.loop)
 
     @staticmethod

@@ -1,58 +1,81 @@
-"""Suspects run alone in their process, so that a record that kills workers is charged alone.
+"""Suspects run apart from healthy jobs, so that a record that kills workers is charged alone.
 
-A job whose worker died while it ran (``lost`` > 0, or found ``running``) is a *suspect*:
-its record may be the one that kills workers, or it was a companion of that record.
-Nobody can tell after one death. If the suspect ran beside other jobs and the process
-died again, they would all be charged a lost run again, and innocent jobs would reach
-``MEDQ_WORKER__MAX_LOST_RUNS`` because of another record. So:
+A job whose worker died while it ran (found ``running`` with a lapsed lease, or with lost
+runs behind it) is a *suspect*: its record may be the one that kills workers, or it was a
+companion of that record, or the worker was killed or cut off by somebody else. Nobody
+can tell after one death. So (``medq.state.jobs`` START_LUA decides, ``JobField.RUN_MODE``
+remembers how each run shared its process):
 
 - a message of many jobs does not run its suspects: it sends each on as its own
-  ``medq.extract`` message (``medq.state.jobs`` START_LUA, verdict ``alone``);
-- in a process, a suspect waits until no other job runs, and no job starts while it
-  waits or runs (this gate). A prefork child runs one message at a time anyway; the
-  threads pool runs several messages on one loop, and one death takes all of them.
+  ``medq.extract`` message (verdict ``alone``);
+- a suspect that finds other suspects in its process runs *among suspects only*
+  (``Turn.COMPANY``): no healthy job shares its process, so a second death harms no
+  healthy job, and it is not charged to anyone (nobody can pin it) but makes each of
+  them run alone from then on. A worker killed with hundreds of jobs in flight gets them
+  all back at full speed, not one at a time. A suspect on its own runs alone at once;
+- a suspect that died among suspects, or is one death from ``MEDQ_WORKER__MAX_LOST_RUNS``,
+  runs *alone* (``Turn.ALONE``): it waits until nothing else runs, and nothing starts
+  while it runs. Only deaths alone make a poison job.
 
-Jobs waiting at the gate have not started (no lease, nothing charged): if the suspect
-kills the process, their messages come back and they run as if nothing happened.
+A prefork child runs one message at a time anyway; the threads pool runs several
+messages on one loop, and one death takes all of them. Jobs waiting at the gate have
+not started (no lease, nothing charged): if a suspect kills the process, their messages
+come back and they run as if nothing happened.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from enum import Enum
+
+
+class Turn(Enum):
+    NORMAL = "normal"  # a healthy job: beside any other healthy jobs
+    COMPANY = "company"  # a suspect: beside other suspects only
+    ALONE = "alone"  # nothing else in the process
 
 
 class SuspectGate:
-    """A writer-first lock over a process's runs: a suspect is the writer. Use it on the
-    engine's loop."""
+    """A three-way lock over a process's runs: healthy jobs share it with each other,
+    suspects with each other, and a lone suspect with nobody. Suspects go first (under
+    steady load the process would never be free of healthy jobs), a lone suspect before
+    the company. Use it on the engine's loop."""
 
     def __init__(self) -> None:
         self._changed = asyncio.Condition()
-        self._running = 0  # runs in progress, suspects included
-        self._suspects_waiting = 0
-        self._suspect_running = False
+        self._running: Counter[Turn] = Counter()
+        self._waiting: Counter[Turn] = Counter()
+
+    def _may_start(self, turn: Turn) -> bool:
+        running, waiting = self._running, self._waiting
+        if turn is Turn.ALONE:
+            return not +running
+        if running[Turn.ALONE]:
+            return False
+        if turn is Turn.COMPANY:
+            return not running[Turn.NORMAL] and not waiting[Turn.ALONE]
+        return not running[Turn.COMPANY] and not waiting[Turn.ALONE] and not waiting[Turn.COMPANY]
+
+    def suspects(self) -> int:
+        """Suspects waiting or running in this process."""
+        return sum(self._running[t] + self._waiting[t] for t in (Turn.COMPANY, Turn.ALONE))
 
     @asynccontextmanager
-    async def turn(self, alone: bool) -> AsyncIterator[None]:
+    async def turn(self, turn: Turn) -> AsyncIterator[None]:
         async with self._changed:
-            if alone:
-                self._suspects_waiting += 1
-                try:
-                    await self._changed.wait_for(lambda: self._running == 0)
-                finally:
-                    self._suspects_waiting -= 1
-                    self._changed.notify_all()  # a cancelled suspect no longer holds the others back
-                self._suspect_running = True
-            else:
-                # Suspects go first: under steady load the process would never be empty.
-                await self._changed.wait_for(lambda: not self._suspects_waiting and not self._suspect_running)
-            self._running += 1
+            self._waiting[turn] += 1
+            try:
+                await self._changed.wait_for(lambda: self._may_start(turn))
+            finally:
+                self._waiting[turn] -= 1
+                self._changed.notify_all()  # a cancelled suspect no longer holds the others back
+            self._running[turn] += 1
         try:
             yield
         finally:
             async with self._changed:
-                self._running -= 1
-                if alone:
-                    self._suspect_running = False
+                self._running[turn] -= 1
                 self._changed.notify_all()

@@ -4,9 +4,14 @@ whose message was lost runs again.
 - A run holds a *lease* on its job (``lease_until``), renewed here by one heartbeat for
   all the jobs of the process, every third of a lease. A second delivery of a job whose
   lease is live does not run it (``medq.state.jobs.START_LUA``).
-- A started job is touched again within its lease, its countdown (a retry) or the
-  visibility timeout (a message of a killed worker comes back). One untouched for longer
-  has lost its message: the orphan sweep sends it again (never silently dropped).
+- The watch (``WATCH_KEY``) holds each started, unfinished job with the time it should
+  next be heard of: a running job its lease's end (renewed by the heartbeat), a job put
+  back its retry's due time (the countdown: not a dead worker). One not heard of for a
+  grace after that has lost its worker or its message: the orphan sweep of any live
+  worker sends it again, within about lease + grace + a sweep period of the last
+  heartbeat, not after the broker's visibility timeout (Redis: half an hour by default).
+  The old message, if it ever comes back, finds the job leased or finished and does
+  nothing; a stale run of a worker that was only cut off writes nothing (``FENCE``).
 """
 
 from __future__ import annotations
@@ -66,35 +71,44 @@ class Leases:
 
 
 def orphan_grace_s(settings: Settings) -> float:
-    """How long a started job may go untouched before its message counts as lost: its
-    lease, its longest countdown, the visibility timeout, and a margin."""
-    return settings.visibility_timeout_s + settings.max_countdown_s + settings.worker.lease_s + 5
+    """How long past its lease's end (or its retry's due time) a started job may go unheard
+    of before it counts as lost: a third of a lease, at least 2 s. A live worker renews a
+    lease every third of one, so that is one missed heartbeat more; a due retry waiting
+    for a free pool thread starts well within it."""
+    return max(2.0, settings.worker.lease_s / 3)
+
+
+def sweep_period_s(settings: Settings) -> float:
+    """How often each worker process sweeps (spread out at random around it)."""
+    return min(10.0, max(1.0, settings.worker.lease_s / 6))
 
 
 class OrphanSweep:
     """Sends again the started jobs whose message is gone. A second message for a job is
     harmless: the lease and the final state keep it from running twice."""
 
-    def __init__(self, r: redis.asyncio.Redis, grace_s: float, resend: Callable[[list[str]], None]) -> None:
+    def __init__(self, r: redis.asyncio.Redis, grace_s: float, resend: Callable[[list[str]], None], *,
+                 period_s: float = 10.0, hold_s: float = 600.0) -> None:
         self.r = r
         self.grace_s = grace_s
+        self.period_s = period_s
+        self.hold_s = hold_s  # a job sent again is sent once more only if it has not started by then
         self._resend = resend  # blocking (a broker write): run in a thread
 
     async def sweep(self) -> int:
         """One round; returns how many jobs were sent again."""
-        live = await jobs.claim_orphans(self.r, int(self.grace_s * 1000), _CLAIM_LIMIT)
+        live = await jobs.claim_orphans(self.r, int(self.grace_s * 1000), int(self.hold_s * 1000), _CLAIM_LIMIT)
         if not live:
             return 0
         await asyncio.to_thread(self._resend, live)
         metrics.incr("medq_orphans_resent_total", len(live))
-        log.warning("%d started job(s) untouched for %.0fs (message lost with a worker?); sent again: %s",
-                    len(live), self.grace_s, ", ".join(live[:10]))
+        log.warning("%d started job(s) unheard of for %.0fs past their lease or retry (a worker dead or cut off?); "
+                    "sent again: %s", len(live), self.grace_s, ", ".join(live[:10]))
         return len(live)
 
     async def forever(self) -> None:
-        period_s = min(60.0, max(1.0, self.grace_s / 4))
         while True:
-            await asyncio.sleep(period_s * (0.5 + random.random()))  # workers spread out
+            await asyncio.sleep(self.period_s * (0.5 + random.random()))  # workers spread out
             try:
                 await self.sweep()
             except redis.RedisError as exc:

@@ -11,10 +11,14 @@ Exactly one result per job, whatever the broker does:
   redelivery, a duplicate message) does not run it: it is put back until the lease
   ends, and then finds the job finished.
 - A job found ``running`` with an expired lease lost its worker (``kill -9``, OOM, a
-  host gone). It runs again; after ``MEDQ_WORKER__MAX_LOST_RUNS`` lost runs it is a
-  poison job and goes to dead letters instead of killing workers forever. After one
-  lost run it runs alone (``worker.isolation``), so another record's deaths are not its.
-- The result store keeps the first success: a late second run cannot replace it.
+  host gone or cut off). The orphan sweep (``worker.leases``) sends it again once its
+  lease has lapsed, in seconds, not after the broker's visibility timeout. After
+  ``MEDQ_WORKER__MAX_LOST_RUNS`` lost runs it is a poison job and goes to dead letters
+  instead of killing workers forever; after a lost run it runs apart from healthy jobs
+  (``worker.isolation``), so another record's deaths are not its.
+- A run that lost its lease (its worker cut off, then back) is *stale*: once another
+  delivery has taken the job over, its retry or failure writes nothing (``FENCE`` in
+  ``medq.state.jobs``), and the result store keeps the first success.
 
 Budgets: charged errors (timeouts, 5xx) count against ``MEDQ_WORKER__MAX_RETRIES``;
 back-pressure (busy, down, rate-limited, no capacity) only delays the job, for at most
@@ -61,13 +65,13 @@ from medq.core.errors import (
 from medq.core.ids import new_id
 from medq.core.settings import Settings
 from medq.state import jobs
-from medq.state.jobs import Job, Run
+from medq.state.jobs import Job, Run, Wrote
 from medq.state.metrics import flush_forever, metrics
 from medq.state.results import ResultStore, open_store_for
 from medq.state.results.document import document, summary
 from worker.endpoints import EndpointPool
 from worker.extract.processor import Extraction, MedicalDataProcessor
-from worker.isolation import SuspectGate
+from worker.isolation import SuspectGate, Turn
 from worker.leases import Leases
 from worker.pipeline import Batcher
 from worker.policy import GiveUp, Limits, RunFacts, compute_backoff, decide
@@ -82,8 +86,12 @@ T = TypeVar("T")
 Outcome = dict[str, Any]  # a run's summary (``medq.state.results.document.summary``)
 
 
+@dataclass(frozen=True)
 class _NeedsGate:
-    """_run's answer for a suspect alone in its message: run it again once it has the process alone."""
+    """_run's answer for a suspect alone in its message: run it again once its turn at the
+    process's gate comes, ``alone`` or among suspects only."""
+
+    alone: bool
 
 
 @dataclass(frozen=True)
@@ -140,13 +148,17 @@ class JobRunner:
         (``worker.isolation``), and alone it runs with no other job in this process.
 
         START_LUA tells a suspect apart in the same round trip that starts a job, so only a
-        suspect pays a second call (after it has the process to itself)."""
-        async with self.gate.turn(False):
+        suspect pays a second call (after its turn at the gate)."""
+        async with self.gate.turn(Turn.NORMAL):
             outcome = await self._run(job_id, "1" if shared else "0")
-        if not isinstance(outcome, _NeedsGate):
-            return outcome
-        async with self.gate.turn(True):
-            outcome = await self._run(job_id, "2")
+        if isinstance(outcome, _NeedsGate) and not outcome.alone and self.gate.suspects():
+            # among other suspects (a worker died with many jobs): together, apart from healthy jobs;
+            # a suspect on its own takes the process alone, so that its death is its own
+            async with self.gate.turn(Turn.COMPANY):
+                outcome = await self._run(job_id, "3")  # asks for the gate again if it must run alone now
+        if isinstance(outcome, _NeedsGate):
+            async with self.gate.turn(Turn.ALONE):
+                outcome = await self._run(job_id, "2")
         assert not isinstance(outcome, _NeedsGate)  # mode 2 never asks for the gate
         return outcome
 
@@ -172,7 +184,7 @@ class JobRunner:
             log.info("job %s: already running elsewhere; checking again in %.1fs", job_id, wait_s)
             return RetryLater(wait_s, RetryableError(f"job {job_id} is running in another worker"))
         if st.verdict == "gate":
-            return _NeedsGate()
+            return _NeedsGate(st.alone)
         if st.verdict == "alone":
             # A worker died while it ran (with companions, so nobody knows whose record killed
             # it): it goes on as a message of its own (what the message does with RetryLater),
@@ -185,7 +197,7 @@ class JobRunner:
                 f"record {job.record_id}: its worker died during {st.lost} runs (MEDQ_WORKER__MAX_LOST_RUNS); "
                 "not run again"
             )
-            await self._fail(job, st.attempts, exc)
+            await self._fail(job, "", st.attempts, exc)
             raise exc
         assert st.run is not None
         self.leases.hold(job_id, run_id)
@@ -213,7 +225,8 @@ class JobRunner:
         except RetryableError as exc:
             return await self._retry_later(job, run, exc)
         except PermanentError as exc:
-            await self._fail(job, run.attempts, exc)
+            if await self._fail(job, run.run_id, run.attempts, exc) is Wrote.STALE:
+                return self._stale(job)
             raise
         except redis.RedisError:
             raise  # the task puts the message back; the lease lapses and the job runs again
@@ -246,17 +259,20 @@ class JobRunner:
         assert last is not None
         raise last
 
-    async def _retry_later(self, job: Job, run: Run, exc: RetryableError) -> RetryLater:
+    async def _retry_later(self, job: Job, run: Run, exc: RetryableError) -> Outcome | RetryLater:
         """Put the job back as ``worker.policy.decide`` says, or make it a dead letter
         (raising the error, with why) when a budget is spent."""
         decision = decide(exc, RunFacts(run.failures, run.deferrals, run.waited_s), self.limits)
         due_ms = time.time() * 1000 + decision.countdown_s * 1000
         # Counted first, also when giving up, so the dead letter's attempts are the runs that reached the model.
-        live = await jobs.put_back(self.batch, job, counter=decision.counter, due_ms=due_ms, error_kind=exc.kind,
-                                   error_message=exc.message, unsent=decision.unsent)
+        wrote = await jobs.put_back(self.batch, job, run.run_id, counter=decision.counter, due_ms=due_ms,
+                                    error_kind=exc.kind, error_message=exc.message, unsent=decision.unsent)
+        if wrote is Wrote.STALE:
+            return self._stale(job)
+        live = wrote is Wrote.WRITTEN
         if isinstance(decision, GiveUp):
             attempts = run.attempts - 1 if decision.unsent else run.attempts
-            await self._give_up(job, attempts, exc, decision.why)
+            await self._give_up(job, run.run_id, attempts, exc, decision.why)
         metrics.incr("medq_jobs_total", schema=job.schema, outcome="retried")
         metrics.incr("medq_retries_total", schema=job.schema, kind=exc.kind)
         if live:
@@ -265,10 +281,17 @@ class JobRunner:
             log.info("job %s: purged while it ran; its state stays gone", job.job_id)
         return RetryLater(decision.countdown_s, exc)
 
-    async def _give_up(self, job: Job, attempts: int, exc: RetryableError, why: str) -> None:
+    async def _give_up(self, job: Job, run_id: str, attempts: int, exc: RetryableError, why: str) -> None:
         gave_up = type(exc)(f"{exc.message} ({why})", exc.retry_after_s)
-        await self._fail(job, attempts, gave_up)
+        await self._fail(job, run_id, attempts, gave_up)
         raise gave_up from None
+
+    def _stale(self, job: Job) -> Outcome:
+        """This run lost its lease and another delivery took the job over: it says nothing more."""
+        log.warning("job %s: another delivery took it over while this run was cut off; this run's outcome is dropped",
+                    job.job_id)
+        metrics.incr("medq_stale_runs_total")
+        return {"job_id": job.job_id, "status": "stale"}
 
     async def _already_stored(self, job: Job) -> bool:
         try:
@@ -345,7 +368,7 @@ class JobRunner:
         try:
             written = await self._put(doc)
         except StoreUnavailable as exc:
-            await self._fail(job, attempts, exc, store_result=False)
+            await self._fail(job, run.run_id, attempts, exc, store_result=False)
             return False
         if not written:
             log.info("job %s: a result was already stored; kept the first", job.job_id)
@@ -368,24 +391,29 @@ class JobRunner:
         log.info("job %s: purged while it ran; no state or result kept", job.job_id)
         await asyncio.to_thread(self.store.delete, [job.job_id])
 
-    async def _fail(self, job: Job, attempts: int, exc: MedqError, store_result: bool = True) -> None:
-        """Make the job a dead letter. Its document goes to the results store too, held while
-        the store is away (``_put``); if it stays away, the job state alone says why
-        (``medq failed`` and ``medq results`` read it)."""
+    async def _fail(self, job: Job, run_id: str, attempts: int, exc: MedqError, store_result: bool = True) -> Wrote:
+        """Make the job a dead letter, if run ``run_id`` still holds it ("": a job failed before
+        it ran). Its document then goes to the results store too, held while the store is
+        away (``_put``); if it stays away, the job state alone says why (``medq failed`` and
+        ``medq results`` read it)."""
+        # A dead letter, unless the batch was purged while the job ran, or another delivery
+        # took the job over from this run (FAIL_LUA).
+        wrote = await jobs.fail(self.batch, job, run_id, error_kind=exc.kind, error_message=exc.message,
+                                failed_at_s=time.time())
+        if wrote is Wrote.PURGED:
+            log.info("job %s: purged while it ran; no state or result kept", job.job_id)
+            return wrote
+        if wrote is Wrote.STALE:
+            return wrote
         metrics.incr("medq_jobs_total", schema=job.schema, outcome="failed")
         metrics.incr("medq_dead_letters_total", schema=job.schema, kind=exc.kind)
-        deliveries = attempts + await jobs.unsent_runs(self.batch, job.job_id)
-        doc = document(job, JobStatus.FAILED, attempts=attempts, deliveries=deliveries, model=self.processor.model,
-                       endpoint=self.processor.base_url, error={"kind": exc.kind, "message": exc.message})
         if store_result:
+            deliveries = attempts + await jobs.unsent_runs(self.batch, job.job_id)
+            doc = document(job, JobStatus.FAILED, attempts=attempts, deliveries=deliveries, model=self.processor.model,
+                           endpoint=self.processor.base_url, error={"kind": exc.kind, "message": exc.message})
             try:
                 await self._put(doc)
             except StoreUnavailable as away:
                 log.warning("job %s: its failure was not stored (%s); the job state keeps it", job.job_id, away.kind)
-        # A dead letter, unless the batch was purged while the job ran (FAIL_LUA).
-        failed = await jobs.fail(self.batch, job, error_kind=exc.kind, error_message=exc.message,
-                                 failed_at_s=time.time())
-        if not failed:
-            await self._forget_purged(job)
-            return
         log.warning("job %s record %s failed: %s", job.job_id, job.record_id, exc.kind)
+        return wrote

@@ -159,8 +159,8 @@ def requeue(producer: Any, batch: str, all_failed: bool = False) -> RequeueRepor
     for st in ready:
         pipe.hset(job_key(st.job_id), mapping={JobField.STATUS: JobStatus.QUEUED.value})
         # A fresh budget: failures, lost runs and waiting start again from zero.
-        pipe.hdel(job_key(st.job_id), JobField.SENT, JobField.FAILURES, JobField.LOST, JobField.DEFERRALS,
-                  JobField.FIRST_RUN_MS, JobField.LEASE_UNTIL, JobField.RUN_ID)
+        pipe.hdel(job_key(st.job_id), JobField.SENT, JobField.FAILURES, JobField.LOST, JobField.SPARED,
+                  JobField.DEFERRALS, JobField.FIRST_RUN_MS, JobField.LEASE_UNTIL, JobField.RUN_ID, JobField.RUN_MODE)
         pipe.persist(job_key(st.job_id))  # finished jobs' state expires; a queued one's must not
         pipe.zrem(failed_key(batch), st.job_id)
     pipe.execute()
@@ -428,13 +428,14 @@ def mark_sent(r: redis.Redis, job_ids: list[str]) -> None:
 # Start a run: one atomic step that decides whether this delivery may run the job.
 START_LUA = _lua("""
 -- KEYS: job, payload, watch   ARGV: run_id, lease_ms, max_lost_runs, now_iso, job_id,
---   mode: '1' a many-job message; '0' a job alone in its message; '2' the same, holding the process alone
+--   mode: '1' a many-job message; '0' a job alone in its message; then, for a suspect that
+--   came back from the gate (worker.isolation), '2' holding the process alone or '3' among suspects only
 -- Returns {verdict, batch, record_id, schema, schema_version, ...}: one round trip
 -- reads the job, decides, takes the lease and fetches the record.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local h = redis.call('HMGET', KEYS[1], $status, $lease_until, $first_run_ms, $batch, $record_id, $schema,
-                     $schema_version, $attempts, $superseded_by, $lost)
+                     $schema_version, $attempts, $superseded_by, $lost, $spared, $run_mode)
 if not h[1] or not h[4] then return {'missing'} end
 if h[9] then
   -- a newer revision of the record replaced this job (medq enqueue --replace): nothing to run
@@ -452,28 +453,43 @@ if h[1] == 'running' then
   local lease_until = tonumber(h[2]) or 0
   if lease_until > now then return reply('busy', tostring(lease_until - now)) end
 end
--- a suspect (its worker died: found running with a lapsed lease, or lost before) alone in its
--- message first takes the process for itself (worker.isolation), then comes back in mode '2';
--- nothing is written now, so its lost run is counted once, on that call
-if ARGV[6] == '0' and (h[1] == 'running' or (tonumber(h[10]) or 0) > 0) then return reply('gate') end
-if h[1] == 'running' then
-  local lost = redis.call('HINCRBY', KEYS[1], $lost, 1)
-  h[10] = tostring(lost)
-  -- in a shared message the death may have been a companion's: only a job that died alone is poison
-  if lost >= tonumber(ARGV[3]) and ARGV[6] ~= '1' then return reply('poison', tostring(lost), h[8] or '0') end
+-- found running with a lapsed lease: its worker died (or was cut off) during the last run.
+-- That death is charged as a lost run, unless the run was among suspects only ('c'): then
+-- nobody can pin it on the job, which from now on runs alone (worker.isolation).
+local died = h[1] == 'running'
+local spared_now = died and h[12] == 'c'
+local lost = tonumber(h[10]) or 0
+local spared = tonumber(h[11]) or 0
+local lost_after = lost + ((died and not spared_now) and 1 or 0)
+local alone = spared > 0 or spared_now or lost_after >= tonumber(ARGV[3]) - 1
+-- a suspect alone in its message first takes its turn at the process's gate (alone, or
+-- among suspects), then comes back in mode '2' or '3'; nothing is written now, so its
+-- death is counted once, on that call
+if ARGV[6] == '0' and (died or lost > 0 or spared > 0) then return reply('gate', alone and '1' or '0') end
+if ARGV[6] == '3' and alone then return reply('gate', '1') end
+if died then
+  if spared_now then
+    spared = redis.call('HINCRBY', KEYS[1], $spared, 1)
+  else
+    lost = redis.call('HINCRBY', KEYS[1], $lost, 1)
+    -- in a shared message the death may have been a companion's: only a job that died alone is poison
+    if lost >= tonumber(ARGV[3]) and ARGV[6] ~= '1' then return reply('poison', tostring(lost), h[8] or '0') end
+  end
 end
-if ARGV[6] == '1' and (tonumber(h[10]) or 0) > 0 then
+if ARGV[6] == '1' and (lost > 0 or spared > 0) then
   -- a suspect (a worker died while it ran): not run beside others, so that its next death
   -- is charged to it alone; the message sends it on as its own medq.extract
   redis.call('HSET', KEYS[1], $status, 'retrying', $updated_at, ARGV[4])
   redis.call('HDEL', KEYS[1], $lease_until, $run_id)
   redis.call('ZADD', KEYS[3], now, ARGV[5])
-  return reply('alone', h[10])
+  return reply('alone', tostring(lost))
 end
+local run_mode = 'n'
+if ARGV[6] == '2' then run_mode = 'a' elseif ARGV[6] == '3' then run_mode = 'c' end
 local attempts = redis.call('HINCRBY', KEYS[1], $attempts, 1)
 if not h[3] then redis.call('HSET', KEYS[1], $first_run_ms, now) end
 redis.call('HSET', KEYS[1], $status, 'running', $lease_until, now + tonumber(ARGV[2]),
-           $run_id, ARGV[1], $updated_at, ARGV[4])
+           $run_id, ARGV[1], $updated_at, ARGV[4], $run_mode, run_mode)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[5])
 local f = redis.call('HMGET', KEYS[1], $failures, $lost, $first_run_ms, $deferrals, $unsent_runs)
 return reply('run', tostring(attempts), f[1] or '0', f[2] or '0', f[3], f[4] or '0', tostring(now), f[5] or '0',
@@ -504,13 +520,20 @@ return 1
 # expires, so a missing one (no status or no batch, as START_LUA reads it) was purged.
 # Writing to it would bring back a job state, a dead letter or a result the user erased.
 
+# FENCE: a run whose worker was cut off (a partition, a stall) past its lease may come back
+# after another delivery took the job over (START_LUA gave it a new run id). What it says
+# then is stale: it must not charge the job's budgets again nor make it a dead letter. Its
+# success is harmless and still recorded: the results store keeps the first success.
+
 # A run will be tried again later: count it, watch for its return, say why.
 RETRY_LUA = _lua("""
 -- KEYS: job, watch   ARGV: counter ('failures' or 'deferrals'), due_ms, job_id, error_kind, error_message, now_iso,
---                         unsent ('1': the run sent nothing to the model)
--- Returns 0, writing nothing, for a job no longer there (purged while it ran).
-local live = redis.call('HMGET', KEYS[1], $status, $batch)
+--                         unsent ('1': the run sent nothing to the model), run_id
+-- Returns 0, writing nothing, for a job no longer there (purged while it ran); 2, writing
+-- nothing, for a run that no longer holds the job (stale: see FENCE).
+local live = redis.call('HMGET', KEYS[1], $status, $batch, $run_id)
 if not live[1] or not live[2] then return 0 end
+if live[3] ~= ARGV[8] then return 2 end
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 if ARGV[7] == '1' then
   -- START_LUA counted the run as an attempt; it was a delivery only (see worker.policy.decide)
@@ -525,10 +548,13 @@ return 1
 # A dead letter: listed in the batch's failed set, its state and payload kept (no expiry)
 # until it succeeds on a requeue or the batch is purged.
 FAIL_LUA = _lua("""
--- KEYS: job, failed, watch, payload, batch   ARGV: error_kind, error_message, now_iso, job_id, failed_at_s
--- Returns 0, writing nothing, for a job no longer there (purged while it ran).
-local live = redis.call('HMGET', KEYS[1], $status, $batch)
+-- KEYS: job, failed, watch, payload, batch   ARGV: error_kind, error_message, now_iso, job_id, failed_at_s,
+--   run_id ('' for a job failed before it ran: a poison job)
+-- Returns 0, writing nothing, for a job no longer there (purged while it ran); 2, writing
+-- nothing, for a run that no longer holds the job (stale: see FENCE).
+local live = redis.call('HMGET', KEYS[1], $status, $batch, $run_id)
 if not live[1] or not live[2] then return 0 end
+if ARGV[6] ~= '' and live[3] ~= ARGV[6] then return 2 end
 redis.call('HSET', KEYS[1], $status, 'failed', $error_kind, ARGV[1], $error_message, ARGV[2], $updated_at, ARGV[3])
 redis.call('HDEL', KEYS[1], $lease_until, $run_id)
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
@@ -558,14 +584,16 @@ end
 return 0
 """)
 
-# Claim the started jobs nothing has touched for `grace`: a lost message, a worker gone
-# with it. Claimed ones are pushed a grace ahead, so one worker re-sends each.
+# Claim the started jobs not heard of for `grace` past their watch time (a lease's end, a
+# retry's due time): a worker gone, or its message. A claimed one is watched again `hold`
+# from now, so one worker sends each, and a resent message stuck behind a long queue is
+# not sent over and over: if it does not start by then, it is sent again.
 CLAIM_LUA = """
--- KEYS: watch   ARGV: grace_ms, limit
+-- KEYS: watch   ARGV: grace_ms, limit, hold_ms
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], now, id) end
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id) end
 return ids
 """
 
@@ -611,7 +639,8 @@ class Start:
 
     ``missing`` (no job state) and ``superseded`` (``superseded_by``) carry no job; the
     others do: ``final`` (``status``, ``attempts``), ``busy`` (``lease_left_ms``),
-    ``gate`` (a suspect alone in its message: take the process, then start in mode '2'),
+    ``gate`` (a suspect alone in its message: take its turn at the process's gate, ``alone``
+    or among suspects, then start in mode '2' or '3'),
     ``alone`` and ``poison`` (``lost``; poison also ``attempts``), ``run`` (``run``)."""
 
     verdict: str
@@ -622,6 +651,7 @@ class Start:
     attempts: int = 0
     lost: int = 0
     lease_left_ms: int = 0
+    alone: bool = False
 
 
 async def start(calls: ScriptCalls, job_id: str, run_id: str, *, lease_ms: int, max_lost_runs: int, mode: str) -> Start:
@@ -646,7 +676,7 @@ async def start(calls: ScriptCalls, job_id: str, run_id: str, *, lease_ms: int, 
     if verdict == "poison":
         return Start(verdict, job, lost=int(rest[0]), attempts=int(rest[1]))
     if verdict != "run":
-        return Start(verdict, job)  # gate
+        return Start(verdict, job, alone=rest[0] == "1")  # gate
     # rest: attempts, failures, lost, first_run_ms, deferrals, now_ms, unsent_runs[, payload]
     run = Run(
         run_id=run_id,
@@ -661,6 +691,14 @@ async def start(calls: ScriptCalls, job_id: str, run_id: str, *, lease_ms: int, 
     return Start(verdict, job, run=run)
 
 
+class Wrote(IntEnum):
+    """What a run's last step wrote (RETRY_LUA, FAIL_LUA)."""
+
+    PURGED = 0  # nothing: the job is gone (purged while it ran)
+    WRITTEN = 1
+    STALE = 2  # nothing: another delivery took the job over from this run (FENCE)
+
+
 async def finish(calls: ScriptCalls, job: Job, results_ttl_s: int) -> bool:
     """Mark the job succeeded (FINISH_LUA). False: it was purged while it ran."""
     # The state lives as long as results do, then goes with its batch; the note is not
@@ -673,21 +711,28 @@ async def finish(calls: ScriptCalls, job: Job, results_ttl_s: int) -> bool:
 
 
 async def put_back(
-    calls: ScriptCalls, job: Job, *, counter: str, due_ms: float, error_kind: str, error_message: str, unsent: bool,
-) -> bool:
+    calls: ScriptCalls, job: Job, run_id: str, *, counter: str, due_ms: float, error_kind: str, error_message: str,
+    unsent: bool,
+) -> Wrote:
     """Count a run that will be tried again (``counter``: ``JobField.FAILURES`` or
-    ``DEFERRALS``), watch for its return by ``due_ms`` and say why (RETRY_LUA). ``unsent``:
-    the run sent nothing to the model, a delivery and not an attempt. False: purged."""
-    return bool(await calls.script(
+    ``DEFERRALS``), watch for its return by ``due_ms`` and say why (RETRY_LUA), if run
+    ``run_id`` still holds the job. ``unsent``: the run sent nothing to the model, a delivery
+    and not an attempt."""
+    return Wrote(int(await calls.script(
         RETRY_LUA, [job_key(job.job_id), WATCH_KEY],
-        [counter, due_ms, job.job_id, error_kind, error_message, now_iso(), int(unsent)],
-    ))
+        [counter, due_ms, job.job_id, error_kind, error_message, now_iso(), int(unsent), run_id],
+    )))
 
 
-async def fail(calls: ScriptCalls, job: Job, *, error_kind: str, error_message: str, failed_at_s: float) -> bool:
-    """Make the job a dead letter (FAIL_LUA). False: it was purged while it ran."""
+async def fail(
+    calls: ScriptCalls, job: Job, run_id: str, *, error_kind: str, error_message: str, failed_at_s: float
+) -> Wrote:
+    """Make the job a dead letter (FAIL_LUA), if run ``run_id`` still holds it ("": a job
+    failed before it ran)."""
     keys = [job_key(job.job_id), failed_key(job.batch), WATCH_KEY, payload_key(job.job_id), batch_key(job.batch)]
-    return bool(await calls.script(FAIL_LUA, keys, [error_kind, error_message, now_iso(), job.job_id, failed_at_s]))
+    return Wrote(int(await calls.script(
+        FAIL_LUA, keys, [error_kind, error_message, now_iso(), job.job_id, failed_at_s, run_id]
+    )))
 
 
 async def unsent_runs(calls: ScriptCalls, job_id: str) -> int:
@@ -705,10 +750,11 @@ async def renew(r: redis.asyncio.Redis, held: list[tuple[str, str]], lease_ms: i
     await pipe.execute()
 
 
-async def claim_orphans(r: redis.asyncio.Redis, grace_ms: int, limit: int = 500) -> list[str]:
-    """The started jobs untouched for ``grace_ms`` that are still unfinished, claimed for
-    this caller to send again (CLAIM_LUA); the finished ones among them leave the watch."""
-    ids: list[str] = await r.register_script(CLAIM_LUA)(keys=[WATCH_KEY], args=[grace_ms, limit])
+async def claim_orphans(r: redis.asyncio.Redis, grace_ms: int, hold_ms: int, limit: int = 500) -> list[str]:
+    """The started jobs unheard of for ``grace_ms`` past their watch time that are still
+    unfinished, claimed for this caller to send again and watched again ``hold_ms`` from now
+    (CLAIM_LUA); the finished ones among them leave the watch."""
+    ids: list[str] = await r.register_script(CLAIM_LUA)(keys=[WATCH_KEY], args=[grace_ms, limit, hold_ms])
     if not ids:
         return []
     pipe = r.pipeline(transaction=False)

@@ -2,7 +2,9 @@
 
 Its companions were running when the worker died, so the first death is charged to
 each of them (nobody can know whose record it was); from then on each of them runs
-in a message of its own, and the poison record's later deaths are its own.
+in a message of its own, apart from healthy jobs. Suspects that meet in a process run
+together; a death among them is charged to nobody but sends each to run alone, and the
+poison record's deaths alone are its own.
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ def test_poison_record_among_31_good_ones_takes_no_companion_down(
            f"{len(crash.killed)} kills; companions charged a lost run: {sum(1 for k, v in lost.items() if v and k != 'r0005')}")
     assert [(d["record_id"], d["error_kind"]) for d in dead] == [("r0005", "worker_lost")]
     assert (o.succeeded, o.failed, o.lost, o.duplicated, o.results) == (31, 1, 0, 0, n), o
-    assert len(crash.killed) == 3  # the first death beside its companions, then two alone
+    # the first death beside its companions, maybe one among suspects (not charged), then two alone
+    assert len(crash.killed) in (3, 4), crash.killed
     # An innocent job is charged at most the one death nobody could pin on a record.
     assert max(v for k, v in lost.items() if k != "r0005") <= 1, lost
 
     # Running the dead letters again runs the poison record alone: it dies alone, again.
+    first_round = len(crash.killed)
     res = run_cli(["requeue", "companions", "--all-failed"], env)
     assert "requeued 1 job(s)" in res.stderr, res.stderr
     wait_done(r, "companions", n, timeout_s=180, tick=crash)
@@ -70,5 +74,5 @@ def test_poison_record_among_31_good_ones_takes_no_companion_down(
     dead = [json.loads(line) for line in run_cli(["failed", "companions", "--json"], env).stdout.splitlines()]
     assert [(d["record_id"], d["error_kind"]) for d in dead] == [("r0005", "worker_lost")]
     assert (again.succeeded, again.failed, again.lost, again.duplicated) == (31, 1, 0, 0), again
-    assert len(crash.killed) == 6
+    assert len(crash.killed) == first_round + 3  # alone in the process: three deaths, each its own
     assert _lost_runs(r, "companions") == {**lost, "r0005": 3}  # no companion charged by the requeue

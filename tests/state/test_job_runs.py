@@ -1,0 +1,92 @@
+"""A run's steps on the job hash (medq.state.jobs), on the real Redis: what a worker's
+death is charged as, and what a stale run (its worker cut off past its lease) may still write."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import redis
+
+from medq.core.contract import JobField, failed_key, job_key
+from medq.state import jobs
+from medq.state.jobs import JobDefaults, Wrote
+
+LEASE_MS = 100
+
+
+class Calls:
+    """``jobs.ScriptCalls`` straight over a client, one call at a time (the worker batches them)."""
+
+    def __init__(self, url: str) -> None:
+        self.r = redis.Redis.from_url(url, decode_responses=True)
+
+    async def script(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        return self.r.eval(source, len(keys), *keys, *args)
+
+
+def _job(r: redis.Redis) -> jobs.Job:
+    run = JobDefaults(batch="runs", schema="clinical_note", schema_version=1, now_iso=jobs.now_iso(),
+                      payload_ttl_s=600, replaced_ttl_s=600)
+    [(_, job_id)] = jobs.create_jobs(r, run, [("rec-1", '{"text": "x"}', "d1")], 0)
+    return jobs.Job(job_id, "runs", "rec-1", "clinical_note", 1)
+
+
+def _start(calls: Calls, job: jobs.Job, run_id: str, mode: str) -> jobs.Start:
+    return asyncio.run(jobs.start(calls, job.job_id, run_id, lease_ms=LEASE_MS, max_lost_runs=3, mode=mode))
+
+
+def _field(r: redis.Redis, job: jobs.Job, name: str) -> int:
+    return int(r.hget(job_key(job.job_id), name) or 0)
+
+
+def _lapse() -> None:
+    time.sleep(LEASE_MS / 1000 + 0.05)
+
+
+def test_a_stale_run_writes_no_retry_and_no_dead_letter_once_another_run_took_the_job(r: redis.Redis, redis_url: str) -> None:
+    calls = Calls(redis_url)
+    job = _job(r)
+    assert _start(calls, job, "run-a", "1").verdict == "run"
+    _lapse()  # run-a's worker is cut off: its lease lapses
+    assert _start(calls, job, "run-b", "0").verdict == "gate"
+    took = _start(calls, job, "run-b", "2")
+    assert took.verdict == "run" and took.run is not None and took.run.lost == 1
+
+    async def stale_run_comes_back() -> tuple[Wrote, Wrote]:
+        retried = await jobs.put_back(calls, job, "run-a", counter=JobField.FAILURES, due_ms=0, error_kind="timeout",
+                                      error_message="timed out", unsent=False)
+        failed = await jobs.fail(calls, job, "run-a", error_kind="bad_request", error_message="400", failed_at_s=0)
+        return retried, failed
+
+    assert asyncio.run(stale_run_comes_back()) == (Wrote.STALE, Wrote.STALE)
+    assert _field(r, job, JobField.FAILURES) == 0  # nothing charged by the stale run
+    assert r.hget(job_key(job.job_id), JobField.STATUS) == b"running"  # run-b still has it
+    assert r.zscore(failed_key("runs"), job.job_id) is None
+
+    wrote = asyncio.run(jobs.put_back(calls, job, "run-b", counter=JobField.FAILURES, due_ms=0, error_kind="timeout",
+                                      error_message="timed out", unsent=False))
+    assert wrote is Wrote.WRITTEN and _field(r, job, JobField.FAILURES) == 1
+
+
+def test_a_death_among_suspects_is_charged_to_none_and_sends_each_to_run_alone(r: redis.Redis, redis_url: str) -> None:
+    calls = Calls(redis_url)
+    job = _job(r)
+    assert _start(calls, job, "run-a", "1").verdict == "run"
+    _lapse()  # the worker died with the job and its companions
+    gate = _start(calls, job, "run-b", "0")
+    assert (gate.verdict, gate.alone) == ("gate", False)  # one lost run: it may run among suspects
+    assert _start(calls, job, "run-b", "3").verdict == "run"
+    assert _field(r, job, JobField.LOST) == 1
+    _lapse()  # and died again, among suspects: whose record was it?
+    gate = _start(calls, job, "run-c", "0")
+    assert (gate.verdict, gate.alone) == ("gate", True)
+    assert _start(calls, job, "run-c", "3").verdict == "gate"  # not among suspects any more
+    assert _start(calls, job, "run-c", "2").verdict == "run"
+    assert (_field(r, job, JobField.LOST), _field(r, job, JobField.SPARED)) == (1, 1)
+    _lapse()  # alone, twice: its own deaths make it a poison job
+    assert _start(calls, job, "run-d", "2").verdict == "run"
+    _lapse()
+    poison = _start(calls, job, "run-e", "2")
+    assert (poison.verdict, poison.lost) == ("poison", 3)
