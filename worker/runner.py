@@ -65,6 +65,7 @@ from medq.core.errors import (
 from medq.core.ids import new_id
 from medq.core.settings import Settings
 from medq.state import jobs
+from medq.state.connect import connect
 from medq.state.jobs import Job, Run, Wrote
 from medq.state.metrics import flush_forever, metrics
 from medq.state.results import ResultStore, open_store_for
@@ -112,12 +113,12 @@ class JobRunner:
         store: ResultStore | None = None,
     ) -> None:
         self.settings = settings
-        self.r = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+        self.r = connect(settings.redis_url, asyncio=True, decode_responses=True)
         self.batch = Batcher(self.r)  # the per-job calls of all running jobs, pipelined
         self.sealer = Sealer.from_settings(settings)  # MEDQ_ENCRYPTION_KEY: payloads and results at rest
         self.store = store or open_store_for(settings)
         self.pool = EndpointPool.from_settings(
-            settings, redis.Redis.from_url(settings.redis_url, decode_responses=True), processor, batcher=self.batch
+            settings, connect(settings.redis_url, decode_responses=True), processor, batcher=self.batch
         )
         self.limits = Limits.from_settings(settings)
         self.leases = Leases(self.r, int(settings.worker.lease_s * 1000))

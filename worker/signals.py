@@ -24,6 +24,7 @@ from medq.core.crypto import Sealer
 from medq.core.errors import MedqError, SchemaError  # MedqError: RemoteEndpointRefused among them
 from medq.core.privacy import check_endpoints
 from medq.core.schemas import SchemaLoader
+from medq.state.connect import connect
 from medq.state.memory import probe_write, wait_for_room
 from worker.celery_app import app, settings
 from worker.engine import get_engine
@@ -57,7 +58,7 @@ def _wait_for_room(**_: Any) -> None:
     """Start on a full Redis without dying: Celery's start-up writes (queue bindings, the
     hello to other workers) raise ``OutOfMemoryError`` out of the consumer. Wait until a
     tiny write succeeds, saying why (the messages and jobs stay in Redis meanwhile)."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect(settings.redis_url)
     attempt = 0
     try:
         while True:

@@ -20,6 +20,7 @@ from celery.exceptions import Reject
 import worker.signals  # noqa: F401 - registers the worker's signal handlers (start-up checks, the engine)
 from medq.core.contract import TASK_EXTRACT, TASK_EXTRACT_MANY
 from medq.core.errors import PermanentError
+from medq.state.connect import connect
 from medq.state.dispatch import send_job
 from medq.state.memory import is_full, wait_for_room
 from worker.celery_app import app, settings
@@ -85,7 +86,7 @@ def _redis() -> redis.Redis:
     """A plain client, to read INFO for the "Redis is full" line."""
     global _client
     if _client is None:
-        _client = redis.Redis.from_url(settings.redis_url)
+        _client = connect(settings.redis_url)
     return _client
 
 

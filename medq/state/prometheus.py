@@ -17,6 +17,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.registry import Collector
 
 from medq.core.contract import QUEUE
+from medq.state.connect import connect
 from medq.state.endpoints import endpoint_snapshots
 from medq.state.metrics import METRICS_KEY, RUNNING_KEY, parse_field, worker_processes
 
@@ -106,6 +107,6 @@ class MedqCollector(Collector):
 
 def registry_for(settings: Any) -> CollectorRegistry:
     reg = CollectorRegistry()
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings.redis_url)
     reg.register(MedqCollector(r, [ep.url for ep in settings.llm.all_endpoints], settings.llm.max_in_flight))
     return reg

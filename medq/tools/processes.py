@@ -24,6 +24,7 @@ import redis
 from rich.console import Console
 
 from medq.core.errors import DemoError
+from medq.state.connect import connect, is_sentinel, shown_url
 
 
 @dataclass
@@ -130,12 +131,14 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def ensure_redis(url: str, sup: Supervisor, console: Console) -> None:
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    client = connect(url, socket_connect_timeout=2)
     try:
         client.ping()
         return
     except redis.ConnectionError:
         pass
+    if is_sentinel(url):
+        raise DemoError(f"no Redis master answers behind the sentinels of {shown_url(url)} (MEDQ_REDIS_URL)")
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379
     if host not in ("127.0.0.1", "localhost", "::1"):

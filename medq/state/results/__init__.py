@@ -46,11 +46,11 @@ class ResultStore(Protocol):
 
 
 def open_store(url: str, *, redis_url: str | None = None, ttl_s: int | None = None, sealer: Any = None) -> ResultStore:
-    """``redis://`` / ``rediss://`` / ``unix://`` -> Redis; ``postgresql://`` -> PostgreSQL.
+    """``redis://`` / ``rediss://`` / ``unix://`` / ``sentinel://`` -> Redis; ``postgresql://`` -> PostgreSQL.
     With a ``medq.core.crypto.Sealer``, documents are encrypted at rest. ``redis_url``: the
     job states' Redis; a Redis store there keeps results beside them (``aput``)."""
     scheme = url.split(":", 1)[0].lower()
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in ("redis", "rediss", "unix", "sentinel"):
         return RedisResultStore(url, ttl_s=ttl_s, sealer=sealer, beside_jobs=url == redis_url)
     if scheme.startswith("postgres"):
         # Here, not above: sqlalchemy and psycopg come with the "postgres" extra only.

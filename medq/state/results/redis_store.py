@@ -13,6 +13,7 @@ import redis.asyncio
 from medq.core.contract import job_key, result_key
 from medq.core.crypto import Sealer, open_doc, seal_doc
 from medq.core.errors import StoreUnavailable
+from medq.state.connect import connect
 from medq.state.jobs import ScriptCalls
 
 _CHUNK = 500
@@ -56,7 +57,7 @@ class RedisResultStore:
         self._url = url
         self.sealer = sealer
         self.beside_jobs = beside_jobs  # in the job states' Redis: written through the worker's pipelines
-        self._r = redis.Redis.from_url(url)
+        self._r = connect(url)
         self.ttl_s = ttl_s
         self._put = self._r.register_script(PUT_LUA)
         self._aput: Any = None  # on an asyncio client, made by the first aput
@@ -80,7 +81,7 @@ class RedisResultStore:
             with reachable():
                 return bool(await calls.script(PUT_LUA, keys, [value, self.ttl_s or 0]))
         if self._aput is None:
-            self._aput = redis.asyncio.Redis.from_url(self._url).register_script(PUT_LUA)
+            self._aput = connect(self._url, asyncio=True).register_script(PUT_LUA)
         with reachable():
             return bool(await self._aput(keys=[result_key(doc["job_id"])], args=[value, self.ttl_s or 0]))
 
