@@ -21,6 +21,8 @@ from medq.core.crypto import Sealer, seal_text
 from medq.core.errors import InputError, InvalidBatchId, RedisFull, UploadExpired
 from medq.core.schemas import ExtractionSchema, SchemaLoader
 from medq.core.settings import Settings, get_settings
+from medq.state.broker import celery_broker_conf
+from medq.state.connect import connect
 from medq.state.dispatch import send_jobs
 from medq.state.jobs import CreateOutcome, JobDefaults, create_jobs, mark_sent
 from medq.state.memory import full_message
@@ -68,15 +70,11 @@ class Producer:
     def __init__(self, settings: Settings | None = None, schema_loader: SchemaLoader | None = None) -> None:
         self.settings = settings or get_settings()
         self.schema_loader = schema_loader or SchemaLoader(self.settings.schema_dirs)
-        self.r = redis.Redis.from_url(self.settings.redis_url)
+        self.r = connect(self.settings.redis_url)
         self.sealer = Sealer.from_settings(self.settings)  # MEDQ_ENCRYPTION_KEY: records encrypted at rest
-        self.celery = Celery("medq-producer", broker=self.settings.redis_url)
-        self.celery.conf.update(
-            task_serializer="json",
-            accept_content=["json"],
-            broker_transport_options=self.settings.broker_transport_options,
-            broker_connection_retry_on_startup=True,
-        )
+        # The broker (MEDQ_BROKER_URL, default the Redis URL) and its queue, as the workers see them.
+        self.celery = Celery("medq-producer")
+        self.celery.conf.update(celery_broker_conf(self.settings), task_serializer="json", accept_content=["json"])
 
     def check(self, records: Iterable[Any] | CheckedRecords) -> CheckedRecords:
         if isinstance(records, CheckedRecords):

@@ -45,6 +45,8 @@ _CLEARED_ENV = (
     "MEDQ_ENCRYPTION_KEY",
     "MEDQ_IMAGE",
     "MEDQ_API__TOKENS",
+    "MEDQ_BROKER_URL",
+    "RABBITMQ_PASSWORD",
     "COMPOSE_FILE",
     "COMPOSE_PROFILES",
     "COMPOSE_PROJECT_NAME",
@@ -190,6 +192,20 @@ def test_api_only_with_its_profile_and_gets_the_tokens(compose) -> None:
     assert env["MEDQ_REDIS_URL"] == "redis://:s3cretredis@redis:6379/0"
 
 
+def test_rabbitmq_only_with_its_profile_and_its_url_reaches_the_broker_users(compose) -> None:
+    without = _rendered(compose(REQUIRED_ENV))
+    assert "rabbitmq" not in _active_services(without)
+    assert not _env(without["services"]["worker"])["MEDQ_BROKER_URL"]  # empty: the broker is Redis
+
+    url = "amqp://medq:rabbitpw@rabbitmq:5672/medq"
+    data = _rendered(compose({**REQUIRED_ENV, "RABBITMQ_PASSWORD": "rabbitpw", "MEDQ_BROKER_URL": url},
+                             profiles=("rabbitmq", "api")))
+    assert _active_services(data, ("rabbitmq", "api")) == CORE_SERVICES | {"rabbitmq", "api"}
+    assert _env(data["services"]["rabbitmq"])["RABBITMQ_DEFAULT_PASS"] == "rabbitpw"
+    for name in ("worker", "flower", "api"):  # everyone who sends or takes task messages
+        assert _env(data["services"][name])["MEDQ_BROKER_URL"] == url, name
+
+
 def test_config_without_redis_password_fails_naming_it(compose) -> None:
     env = {k: v for k, v in REQUIRED_ENV.items() if k != "REDIS_PASSWORD"}
     proc = compose(env)
@@ -228,7 +244,7 @@ def test_compose_specification_without_version_key(spec: dict) -> None:
     # docker-compose 1.29 accepts the Compose Specification without `version:`,
     # and docker compose v2 warns that the key is obsolete.
     assert "version" not in spec
-    assert set(spec["services"]) == CORE_SERVICES | {"postgres", "api"}
+    assert set(spec["services"]) == CORE_SERVICES | {"postgres", "api", "rabbitmq"}
 
 
 def test_images(spec: dict) -> None:
@@ -279,6 +295,7 @@ def test_worker_environment_is_understood_by_medq_settings(spec: dict, monkeypat
     assert settings.redis_url == "redis://:pw@redis:6379/0"
     assert settings.results_url is None
     assert settings.effective_results_url == settings.redis_url
+    assert settings.effective_broker_url == settings.redis_url and not settings.broker_is_amqp
     assert settings.llm.base_url == "http://ollama:11434/v1"
     assert settings.llm.model == "qwen2.5:1.5b"
     assert settings.llm.api_key.get_secret_value() == "ollama"
@@ -361,11 +378,31 @@ def test_postgres_is_optional(spec: dict) -> None:
     assert any(v.split(":")[0] in spec["volumes"] for v in pg["volumes"])
 
 
+def test_rabbitmq_is_optional_and_keeps_its_queues(spec: dict) -> None:
+    rabbit = spec["services"]["rabbitmq"]
+    assert rabbit["profiles"] == ["rabbitmq"]
+    assert rabbit["image"].split(":")[0] == "rabbitmq"
+    # Its data lives under rabbit@<hostname>: a random container hostname would start
+    # a recreated container on an empty node.
+    assert rabbit["hostname"] == "rabbitmq"
+    assert any(v.split(":")[0] in spec["volumes"] and v.endswith(":/var/lib/rabbitmq") for v in rabbit["volumes"])
+    env = _env(rabbit)
+    assert env["RABBITMQ_DEFAULT_USER"] == "medq" and "RABBITMQ_PASSWORD" in env["RABBITMQ_DEFAULT_PASS"]
+    assert "rabbitmq-diagnostics" in " ".join(rabbit["healthcheck"]["test"])
+    assert all(str(p).split(":")[-1] != "5672" for p in rabbit.get("ports", []))  # AMQP stays on the compose network
+    # Optional, so nothing may wait for it (compose would refuse to start without the profile).
+    assert all("rabbitmq" not in (svc.get("depends_on") or {}) for svc in spec["services"].values())
+    for name in ("worker", "flower", "api"):
+        assert _env(spec["services"][name])["MEDQ_BROKER_URL"] == "${MEDQ_BROKER_URL:-}", name
+
+
 def test_usage_comment(spec: dict) -> None:
     text = COMPOSE_FILE.read_text()
     assert "docker compose up -d --scale worker=3" in text
     assert "--profile postgres" in text
     assert "MEDQ_RESULTS_URL=postgresql://medq:${POSTGRES_PASSWORD}@postgres:5432/medq" in text
+    assert "--profile rabbitmq" in text
+    assert "MEDQ_BROKER_URL=amqp://medq:${RABBITMQ_PASSWORD}@rabbitmq:5672/medq" in text
 
 
 # ------------------------------------------------------------- Dockerfile and context

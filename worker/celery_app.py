@@ -4,26 +4,52 @@ handlers (``worker.signals``) as the worker loads them, before it starts."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from celery import Celery
 
-from medq.core.contract import QUEUE
 from medq.core.settings import get_settings
+from medq.state.broker import celery_broker_conf
+from medq.state.connect import celery_transport_options, celery_url
 from worker.broker_fixes import keep_broker_params_for_restore, wait_while_redis_full
 
 settings = get_settings()
 
-# Before the app makes any broker connection (``worker.broker_fixes`` says why).
-keep_broker_params_for_restore()
-wait_while_redis_full()
+if not settings.broker_is_amqp:
+    # Before the app makes any broker connection (``worker.broker_fixes`` says why). They
+    # patch kombu's Redis transport, which a RabbitMQ broker does not use (Celery's
+    # results and medq's job state use redis-py directly).
+    keep_broker_params_for_restore()
+    wait_while_redis_full()
 
-app = Celery("medq", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
+
+class MedqCelery(Celery):
+    """Celery, with countdowns RabbitMQ can delay.
+
+    With quorum queues (RabbitMQ) Celery 5.7 delays a countdown in whole seconds through
+    its native delayed delivery, and fails one under a second (``int(countdown)`` is 0:
+    ``ValueError`` from ``calculate_routing_key``), as a job's retry backoff may be. Such
+    a countdown is sent as one second: the job comes back a little late, never early.
+    (A longer one is cut to whole seconds by Celery and the worker holds the rest.)"""
+
+    def send_task(self, name: str, *args: Any, **options: Any) -> Any:
+        countdown = options.get("countdown")
+        if settings.broker_is_amqp and countdown and 0 < countdown < 1:
+            options["countdown"] = math.ceil(countdown)
+        return super().send_task(name, *args, **options)
+
+
+app = MedqCelery("medq", backend=celery_url(settings.redis_url), include=["worker.tasks"])
+# The broker, its queue and its transport options (``medq.state.broker``): Redis by
+# default, RabbitMQ with MEDQ_BROKER_URL=amqp://...; results always in Redis.
+app.conf.update(celery_broker_conf(settings))
 app.conf.update(
     # JSON only: a pickle payload from the broker is code execution.
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
     result_accept_content=["json"],
-    task_default_queue=QUEUE,
     # A job is acknowledged only when it has finished, and put back if its worker dies,
     # so a crash never loses one. One message at a time per slot: jobs are long.
     task_acks_late=True,
@@ -33,14 +59,13 @@ app.conf.update(
     # Redis redelivers an unacknowledged message after the visibility timeout: that is
     # how the jobs of a killed worker come back. It must outlast the longest run plus
     # the longest retry delay, or a job is handed out twice (the job lease then keeps
-    # the second copy from running it). Sweep for such messages every quarter of it
-    # (kombu's default sweep is every ~100 s, however short the timeout).
-    broker_transport_options=settings.broker_transport_options,
-    result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    # the second copy from running it); settings.broker_transport_options sets it.
+    # RabbitMQ redelivers as soon as the worker's connection is gone.
+    result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                      **celery_transport_options(settings.redis_url)},
     # No Celery time limit: the engine enforces MEDQ_WORKER__TASK_TIME_LIMIT_S on each
     # job (in every pool), and a message of many jobs must not be killed as a whole.
     result_expires=settings.results_ttl_s,
-    broker_connection_retry_on_startup=True,
     # Flower lives on events; they carry ids and PHI-free summaries only.
     worker_send_task_events=True,
     task_send_sent_event=True,

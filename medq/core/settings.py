@@ -164,6 +164,9 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Where task messages go. Default: the Redis URL; amqp://... for RabbitMQ (job state,
+    # limits and Celery's results stay in Redis).
+    broker_url: str | None = None
     results_url: str | None = None  # default: the Redis URL; postgresql://... for durable results
     payload_ttl_s: int = 7 * 24 * 3600
     results_ttl_s: int = 30 * 24 * 3600
@@ -183,7 +186,7 @@ class Settings(BaseSettings):
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     api: APISettings = Field(default_factory=APISettings)
 
-    @field_validator("results_url")
+    @field_validator("results_url", "broker_url")
     @classmethod
     def _blank_is_none(cls, v: str | None) -> str | None:
         return v or None
@@ -207,6 +210,16 @@ class Settings(BaseSettings):
     @property
     def effective_results_url(self) -> str:
         return self.results_url or self.redis_url
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The broker every Celery app of medq (worker, producer, Flower) connects to."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def broker_is_amqp(self) -> bool:
+        """RabbitMQ (``amqp://``, ``amqps://``, ``pyamqp://``) rather than Redis."""
+        return self.effective_broker_url.split("://", 1)[0].lower() in ("amqp", "amqps", "pyamqp")
 
     @property
     def schema_dirs(self) -> list[Path]:
@@ -233,6 +246,14 @@ class Settings(BaseSettings):
 
     @property
     def broker_transport_options(self) -> dict[str, Any]:
+        """kombu's transport options. RabbitMQ: publisher confirms, so a message counts as
+        sent (and its job as sent) only once the broker has it on disk (a quorum queue
+        confirms once a majority of its replicas has it); it redelivers an unacknowledged
+        message as soon as its consumer's connection is gone, so it has no visibility
+        timeout. Redis: the visibility timeout, and a sweep for expired messages every
+        quarter of it (kombu's default sweep is every ~100 s, however short the timeout)."""
+        if self.broker_is_amqp:
+            return {"confirm_publish": True}
         vt = self.visibility_timeout_s
         return {
             "visibility_timeout": vt,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import redis
 
 from tests.chaos.helpers import ARTIFACTS, ROWS
 from tests.helpers import MEDQ, Proc, free_port, wait_log
+from tests.rabbitmq import own_vhost, restart_broker, skip_unless_rabbitmq
 
 
 @pytest.fixture
@@ -106,3 +108,48 @@ def private_redis(tmp_path: Path) -> Iterator[Any]:
     if ctl.proc and ctl.proc.poll() is None:
         ctl.proc.kill()
         ctl.proc.wait(5)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The broker a test runs on, as env additions: Redis (the default, ``{}``: the
+    broker is MEDQ_REDIS_URL), or RabbitMQ in a vhost of the test's own, deleted after
+    (``MEDQ_BROKER_URL=amqp://...``; job state and limits stay in Redis)."""
+    if request.param == "redis":
+        yield {}
+        return
+    skip_unless_rabbitmq()
+    with own_vhost() as (_, url):
+        yield {"MEDQ_BROKER_URL": url}
+
+
+@dataclass
+class BrokerRestart:
+    """A broker that a test can restart: ``env`` to merge, ``restart(down_s)`` stops it
+    for ``down_s`` and starts it again (returns how long it was down)."""
+
+    name: str
+    env: dict[str, str]
+    restart: Callable[[float], float]
+
+
+@pytest.fixture
+def restartable_broker(request: pytest.FixtureRequest, broker: dict[str, str]) -> BrokerRestart:
+    """``broker``, restartable. RabbitMQ: ``rabbitmqctl stop_app`` / ``start_app``, a real
+    restart of the broker (every connection closed; quorum queues and their messages kept
+    on disk); about 2 s plus ``down_s`` here, for every user of the node. Redis: a
+    redis-server of the test's own with an append-only file (``private_redis``) as the
+    broker only (MEDQ_BROKER_URL), so that, as with RabbitMQ, the job state in
+    MEDQ_REDIS_URL stays up while the broker restarts."""
+    if "MEDQ_BROKER_URL" in broker:
+        return BrokerRestart("RabbitMQ", broker, restart_broker)
+    ctl = request.getfixturevalue("private_redis")
+
+    def restart(down_s: float) -> float:
+        started = time.monotonic()
+        ctl.stop()
+        time.sleep(down_s)
+        ctl.start()
+        return time.monotonic() - started
+
+    return BrokerRestart("Redis", {"MEDQ_BROKER_URL": ctl.url}, restart)

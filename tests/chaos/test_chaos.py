@@ -1,4 +1,4 @@
-"""Process-level chaos: kill -9, a Redis restart, faults, a shared rate limit, an endpoint outage.
+"""Process-level chaos: kill -9, a Redis or broker restart, faults, a shared rate limit, an endpoint outage.
 
 Every scenario ends with the same check: every job succeeded or failed with a
 kind, none lost, and `medq results` holds one result per record.
@@ -36,12 +36,14 @@ def sim_stats(base_url: str) -> dict[str, Any]:
 
 
 def test_kill_9_workers_and_their_children_under_load(
-    r: redis.Redis, tmp_path: Path, simulator: Callable[..., str], start_worker: Callable[..., Proc], chaos_env: dict[str, str]
+    broker: dict[str, str],  # first: its vhost is made before the workers start and deleted after they stop
+    r: redis.Redis, tmp_path: Path, simulator: Callable[..., str], start_worker: Callable[..., Proc], chaos_env: dict[str, str],
 ) -> None:
     n = 300
     base = simulator("--latency-ms", "800", "--parallel", "64")
     # Workers are killed on purpose, maybe several times during one job: not a poison job.
-    env = {**chaos_env, "MEDQ_LLM__BASE_URL": base, "MEDQ_WORKER__MAX_LOST_RUNS": "20", "MEDQ_LLM__MAX_IN_FLIGHT": "64"}
+    env = {**chaos_env, **broker, "MEDQ_LLM__BASE_URL": base, "MEDQ_WORKER__MAX_LOST_RUNS": "20",
+           "MEDQ_LLM__MAX_IN_FLIGHT": "64"}
     threads = start_worker(env, "-c", "8", name="threads", wait=False)
     prefork = start_worker(env, "--pool", "prefork", "-c", "3", name="prefork")
     wait_log(threads, " ready.")
@@ -65,7 +67,7 @@ def test_kill_9_workers_and_their_children_under_load(
     c = wait_done(r, "kill9", n, timeout_s=240, tick=chaos)
     o = outcome(r, env, "kill9", n)
     record(
-        "kill -9: worker main processes and prefork children, every 2 s",
+        f"kill -9: worker main processes and prefork children, every 2 s ({'RabbitMQ' if broker else 'Redis'} broker)",
         o,
         f"{kills['main']} main-process kills, {kills['children']} rounds of child kills",
     )
@@ -125,6 +127,39 @@ def test_redis_restarted_under_load(
     o = outcome(rr, env, "redis-restart", n)
     record("Redis stopped for 3 s and restarted (append-only file) under load", o)
     assert restarted[0]
+    assert (o.succeeded, o.failed, o.lost, o.duplicated, o.results) == (n, 0, 0, 0, n), o
+
+
+def test_broker_restart_mid_batch(
+    restartable_broker: Any,  # first: made before the workers start, removed after they stop
+    r: redis.Redis, tmp_path: Path, simulator: Callable[..., str], start_worker: Callable[..., Proc],
+    chaos_env: dict[str, str],
+) -> None:
+    """The broker alone restarts while jobs run (job state stays up in Redis): the
+    workers reconnect, the messages they held come back (RabbitMQ: at once, from the
+    quorum queue; Redis: after the visibility timeout) and none runs twice."""
+    n = 200
+    b = restartable_broker
+    base = simulator("--latency-ms", "300", "--parallel", "64")
+    env = {**chaos_env, **b.env, "MEDQ_LLM__BASE_URL": base}
+    w1 = start_worker(env, "-c", "8", name="w1", wait=False)
+    start_worker(env, "-c", "8", name="w2")
+    wait_log(w1, " ready.")
+    enqueue(env, write_records(tmp_path / "recs.jsonl", n), "broker-restart")
+    down: list[tuple[int, float]] = []  # (jobs done when it went down, seconds down)
+
+    def restart_once(c: Counter[str]) -> None:
+        if not down and c[JobStatus.SUCCEEDED.value] >= 40:
+            done = c[JobStatus.SUCCEEDED.value] + c[JobStatus.FAILED.value]
+            down.append((done, b.restart(3)))
+
+    started = time.monotonic()
+    wait_done(r, "broker-restart", n, timeout_s=180, tick=restart_once)
+    took_s = time.monotonic() - started
+    o = outcome(r, env, "broker-restart", n)
+    record(f"{b.name} broker stopped for 3 s and restarted mid-batch (job state in Redis stays up)", o,
+           f"down {down[0][1]:.1f} s after {down[0][0]} of {n} jobs; batch done in {took_s:.0f} s" if down else "")
+    assert down and down[0][0] < n  # it went down mid-batch
     assert (o.succeeded, o.failed, o.lost, o.duplicated, o.results) == (n, 0, 0, 0, n), o
 
 
