@@ -13,6 +13,7 @@ from fastapi import Request
 
 from medq.api.errors import APIError
 from medq.api.middleware import Stats
+from medq.core.errors import BATCH_GONE_CAUSES
 from medq.core.settings import Settings
 from medq.state.jobs import owner_of
 from medq.state.results import ResultStore
@@ -50,7 +51,9 @@ class ApiState:
         would confirm to one client that another's batch or job exists."""
         owner = owner_of(self.r, batch)
         if owner is None or self.taken(owner, client):
-            raise APIError(404, missing or f"no batch {batch!r}")
+            # a batch whose states vanished with its owner (a Redis restart) answers here too
+            raise APIError(404, missing or f"no batch {batch!r}: never made by this client, or its job states were "
+                                           + BATCH_GONE_CAUSES)
 
 
 async def api_state(request: Request) -> ApiState:

@@ -146,6 +146,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 TAKEN: dict[str, Any] = {"model": ErrorOut, "description": "The batch id is another client's: choose another."}
 OWNED = {**ERRORS, 404: {"model": ErrorOut,
                          "description": "No such batch or job, or another client's (the same answer)."}}
+BATCH_READ = {**OWNED, 410: {"model": ErrorOut, "description": (
+    "The batch was made, but its job states are gone from Redis: purged, expired, or lost when Redis "
+    "restarted without persistence. It is not finished; enqueue its records again to run them.")}}
 
 
 # ---------------------------------------------------------------- request bodies read by hand

@@ -1,6 +1,7 @@
 """What every command file shares: the consoles, the exit codes, failing with a message, Redis.
 
-Exit codes: 0 done; 1 some jobs failed; 2 bad input or usage; 3 timed out waiting.
+Exit codes: 0 done; 1 some jobs failed; 2 bad input or usage; 3 timed out waiting; 4 the
+batch waited on lost its job states (``BatchGone``).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from typing import Any
 
 import redis
 import typer
+from redis.sentinel import MasterNotFoundError
 from rich.console import Console
 from rich.markup import escape
 
 from medq.core.settings import get_settings
-from medq.core.urls import redact_url
+from medq.state.connect import connect, shown_url
 from medq.tools.evaluate import records_by_id
 
 out = Console()
@@ -26,6 +28,7 @@ DEFAULT_LOCAL_MODEL = "qwen2.5-coder-1.5b"
 EXIT_FAILED_JOBS = 1
 EXIT_BAD_INPUT = 2
 EXIT_TIMEOUT = 3
+EXIT_GONE = 4
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -38,12 +41,15 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 def connect_redis() -> redis.Redis:
     """The configured Redis, checked now: a command fails with the URL to fix, not a traceback."""
     s = get_settings()
-    r = redis.Redis.from_url(s.redis_url)
     try:
+        r = connect(s.redis_url)
         r.ping()
-    except redis.ConnectionError:
+    except ValueError as exc:  # a sentinel URL without its master's name, ...
+        raise fail(f"MEDQ_REDIS_URL: {exc}") from None
+    except redis.ConnectionError as exc:
         # without its userinfo: the one redaction for every URL shown
-        raise fail(f"cannot reach Redis at {redact_url(s.redis_url)} (MEDQ_REDIS_URL)") from None
+        why = f": {exc}" if isinstance(exc, MasterNotFoundError) else ""
+        raise fail(f"cannot reach Redis at {shown_url(s.redis_url)} (MEDQ_REDIS_URL){why}") from None
     return r
 
 

@@ -14,14 +14,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from medq.cli.common import EXIT_BAD_INPUT, EXIT_FAILED_JOBS, EXIT_TIMEOUT, connect_redis, err, fail, out
-from medq.core.errors import InvalidBatchId, MedqError, RedisFull, SchemaError, UnknownSchema, WaitTimeout
+from medq.cli.common import EXIT_BAD_INPUT, EXIT_FAILED_JOBS, EXIT_GONE, EXIT_TIMEOUT, connect_redis, err, fail, out
+from medq.core.errors import BatchGone, InvalidBatchId, MedqError, RedisFull, SchemaError, UnknownSchema, WaitTimeout
 from medq.core.schemas import SchemaLoader
 from medq.core.settings import get_settings
 from medq.state.jobs import REQUEUE_KINDS, counts
 from medq.state.jobs import failed as failed_jobs
 from medq.state.jobs import purge as purge_batch
 from medq.state.jobs import requeue as requeue_jobs
+from medq.state.persistence import restart_note, server_life
 from medq.state.results import open_store_for
 from medq.state.results.export import csv_lines, iter_results, to_jsonl
 from medq.tools.progress import wait_for_batch
@@ -82,7 +83,7 @@ def enqueue(
     if result.conflicts:
         raise _report_conflicts(result.batch, result.conflicts, len(result) - len(result.conflicts))
     if wait:
-        _wait(producer.r, result.batch, timeout_s)
+        _wait(producer.r, result.batch, timeout_s, expected=len(result))
 
 
 def _refuse_broken_schemas(producer: Producer, batch: str, all_failed: bool) -> None:
@@ -114,14 +115,23 @@ def _report_conflicts(batch: str, record_ids: list[str], others: int) -> typer.E
                 "run the same command again with --replace")
 
 
-def _wait(r: redis.Redis, batch: str, timeout_s: float | None) -> None:
-    """`enqueue --wait`: progress until the batch is done; exit 1 if jobs failed, 3 on the time limit."""
+def _wait(r: redis.Redis, batch: str, timeout_s: float | None, expected: int) -> None:
+    """`enqueue --wait`: progress until the batch is done; exit 1 if jobs failed, 3 on the time
+    limit, 4 if the job states vanished (a Redis restarted without persistence, a purge)."""
     try:
-        c = wait_for_batch(r, batch, err, timeout_s)
+        c = wait_for_batch(r, batch, err, timeout_s, expected=expected)
     except WaitTimeout as exc:
         raise fail(f"timed out after {timeout_s:g}s with {exc.unfinished} job(s) unfinished", EXIT_TIMEOUT) from None
+    except BatchGone as exc:
+        raise fail(exc.message, EXIT_GONE) from None
     if c["failed"]:
         raise fail(f"{c['failed']} job(s) failed; see `medq failed {batch}`", EXIT_FAILED_JOBS)
+
+
+def _no_jobs(r: redis.Redis, batch: str) -> typer.Exit:
+    """A batch without job states: never enqueued here, or its states are gone; which of the
+    two, medq cannot tell afterwards, so the message names both, with what Redis says of itself."""
+    return fail(BatchGone(batch, note=restart_note(server_life(r))).message)
 
 
 @app.command()
@@ -130,10 +140,11 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Counts of jobs per state in a batch."""
-    c = counts(connect_redis(), batch)
+    r = connect_redis()
+    c = counts(r, batch)
     total = sum(c.values())
     if total == 0:
-        raise fail(f"no jobs in batch {batch!r}")
+        raise _no_jobs(r, batch)
     if as_json:
         print(json.dumps({"batch": batch, "total": total, **c}))
         return
@@ -184,7 +195,7 @@ def results(
             fh.close()
         store.close()
     if n == 0:
-        raise fail(f"no jobs in batch {batch!r}")
+        raise _no_jobs(r, batch)
     if output:
         err.print(f"wrote {n} results to {output}", highlight=False)
 

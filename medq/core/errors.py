@@ -46,6 +46,8 @@
         ├── RemoteEndpointRefused  the privacy guard: an endpoint outside the private network that
         │                     the settings do not allow; the worker does not start (exit 2)
         ├── WaitTimeout       a wait for a batch ran past its timeout (``unfinished`` jobs)
+        ├── BatchGone         a batch's job states are gone from Redis (purged, expired, or lost
+        │                     with a Redis restarted without persistence): never "finished"
         └── ToolError (also a RuntimeError)  a medq tool cannot go on; the message says what to do
             ├── DemoError     something `medq demo` or `medq bench` needs is missing or died
             ├── LocalModelError  the embedded model cannot be started
@@ -280,6 +282,34 @@ class WaitTimeout(OperatorError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.unfinished,))
+
+
+BATCH_GONE_CAUSES = (
+    "purged (medq purge), expired (MEDQ_RESULTS_TTL_S after it finished), or lost when Redis "
+    "restarted without persistence (or crashed with writes not yet on disk)"
+)
+"""Why a batch's job states can be gone from Redis: every message that says so names all three."""
+
+
+class BatchGone(OperatorError):
+    """The job states of ``batch`` are gone from Redis: ``known`` jobs were seen (or enqueued),
+    ``left`` of them still have a state; ``known`` 0 when the batch was never seen at all.
+    Whoever waits on the batch says so instead of calling it finished. ``note``: what this
+    Redis says of itself (restarted meanwhile, keeps nothing on disk), when it says it."""
+
+    kind = "batch_gone"
+
+    def __init__(self, batch: str, known: int = 0, left: int = 0, note: str = "") -> None:
+        if known:
+            head = (f"batch {batch}: the state of {known - left} of its {known} job(s) is gone from Redis, "
+                    "so the batch is NOT finished; its jobs were ")
+        else:
+            head = f"no jobs in batch {batch!r}: never enqueued in this Redis, or its job states were "
+        super().__init__(head + BATCH_GONE_CAUSES + (f" ({note})" if note else ""))
+        self.batch, self.known, self.left, self.note = batch, known, left, note
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, (self.batch, self.known, self.left, self.note))
 
 
 class ToolError(OperatorError, RuntimeError):

@@ -37,11 +37,13 @@ from rich.console import Console
 from rich.table import Table
 
 from medq.core.contract import QUEUE
-from medq.core.errors import DemoError
+from medq.core.errors import BatchGone, DemoError
 from medq.core.schemas import SchemaLoader
 from medq.core.settings import get_settings
 from medq.core.urls import redact_url
+from medq.state.connect import connect
 from medq.state.jobs import counts, job_ids, run_times_s
+from medq.state.persistence import restart_note, server_life
 from medq.state.results import open_store_for
 from medq.tools.processes import Supervisor, _free_port, _wait_until, answers, ensure_redis
 from medq.tools.samples import sample_path
@@ -101,7 +103,7 @@ class Bench:
         self.console = console
         self.settings = get_settings()
         self.sup = Supervisor(Path(tempfile.mkdtemp(prefix="medq-bench-")))
-        self.r = redis.Redis.from_url(self.settings.redis_url)
+        self.r = connect(self.settings.redis_url)
 
     # ------------------------------------------------------------- helpers
 
@@ -244,8 +246,8 @@ class Bench:
         producer = Producer(self.settings)
         try:
             warm = f"bench-warm-{os.getpid()}-{time.monotonic_ns()}"
-            producer.enqueue(_notes(min(2 * self.opts.parallel, 100), warm), self.opts.schema, warm)
-            self._wait(producer.r, warm)
+            warm_n = len(producer.enqueue(_notes(min(2 * self.opts.parallel, 100), warm), self.opts.schema, warm))
+            self._wait(producer.r, warm, warm_n)
             batch = f"bench-{label}-{os.getpid()}-{time.monotonic_ns()}"
             records = _notes(n, batch)
             cpu0, sim0, redis0 = _cpu_s(list(pids)), _cpu_s([sim_pid]) if sim_pid else 0.0, _redis_cpu_s(self.r)
@@ -253,7 +255,7 @@ class Bench:
             started = time.perf_counter()
             producer.enqueue(records, self.opts.schema, batch)
             enqueued_s = time.perf_counter() - started
-            self._wait(producer.r, batch)
+            self._wait(producer.r, batch, n)
             elapsed = time.perf_counter() - started
             cpu = _cpu_s(list(pids)) - cpu0
             sim_cpu = (_cpu_s([sim_pid]) - sim0) if sim_pid else 0.0
@@ -284,17 +286,20 @@ class Bench:
             producer.close()
             self.stop_workers(pids)
 
-    def _wait(self, r: redis.Redis, batch: str) -> None:
-        """Until every job is final. Polls the queue and kombu's unacked hash (two
-        commands) and reads the job states only once those are empty, so the waiting
-        does not add to the Redis work being measured."""
+    def _wait(self, r: redis.Redis, batch: str, n: int) -> None:
+        """Until every one of the batch's ``n`` jobs is final. Polls the queue and kombu's
+        unacked hash (two commands) and reads the job states only once those are empty, so
+        the waiting does not add to the Redis work being measured. Fewer than ``n`` job
+        states: they vanished (a Redis restarted without persistence), and the run stops."""
         while True:
             pipe = r.pipeline(transaction=False)
             pipe.llen(QUEUE)
             pipe.hlen("unacked")
             if sum(pipe.execute()) == 0:
                 c = counts(r, batch)
-                if c["succeeded"] + c["failed"] >= sum(c.values()):
+                if sum(c.values()) < n:
+                    raise DemoError(BatchGone(batch, n, sum(c.values()), restart_note(server_life(r))).message)
+                if c["succeeded"] + c["failed"] >= n:
                     return
             self.sup.check()
             time.sleep(0.05)

@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
-from medq.core.errors import DemoError, LocalModelError, WaitTimeout
+from medq.core.errors import BatchGone, DemoError, LocalModelError, WaitTimeout
 from medq.core.settings import get_settings
 from medq.core.urls import redact_url
 from medq.state.results import open_store_for
@@ -136,9 +136,11 @@ def run_demo(opts: DemoOptions, console: Console) -> dict[str, Any]:
             console.print(f"batch {batch}: {len(ids)} sample records ({records_file.name}), "
                           f"model {model_name}, strategy {profile.get('strategy', settings.llm.strategy)}", highlight=False)
             try:
-                wait_for_batch(producer.r, batch, console, opts.timeout_s, check=sup.check)
+                wait_for_batch(producer.r, batch, console, opts.timeout_s, check=sup.check, expected=len(ids))
             except WaitTimeout as exc:
                 raise DemoError(f"timed out after {opts.timeout_s:g}s with {exc.unfinished} job(s) unfinished") from None
+            except BatchGone as exc:
+                raise DemoError(exc.message) from None
             elapsed_s = time.monotonic() - started
 
             store = open_store_for(settings)

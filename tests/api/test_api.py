@@ -189,7 +189,7 @@ def test_tokens_are_required_and_batches_belong_to_their_client(
     cli = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "from-cli"], medq_env)
     assert cli.returncode == 0, cli.stderr
     res = httpx.get(f"{url}/v1/batches/from-cli", headers=A)
-    assert res.status_code == 404 and res.json()["detail"] == "no batch 'from-cli'"
+    assert res.status_code == 404 and res.json()["detail"].startswith("no batch 'from-cli': never made by this client")
     assert httpx.get(f"{url}/v1/batches/nope", headers=A).status_code == 404
     assert httpx.get(f"{url}/v1/jobs/{'f' * 32}", headers=A).status_code == 404
 
