@@ -274,6 +274,114 @@ class TcpProxy:
                 pass
 
 
+class Forwarder:
+    """Forwards ``listen`` (any local address and port) to ``target`` until cut. Two cuts:
+
+    - ``blackhole``, a pulled cable: open connections stay open and no byte moves either
+      way (nor a close); new connections are taken and then hang. ``restore`` delivers
+      what waited, as TCP does when a link comes back within its retransmission time.
+    - ``reset``, a peer gone: new connections are refused and open ones closed, as
+      :class:`TcpProxy` cuts; ``restore`` listens again.
+
+    TcpProxy stays as it is (127.0.0.1, reset only) for the tests that use it."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int]) -> None:
+        self.listen, self.target = listen, target
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._socks: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.accepted = 0  # connections taken
+        self.moved = 0  # bytes forwarded, both ways (a tally, not exact under threads)
+        self._listen()
+
+    def _listen(self) -> None:
+        lsock = socket.socket()
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(self.listen)
+        lsock.listen(256)
+        self._listener = lsock
+        threading.Thread(target=self._accept, args=(lsock,), daemon=True).start()
+
+    def cut(self, how: str = "blackhole") -> None:
+        if how == "blackhole":
+            self._flowing.clear()
+            return
+        if how != "reset":
+            raise ValueError(f"cut how? {how!r} (blackhole or reset)")
+        with self._lock:
+            socks, self._socks = self._socks, set()
+            lsock, self._listener = self._listener, None
+        for s in [lsock, *socks]:
+            if s is None:
+                continue
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def restore(self) -> None:
+        if self._listener is None and not self._closed:
+            self._listen()
+        self._flowing.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut("reset")
+        self._flowing.set()  # parked threads wake up to closed sockets and end
+
+    def _accept(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = lsock.accept()
+            except OSError:
+                return  # reset or closed
+            with self._lock:
+                if self._listener is not lsock:
+                    client.close()
+                    return
+                self._socks.add(client)
+                self.accepted += 1
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        self._flowing.wait()  # through a pulled cable a new connection gets nowhere
+        try:
+            upstream = socket.create_connection(self.target)
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            if client not in self._socks:  # reset meanwhile
+                client.close()
+                upstream.close()
+                return
+            self._socks.add(upstream)
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                self._flowing.wait()
+                dst.sendall(data)
+                self.moved += len(data)
+        except OSError:
+            pass
+        self._flowing.wait()  # a close, too, waits for the link
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self._lock:
+            self._socks.discard(src)
+        src.close()
+
+
 # ------------------------------------------------------------------ canaries
 
 CANARY = "ZZCANARY"
