@@ -58,13 +58,16 @@ def results(env: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 
 def test_a_host_cut_off_mid_batch_is_taken_over_and_changes_nothing_when_back(
-    hosts: Hosts, r: redis.Redis, tmp_path: Path, simulator: Callable[..., str],
+    broker: dict[str, str], hosts: Hosts, r: redis.Redis, tmp_path: Path, simulator: Callable[..., str],
     start_process: Callable[..., Proc], chaos_env: dict[str, str],
 ) -> None:
     base = simulator("--latency-ms", "300", "--parallel", "64")
-    env = {**chaos_env, "MEDQ_LLM__BASE_URL": base, "MEDQ_LLM__MAX_IN_FLIGHT": "32"}
-    # Every host calls Redis and the simulator by the same URLs, each over its own link.
+    env = {**chaos_env, **broker, "MEDQ_LLM__BASE_URL": base, "MEDQ_LLM__MAX_IN_FLIGHT": "32"}
+    # Every host calls Redis, RabbitMQ and the simulator by the same URLs, each over its own link.
     on_hosts = {**env, "MEDQ_REDIS_URL": hosts.reach(env["MEDQ_REDIS_URL"]), "MEDQ_LLM__BASE_URL": hosts.reach(base)}
+    if "MEDQ_BROKER_URL" in broker:
+        on_hosts["MEDQ_BROKER_URL"] = hosts.reach(broker["MEDQ_BROKER_URL"])
+    broker_name = "RabbitMQ" if broker else "Redis"
     workers = {h.index: start_process(h.command([MEDQ, "worker", "-c", "4"]), on_hosts, name=f"worker-h{h.index}")
                for h in hosts}
     for w in workers.values():
@@ -127,7 +130,8 @@ def test_a_host_cut_off_mid_batch_is_taken_over_and_changes_nothing_when_back(
                f"after the restore ({spoke} bytes from host {CUT}): {len(changed)} results changed, "
                f"{len(charged)} jobs charged a failure again, {reran} ran again; duplicated {o.duplicated}")
     print(figures)
-    record(f"3 hosts (network namespaces), host {CUT}'s link black-holed at 1/3 of {N}, back after the batch", o,
+    record(f"3 hosts (network namespaces), host {CUT}'s links black-holed at 1/3 of {N}, back after the batch "
+           f"({broker_name} broker)", o,
            figures)
     assert (o.succeeded, o.failed, o.lost, o.duplicated, o.results) == (N, 0, 0, 0, N), o
     assert spoke > 0  # the host did come back and talk: what follows is not vacuous
