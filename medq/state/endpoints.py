@@ -39,6 +39,7 @@ job is put back with a countdown instead of holding a worker slot.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import random
 import threading
@@ -316,7 +317,10 @@ class EndpointGate:
         self._rng_lock = threading.Lock()
         self._batcher = batcher  # worker.pipeline.Batcher: the engine's pipelined Redis calls
         self._local: Any = None  # asyncio.Semaphore, made in the loop that uses it
-        self._wake: Any = None  # asyncio.Event: a slot was given back
+        # calls of this process waiting on the shared limits, first come first woken: a slot
+        # given back wakes one of them, not all (with several processes on one cap, waking
+        # all sent one acquire script per waiter for each slot, and all but one were refused)
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     # The steps of taking a lease are written once, as a generator (:meth:`_acquiring`)
     # that yields what it needs done: run the acquire script with these arguments
@@ -371,7 +375,6 @@ class EndpointGate:
         ends wakes a waiter instead of letting it sleep out its poll."""
         if self._local is None:
             self._local = asyncio.Semaphore(self.config.max_in_flight)
-            self._wake = asyncio.Event()
         await self._local.acquire()
         try:
             steps = self._acquiring(est_tokens, lease_s)
@@ -379,11 +382,7 @@ class EndpointGate:
                 step = next(steps)
                 while True:
                     if isinstance(step, _Wait):
-                        self._wake.clear()
-                        try:  # until a call of this process ends, or the time the gate gave
-                            await asyncio.wait_for(self._wake.wait(), step.seconds)
-                        except asyncio.TimeoutError:
-                            pass
+                        await self._wait_for_wake(step.seconds)
                         step = next(steps)
                     else:
                         step = steps.send(await self._batcher.script(ACQUIRE_LUA, list(self.keys), step.args))
@@ -405,8 +404,27 @@ class EndpointGate:
             )
         finally:
             self._local.release()
-            self._wake.set()
+            self._wake_one()
         await released
+
+    async def _wait_for_wake(self, seconds: float) -> None:
+        """Until a call of this process ends and wakes this one, or the time the gate gave."""
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(woken)
+        try:
+            await asyncio.wait_for(asyncio.shield(woken), seconds)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if not woken.done():
+                woken.cancel()  # no longer waiting: a wake passes it by
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            woken = self._waiters.popleft()
+            if not woken.done():
+                woken.set_result(None)
+                return
 
     async def acall(self, est_tokens: int, fn: Any, lease_s: float | None = None) -> Any:
         """``await fn()`` under a lease; ``fn`` returns what :meth:`call`'s does."""
