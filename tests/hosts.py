@@ -301,7 +301,7 @@ def _records(path: Path, n: int, batch: str) -> Path:
 def bench_one(n_hosts: int, latency_ms: float, jobs: int, parallel: int = 64, redis_url: str = TEST_REDIS_URL,
               direct: bool = False) -> dict[str, Any]:
     """jobs/s of ``jobs`` jobs through ``n_hosts`` worker hosts (one ``medq worker`` each,
-    threads pool, ``-c`` as ``medq bench`` picks it: 2 x parallel / (hosts x 16) messages)
+    threads pool, ``-c`` as ``medq bench`` picks it: 2 x parallel / 16 messages on each host)
     against a simulator of ``latency_ms`` and ``parallel``. ``direct``: one worker in the
     root namespace, no forwarder (what the harness itself costs)."""
     import redis
@@ -315,7 +315,7 @@ def bench_one(n_hosts: int, latency_ms: float, jobs: int, parallel: int = 64, re
     try:
         base, sim = _simulator(env, log_dir, latency_ms, max(parallel, 64))
         procs.append(sim)
-        per = max(math.ceil(2 * parallel / (n_hosts * 16)), 2)
+        per = max(math.ceil(2 * parallel / 16), 2)
         wenv = {**env, "MEDQ_LLM__BASE_URL": base, "MEDQ_LLM__MAX_IN_FLIGHT": str(parallel), "MEDQ_LLM__MAX_WAIT_S": "30"}
         cmd = [MEDQ, "worker", "-c", str(per), "--", "--without-mingle", "--without-gossip"]
         if direct:

@@ -20,13 +20,16 @@ def bench(
     workers: int = typer.Option(1, "--workers", help="Worker processes on this node."),
     concurrency: int | None = typer.Option(None, "-c", "--concurrency", help=(
         "Task messages per worker process (default: enough for 2 x "
-        "parallel jobs)."
+        "parallel jobs in each)."
     )),
     pool: str = typer.Option("threads", "--pool", "-P", help="Celery pool of the workers."),
     endpoint: str | None = typer.Option(None, "--endpoint", help="Measure this OpenAI-compatible server instead of the simulator."),
     model: str | None = typer.Option(None, "--model", help="Model name to send to --endpoint."),
     overhead_jobs: int | None = typer.Option(None, "--overhead-jobs", help="Jobs for the latency-0 phase (default: --jobs)."),
     no_overhead: bool = typer.Option(False, "--no-overhead", help="Skip the latency-0 phase."),
+    compare_broker: str | None = typer.Option(None, "--compare-broker", help=(
+        "Measure the medq phases again with this broker (amqp://... for RabbitMQ) in the same run."
+    )),
     as_json: bool = typer.Option(False, "--json", help="Print the measurements as JSON."),
 ) -> None:
     """Throughput through the real system against a direct client, measured side by side.
@@ -38,7 +41,8 @@ def bench(
     from medq.tools.bench import Bench, BenchOptions, report_table
 
     opts = BenchOptions(jobs=jobs, latency_ms=latency_ms, parallel=parallel, workers=workers, concurrency=concurrency,
-                        pool=pool, endpoint=endpoint, model=model, overhead_jobs=overhead_jobs, skip_overhead=no_overhead)
+                        pool=pool, endpoint=endpoint, model=model, overhead_jobs=overhead_jobs, skip_overhead=no_overhead,
+                        compare_broker=compare_broker)
     try:
         res = Bench(opts, err).run()
     except DemoError as exc:

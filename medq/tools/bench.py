@@ -13,7 +13,9 @@ One run measures, side by side, on the same machine and the same endpoint:
 
 It starts what it needs (the simulator, the workers; Redis if none answers) and
 stops it afterwards. ``--endpoint URL`` measures a real server instead of the
-simulator (the overhead phase still uses the simulator).
+simulator (the overhead phase still uses the simulator). ``--compare-broker URL`` runs
+the medq and overhead phases again with that broker (``amqp://...``: RabbitMQ), in the
+same run, against the same endpoints: one table row per broker.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError, URLError
@@ -34,12 +37,13 @@ from urllib.request import Request, urlopen
 
 import redis
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from medq.core.contract import QUEUE
+from medq.core.contract import QUEUE, JobField, job_key
 from medq.core.errors import BatchGone, DemoError
 from medq.core.schemas import SchemaLoader
-from medq.core.settings import get_settings
+from medq.core.settings import Settings, get_settings
 from medq.core.urls import redact_url
 from medq.state.connect import connect
 from medq.state.jobs import counts, job_ids, run_times_s
@@ -58,13 +62,14 @@ class BenchOptions:
     latency_ms: float = 200.0
     parallel: int = 64
     workers: int = 1  # worker processes on this node
-    concurrency: int | None = None  # threads per worker process; default parallel / workers
+    concurrency: int | None = None  # task messages per worker process; default: enough for 2 x parallel jobs
     pool: str = "threads"
     endpoint: str | None = None
     model: str | None = None
     overhead_jobs: int | None = None  # default: jobs
     skip_overhead: bool = False
     schema: str = "clinical_note"
+    compare_broker: str | None = None  # a second broker measured in the same run
 
 
 def _notes(n: int, batch: str) -> list[dict[str, Any]]:
@@ -119,11 +124,12 @@ class Bench:
         _wait_until(lambda: answers(f"{base}/models"), "the simulator", self.sup, 30)
         return base, proc.popen.pid
 
-    def start_workers(self, base_url: str) -> list[int]:
+    def start_workers(self, base_url: str, settings: Settings) -> list[int]:
         o = self.opts
         per = self.messages_per_process()
         env = {
             **os.environ,
+            **({"MEDQ_BROKER_URL": settings.broker_url} if settings.broker_url else {}),
             "MEDQ_LLM__BASE_URL": base_url,
             "MEDQ_LLM__MAX_IN_FLIGHT": str(o.parallel),
             "MEDQ_LLM__MAX_WAIT_S": "30",
@@ -142,11 +148,14 @@ class Bench:
         return [p.popen.pid for p in procs]
 
     def messages_per_process(self) -> int:
-        """Task messages per worker process (``-c``): enough to keep ``parallel`` requests
-        in flight while messages turn over, each carrying MEDQ_JOBS_PER_MESSAGE jobs."""
+        """Task messages per worker process (``-c``): enough for each process on its own to
+        keep ``parallel`` requests in flight while messages turn over (2 x parallel jobs of
+        MEDQ_JOBS_PER_MESSAGE each), as a ``medq worker`` sized for the endpoint is run on
+        every host. (Splitting that among the processes measured 0.91-0.93 of the ceiling
+        with 2 processes: a process's messages turn over while the other's are in flight.)"""
         o = self.opts
         jobs_per_message = max(self.settings.jobs_per_message, 1)
-        return o.concurrency or max(-(-2 * o.parallel // (max(o.workers, 1) * jobs_per_message)), 2)
+        return o.concurrency or max(-(-2 * o.parallel // jobs_per_message), 2)
 
     def stop_workers(self, pids: list[int]) -> None:
         keep = [s for s in self.sup.started if s.popen.pid not in pids]
@@ -241,9 +250,11 @@ class Bench:
         elapsed, ok = asyncio.run(run())
         return {"jobs": n, "ok": ok, "seconds": elapsed, "jobs_per_s": ok / elapsed}
 
-    def through_medq(self, base_url: str, n: int, label: str, sim_pid: int | None) -> dict[str, Any]:
-        pids = self.start_workers(base_url)
-        producer = Producer(self.settings)
+    def through_medq(self, base_url: str, n: int, label: str, sim_pid: int | None,
+                     settings: Settings | None = None) -> dict[str, Any]:
+        settings = settings or self.settings
+        pids = self.start_workers(base_url, settings)
+        producer = Producer(settings)
         try:
             warm = f"bench-warm-{os.getpid()}-{time.monotonic_ns()}"
             warm_n = len(producer.enqueue(_notes(min(2 * self.opts.parallel, 100), warm), self.opts.schema, warm))
@@ -253,10 +264,12 @@ class Bench:
             cpu0, sim0, redis0 = _cpu_s(list(pids)), _cpu_s([sim_pid]) if sim_pid else 0.0, _redis_cpu_s(self.r)
             cmds0 = _redis_commands(self.r)
             started = time.perf_counter()
+            started_wall = time.time()
             producer.enqueue(records, self.opts.schema, batch)
             enqueued_s = time.perf_counter() - started
-            self._wait(producer.r, batch, n)
-            elapsed = time.perf_counter() - started
+            self._wait(producer.r, batch, n, fast=not settings.broker_is_amqp)
+            # to the last job's end as its state says, not to when the wait noticed it
+            elapsed = min(time.perf_counter() - started, last_update_s(producer.r, job_ids(producer.r, batch)) - started_wall)
             cpu = _cpu_s(list(pids)) - cpu0
             sim_cpu = (_cpu_s([sim_pid]) - sim0) if sim_pid else 0.0
             redis_cpu = _redis_cpu_s(self.r) - redis0
@@ -286,15 +299,18 @@ class Bench:
             producer.close()
             self.stop_workers(pids)
 
-    def _wait(self, r: redis.Redis, batch: str, n: int) -> None:
-        """Until every one of the batch's ``n`` jobs is final. Polls the queue and kombu's
-        unacked hash (two commands) and reads the job states only once those are empty, so
-        the waiting does not add to the Redis work being measured. Fewer than ``n`` job
+    def _wait(self, r: redis.Redis, batch: str, n: int, fast: bool = True) -> None:
+        """Until every one of the batch's ``n`` jobs is final. With Redis as the broker
+        (``fast``), polls the queue and kombu's unacked hash (two commands) and reads the job
+        states only once those are empty, so the waiting does not add to the Redis work being
+        measured; with another broker, reads them every half second. Fewer than ``n`` job
         states: they vanished (a Redis restarted without persistence), and the run stops."""
         while True:
             pipe = r.pipeline(transaction=False)
             pipe.llen(QUEUE)
             pipe.hlen("unacked")
+            if not fast:
+                time.sleep(0.45)
             if sum(pipe.execute()) == 0:
                 c = counts(r, batch)
                 if sum(c.values()) < n:
@@ -347,10 +363,22 @@ class Bench:
                 "medq": medq,
                 "utilisation": medq["jobs_per_s"] / ceiling["jobs_per_s"] if ceiling["jobs_per_s"] else None,
             }
-            if not o.skip_overhead:
-                base0, pid0 = self.start_simulator(0, max(o.parallel, 64))
+            base0, pid0 = (None, None) if o.skip_overhead else self.start_simulator(0, max(o.parallel, 64))
+            if base0:
                 out["overhead"] = self.through_medq(base0, o.overhead_jobs or o.jobs, "overhead", pid0)
                 self.console.print(f"overhead (latency 0): {out['overhead']['jobs_per_s']:.1f} jobs/s", highlight=False)
+            if o.compare_broker:
+                out["broker"] = broker_name(self.settings)
+                other = self.settings.model_copy(update={"broker_url": o.compare_broker})
+                row: dict[str, Any] = {"broker": broker_name(other)}
+                row["medq"] = self.through_medq(base, o.jobs, "medq-compare", sim_pid, other)
+                row["utilisation"] = row["medq"]["jobs_per_s"] / ceiling["jobs_per_s"] if ceiling["jobs_per_s"] else None
+                self.console.print(f"medq, {row['broker']} broker: {row['medq']['jobs_per_s']:.1f} jobs/s", highlight=False)
+                if base0:
+                    row["overhead"] = self.through_medq(base0, o.overhead_jobs or o.jobs, "overhead-compare", pid0, other)
+                    self.console.print(f"overhead (latency 0), {row['broker']} broker: "
+                                       f"{row['overhead']['jobs_per_s']:.1f} jobs/s", highlight=False)
+                out["compare"] = row
             return out
         finally:
             self.sup.stop_all()
@@ -364,13 +392,37 @@ def report_table(res: dict[str, Any]) -> Table:
         t.add_column(col, justify="right")
     c, m = res["ceiling"], res["medq"]
     t.add_row("ceiling (direct client)", f"{c['jobs_per_s']:.2f}", "", "", "1", "", "", "", "")
-    for name, row in (("medq", m), ("overhead (latency 0)", res.get("overhead"))):
+    compare = res.get("compare")
+    first = f", {res['broker']} broker" if compare else ""
+    rows = [(f"medq{first}", m), (f"overhead (latency 0){first}", res.get("overhead"))]
+    if compare:
+        rows += [(f"medq, {compare['broker']} broker", compare["medq"]),
+                 (f"overhead (latency 0), {compare['broker']} broker", compare.get("overhead"))]
+    for name, row in rows:
         if row:
-            t.add_row(name, f"{row['jobs_per_s']:.2f}", f"{row['p50_ms']:.0f}", f"{row['p95_ms']:.0f}",
+            t.add_row(escape(name), f"{row['jobs_per_s']:.2f}", f"{row['p50_ms']:.0f}", f"{row['p95_ms']:.0f}",
                       f"{row['llm_calls_per_job']:.2f}", f"{row['worker_cpu_ms_per_job']:.2f}", f"{row['redis_cpu_ms_per_job']:.2f}",
                       f"{row['simulator_cpu_ms_per_job']:.2f}", f"{row['redis_commands_per_job']:.1f}")
-    t.add_row("utilisation = medq / ceiling", f"{res['utilisation']:.3f}", "", "", "", "", "", "", "")
+    t.add_row(f"utilisation = medq / ceiling{first}", f"{res['utilisation']:.3f}", "", "", "", "", "", "", "")
+    if compare:
+        t.add_row(f"utilisation, {compare['broker']} broker", f"{compare['utilisation']:.3f}", "", "", "", "", "", "", "")
+        t.add_row(f"{compare['broker']} / {res['broker']} (medq jobs/s)",
+                  f"{compare['medq']['jobs_per_s'] / m['jobs_per_s']:.3f}", "", "", "", "", "", "", "")
     return t
+
+
+def broker_name(settings: Settings) -> str:
+    """The broker as a table row names it."""
+    return "RabbitMQ" if settings.broker_is_amqp else "Redis"
+
+
+def last_update_s(r: redis.Redis, ids: list[str]) -> float:
+    """Wall-clock seconds of the latest ``updated_at`` among the jobs (when the last one ended)."""
+    pipe = r.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hget(job_key(job_id), JobField.UPDATED_AT)
+    stamps = [datetime.fromisoformat(x.decode()).timestamp() for x in pipe.execute() if x]
+    return max(stamps) if stamps else time.time()
 
 
 def _accepted(url: str, body: dict[str, Any], api_key: str) -> bool:
