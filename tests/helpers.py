@@ -207,6 +207,56 @@ PG_HOST, PG_PORT = "127.0.0.1", 5432
 OUTAGE_DB = "medq_test_outage"  # a database of these tests' own: others truncate medq_test
 
 
+class RedisServer:
+    """A redis-server of a test's own on a free port, its data in ``data_dir``; ``flags`` its
+    persistence (e.g. ``"--appendonly", "yes"``). Started at once. ``start()`` waits until
+    it answers (it may be loading its file), ``kill()`` is ``kill -9``, ``stop()`` a clean
+    shutdown that saves, ``restart()`` kill then start on the same port."""
+
+    def __init__(self, data_dir: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = data_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.flags = flags
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.dir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), *self.flags],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()  # LOADING (BusyLoadingError) while it reads its file: a ConnectionError
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("private redis-server did not start") from None
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                redis.Redis(port=self.port).shutdown(nosave=False)
+            except redis.ConnectionError:
+                pass
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to PostgreSQL until cut; listens again when restored."""
 

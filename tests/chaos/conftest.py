@@ -7,7 +7,6 @@ Plain helpers are in tests/chaos/helpers.py.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from tests.chaos.helpers import ARTIFACTS, ROWS
-from tests.helpers import MEDQ, Proc, free_port, wait_log
+from tests.helpers import MEDQ, Proc, RedisServer, wait_log
 from tests.rabbitmq import own_vhost, restart_broker, skip_unless_rabbitmq
 
 
@@ -68,46 +66,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[Any]:
-    """A redis-server of the test's own, with an append-only file so a restart keeps
-    the queue; yields a controller with ``url``, ``stop()`` and ``start()``."""
-    port = free_port()
-    data = tmp_path / "redis"
-    data.mkdir()
-
-    class Ctl:
-        url = f"redis://127.0.0.1:{port}/0"
-        proc: subprocess.Popen | None = None
-
-        def start(self) -> None:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-                 "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-                stdout=open(data / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-            )
-            client = redis.Redis(port=port)
-            for _ in range(100):
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            raise RuntimeError("private redis-server did not start")
-
-        def stop(self) -> None:
-            if self.proc and self.proc.poll() is None:
-                try:
-                    redis.Redis(port=port).shutdown(nosave=False)
-                except redis.ConnectionError:
-                    pass
-                self.proc.wait(10)
-
-    ctl = Ctl()
-    ctl.start()
-    yield ctl
-    if ctl.proc and ctl.proc.poll() is None:
-        ctl.proc.kill()
-        ctl.proc.wait(5)
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, with an append-only file fsynced on every write, so
+    a restart keeps the queue; ``stop()`` shuts it down cleanly, ``start()`` brings it back."""
+    server = RedisServer(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always", "--save", "")
+    yield server
+    server.kill()
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])

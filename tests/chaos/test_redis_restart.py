@@ -41,10 +41,10 @@ import redis
 from medq.core.contract import JobStatus, job_key
 from medq.state.jobs import counts, iter_states
 from tests.chaos.helpers import enqueue, outcome, record, wait_done, write_records
-from tests.helpers import MEDQ, Proc, free_port, run_cli, wait_log
+from tests.helpers import MEDQ, Proc, RedisServer, run_cli, wait_log
 
 
-class AofRedis:
+class AofRedis(RedisServer):
     """A redis-server with the production persistence (append-only file, fsync every
     second, no snapshots), or with ``persist=False`` none at all. ``kill9(lose_s)`` kills
     it and, with ``lose_s``, cuts its append-only file back to its length ``lose_s`` before
@@ -52,36 +52,13 @@ class AofRedis:
     back on the same port."""
 
     def __init__(self, tmp_path: Path, persist: bool = True) -> None:
-        self.persist = persist
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dir = tmp_path / "redis"
-        self.dir.mkdir()
-        self.proc: subprocess.Popen[bytes] | None = None
         self.sizes: list[tuple[float, int]] = []  # (monotonic time, size of the incr file)
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self.start()
+        # no rewrite during the test: the incr file only grows, so a length is a point in time
+        super().__init__(tmp_path / "redis", "--appendonly", "yes" if persist else "no", "--appendfsync", "everysec",
+                         "--save", "", "--auto-aof-rewrite-percentage", "0")
         self._sampler.start()
-
-    def start(self) -> None:
-        with open(self.dir / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                 "--appendonly", "yes" if self.persist else "no", "--appendfsync", "everysec", "--save", "",
-                 # no rewrite during the test: the incr file only grows, so a length is a point in time
-                 "--auto-aof-rewrite-percentage", "0"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()  # LOADING (BusyLoadingError) while it reads the file: a ConnectionError
-                return
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not come back"
-                time.sleep(0.05)
 
     def incr_file(self) -> Path:
         files = sorted((self.dir / "appendonlydir").glob("*.incr.aof"))
@@ -114,9 +91,7 @@ class AofRedis:
 
     def close(self) -> None:
         self._stop.set()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.kill()
 
 
 @pytest.fixture

@@ -22,53 +22,18 @@ from rich.console import Console
 from medq.core.errors import BatchGone
 from medq.state.jobs import purge
 from medq.tools.progress import wait_for_batch
-from tests.helpers import MEDQ, Proc, free_port, run_cli, wait_http
+from tests.helpers import MEDQ, Proc, RedisServer, free_port, run_cli, wait_http
 
 N = 12
 TOKEN = "tok-gone-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-class BareRedis:
+@pytest.fixture
+def bare_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server that keeps nothing on disk; ``restart()`` kills it (-9) and starts it
     again on the same port, empty."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dir = tmp_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        with open(self.dir / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                 "--save", "", "--appendonly", "no"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
-
-
-@pytest.fixture
-def bare_redis(tmp_path: Path) -> Iterator[BareRedis]:
-    server = BareRedis(tmp_path)
+    server = RedisServer(tmp_path, "--save", "", "--appendonly", "no")
     yield server
     server.kill()
 
@@ -81,7 +46,7 @@ def _notes(tmp_path: Path, n: int = N) -> Path:
 
 
 def test_enqueue_wait_says_the_batch_is_gone_when_redis_restarts_empty(
-    bare_redis: BareRedis, medq_env: dict[str, str], tmp_path: Path,
+    bare_redis: RedisServer, medq_env: dict[str, str], tmp_path: Path,
 ) -> None:
     env = {**medq_env, "MEDQ_REDIS_URL": bare_redis.url}
     waiter = subprocess.Popen(
@@ -146,7 +111,7 @@ def api_on(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Call
 
 
 def test_the_api_never_calls_a_batch_with_vanished_states_done(
-    bare_redis: BareRedis, api_on: Callable[[str], str], tmp_path: Path,
+    bare_redis: RedisServer, api_on: Callable[[str], str], tmp_path: Path,
 ) -> None:
     url = api_on(bare_redis.url)
     body = _notes(tmp_path).read_text()
