@@ -64,21 +64,14 @@ class JobField:
     # runs whose worker died while it ran among other suspects (``worker.isolation``): not
     # charged, but from then on the job runs alone
     SPARED = "spared"
-    RUN_MODE = "run_mode"  # how the last run shared its process: RunMode
+    # how the last run shared its process: 'n' beside healthy jobs, 'c' among suspects only,
+    # 'a' alone (``worker.isolation``; START_LUA reads it when it finds the run's worker dead)
+    RUN_MODE = "run_mode"
     FIRST_RUN_MS = "first_run_ms"  # when it first ran: MEDQ_WORKER__MAX_WAIT_S counts from here
     LEASE_UNTIL = "lease_until"  # ms: the running delivery's lease
     RUN_ID = "run_id"  # the run that holds the lease
     ERROR_KIND = "error_kind"
     ERROR_MESSAGE = "error_message"  # PHI-free: errors never quote the record
-
-
-class RunMode:
-    """How a run shared its process (``JobField.RUN_MODE``): what its worker's death says
-    about the job (``worker.isolation``)."""
-
-    NORMAL = "n"  # beside any jobs: a death is charged, once, as nobody can pin it
-    COMPANY = "c"  # among suspects only: a death is not charged; the job runs alone next
-    ALONE = "a"  # nothing else in the process: a death is the job's own
 
 
 JOB_FIELDS: frozenset[str] = frozenset(v for k, v in vars(JobField).items() if k.isupper())

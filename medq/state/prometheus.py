@@ -33,7 +33,8 @@ HELP = {
     "medq_rate_limit_wait_seconds": "Time LLM calls spent waiting for shared limits, by endpoint.",
     "medq_rate_limit_rejections": "LLM calls that found no capacity in time (job put back), by endpoint and limit.",
     "medq_llm_request_seconds": "LLM request latency by endpoint.",
-    "medq_orphans_resent": "Started jobs found without a message (lost with a worker) and sent again.",
+    "medq_orphans_resent": "Started jobs unheard of past their lease or retry (a worker dead or cut off) and sent again.",
+    "medq_stale_runs": "Runs whose job another delivery took over while they were cut off; their outcome was dropped.",
 }
 
 
