@@ -30,10 +30,12 @@ class Engine:
         self._thread.start()
         self.runner: JobRunner = self.call(self._make_runner(settings))
         # Each lost job alone, as medq.extract: as it was first sent or not, it runs by itself.
-        # A job sent again that has not started within the visibility timeout (its message
-        # lost once more, or stuck behind a long queue) is sent once more.
+        # A job sent again that has not started a lease later (its copy lost once more, taken
+        # by a worker that died too, or stuck behind a long queue) is sent once more, then
+        # after twice as long, up to the visibility timeout.
         self.orphans = OrphanSweep(self.runner.r, orphan_grace_s(settings), lambda ids: send_jobs(app, ids),
-                                   period_s=sweep_period_s(settings), hold_s=settings.visibility_timeout_s)
+                                   period_s=sweep_period_s(settings), hold_min_s=settings.worker.lease_s,
+                                   hold_max_s=settings.visibility_timeout_s)
         self._sweeper = asyncio.run_coroutine_threadsafe(self.orphans.forever(), self.loop)
 
     @staticmethod

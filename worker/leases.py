@@ -88,16 +88,20 @@ class OrphanSweep:
     harmless: the lease and the final state keep it from running twice."""
 
     def __init__(self, r: redis.asyncio.Redis, grace_s: float, resend: Callable[[list[str]], None], *,
-                 period_s: float = 10.0, hold_s: float = 600.0) -> None:
+                 period_s: float = 10.0, hold_min_s: float = 30.0, hold_max_s: float = 600.0) -> None:
         self.r = r
         self.grace_s = grace_s
         self.period_s = period_s
-        self.hold_s = hold_s  # a job sent again is sent once more only if it has not started by then
+        # a job sent again is sent once more if it has not started by then: first after
+        # hold_min_s, then twice as long each time, up to hold_max_s
+        self.hold_min_s = hold_min_s
+        self.hold_max_s = hold_max_s
         self._resend = resend  # blocking (a broker write): run in a thread
 
     async def sweep(self) -> int:
         """One round; returns how many jobs were sent again."""
-        live = await jobs.claim_orphans(self.r, int(self.grace_s * 1000), int(self.hold_s * 1000), _CLAIM_LIMIT)
+        live = await jobs.claim_orphans(self.r, int(self.grace_s * 1000), int(self.hold_min_s * 1000),
+                                        int(self.hold_max_s * 1000), _CLAIM_LIMIT)
         if not live:
             return 0
         await asyncio.to_thread(self._resend, live)

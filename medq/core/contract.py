@@ -67,6 +67,7 @@ class JobField:
     # how the last run shared its process: 'n' beside healthy jobs, 'c' among suspects only,
     # 'a' alone (``worker.isolation``; START_LUA reads it when it finds the run's worker dead)
     RUN_MODE = "run_mode"
+    RESENT = "resent"  # times the orphan sweep sent it again (its hold doubles each time)
     FIRST_RUN_MS = "first_run_ms"  # when it first ran: MEDQ_WORKER__MAX_WAIT_S counts from here
     LEASE_UNTIL = "lease_until"  # ms: the running delivery's lease
     RUN_ID = "run_id"  # the run that holds the lease

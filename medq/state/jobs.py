@@ -160,7 +160,7 @@ def requeue(producer: Any, batch: str, all_failed: bool = False) -> RequeueRepor
         pipe.hset(job_key(st.job_id), mapping={JobField.STATUS: JobStatus.QUEUED.value})
         # A fresh budget: failures, lost runs and waiting start again from zero.
         pipe.hdel(job_key(st.job_id), JobField.SENT, JobField.FAILURES, JobField.LOST, JobField.SPARED,
-                  JobField.DEFERRALS, JobField.FIRST_RUN_MS, JobField.LEASE_UNTIL, JobField.RUN_ID, JobField.RUN_MODE)
+                  JobField.RESENT, JobField.DEFERRALS, JobField.FIRST_RUN_MS, JobField.LEASE_UNTIL, JobField.RUN_ID, JobField.RUN_MODE)
         pipe.persist(job_key(st.job_id))  # finished jobs' state expires; a queued one's must not
         pipe.zrem(failed_key(batch), st.job_id)
     pipe.execute()
@@ -585,17 +585,26 @@ return 0
 """)
 
 # Claim the started jobs not heard of for `grace` past their watch time (a lease's end, a
-# retry's due time): a worker gone, or its message. A claimed one is watched again `hold`
-# from now, so one worker sends each, and a resent message stuck behind a long queue is
-# not sent over and over: if it does not start by then, it is sent again.
-CLAIM_LUA = """
--- KEYS: watch   ARGV: grace_ms, limit, hold_ms
+# retry's due time): a worker gone, or its message. A claimed one is watched again a hold
+# from now, so one worker sends each; the hold doubles with each sending (`resent`), from
+# `hold_min` up to `hold_max`: a copy lost again (taken by a worker that died before it
+# started it) is sent again soon, and one stuck behind a long queue is not sent over and over.
+CLAIM_LUA = _lua("""
+-- KEYS: watch   ARGV: grace_ms, limit, hold_min_ms, hold_max_ms, job key prefix
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id) end
+for _, id in ipairs(ids) do
+  local key = ARGV[5] .. id
+  local hold = tonumber(ARGV[3])
+  if redis.call('HEXISTS', key, $status) == 1 then
+    local n = redis.call('HINCRBY', key, $resent, 1)
+    hold = math.min(hold * 2 ^ (n - 1), tonumber(ARGV[4]))
+  end
+  redis.call('ZADD', KEYS[1], now + hold, id)
+end
 return ids
-"""
+""")
 
 
 class ScriptCalls(Protocol):
@@ -750,11 +759,16 @@ async def renew(r: redis.asyncio.Redis, held: list[tuple[str, str]], lease_ms: i
     await pipe.execute()
 
 
-async def claim_orphans(r: redis.asyncio.Redis, grace_ms: int, hold_ms: int, limit: int = 500) -> list[str]:
+async def claim_orphans(
+    r: redis.asyncio.Redis, grace_ms: int, hold_min_ms: int, hold_max_ms: int, limit: int = 500
+) -> list[str]:
     """The started jobs unheard of for ``grace_ms`` past their watch time that are still
-    unfinished, claimed for this caller to send again and watched again ``hold_ms`` from now
-    (CLAIM_LUA); the finished ones among them leave the watch."""
-    ids: list[str] = await r.register_script(CLAIM_LUA)(keys=[WATCH_KEY], args=[grace_ms, limit, hold_ms])
+    unfinished, claimed for this caller to send again and watched again a hold from now,
+    doubling from ``hold_min_ms`` to ``hold_max_ms`` with each sending (CLAIM_LUA); the
+    finished ones among them leave the watch."""
+    ids: list[str] = await r.register_script(CLAIM_LUA)(
+        keys=[WATCH_KEY], args=[grace_ms, limit, hold_min_ms, hold_max_ms, job_key("")]
+    )
     if not ids:
         return []
     pipe = r.pipeline(transaction=False)

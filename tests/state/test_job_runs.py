@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from medq.core.contract import JobField, failed_key, job_key
 from medq.state import jobs
@@ -90,3 +91,29 @@ def test_a_death_among_suspects_is_charged_to_none_and_sends_each_to_run_alone(r
     _lapse()
     poison = _start(calls, job, "run-e", "2")
     assert (poison.verdict, poison.lost) == ("poison", 3)
+
+
+def test_a_job_sent_again_is_sent_once_more_only_after_a_hold_that_doubles(r: redis.Redis, redis_url: str) -> None:
+    calls = Calls(redis_url)
+    job = _job(r)
+    assert _start(calls, job, "run-a", "1").verdict == "run"
+    _lapse()  # its worker died
+
+    def claim() -> list[str]:
+        async def go() -> list[str]:
+            ar = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+            try:
+                return await jobs.claim_orphans(ar, grace_ms=0, hold_min_ms=300, hold_max_ms=1000)
+            finally:
+                await ar.aclose()
+        return asyncio.run(go())
+
+    assert claim() == [job.job_id]
+    assert claim() == []  # held: one sweep sends it, not every sweep
+    time.sleep(0.35)
+    assert claim() == [job.job_id]  # its copy did not start within the hold (lost again): sent again
+    time.sleep(0.35)
+    assert claim() == []  # the hold doubled to 600 ms
+    time.sleep(0.3)
+    assert claim() == [job.job_id]
+    assert _field(r, job, JobField.RESENT) == 3
