@@ -257,73 +257,6 @@ class RedisServer:
         self.start()
 
 
-class TcpProxy:
-    """Forwards 127.0.0.1:<port> to PostgreSQL until cut; listens again when restored."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._lock = threading.Lock()
-        self._socks: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        self.restore()
-
-    def restore(self) -> None:
-        lsock = socket.socket()
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind(("127.0.0.1", self.port))
-        lsock.listen(64)
-        self._listener = lsock
-        threading.Thread(target=self._accept, args=(lsock,), daemon=True).start()
-
-    def cut(self) -> None:
-        """Refuse new connections and drop the open ones."""
-        with self._lock:
-            socks, self._socks = self._socks, []
-            lsock, self._listener = self._listener, None
-        for s in [lsock, *socks]:
-            if s is None:
-                continue
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def _accept(self, lsock: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = lsock.accept()
-            except OSError:
-                return  # cut
-            try:
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                if self._listener is not lsock:  # cut meanwhile
-                    client.close()
-                    upstream.close()
-                    return
-                self._socks += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
 class Forwarder:
     """Forwards ``listen`` (any local address and port) to ``target`` until cut. Two cuts:
 
@@ -331,9 +264,7 @@ class Forwarder:
       way (nor a close); new connections are taken and then hang. ``restore`` delivers
       what waited, as TCP does when a link comes back within its retransmission time.
     - ``reset``, a peer gone: new connections are refused and open ones closed, as
-      :class:`TcpProxy` cuts; ``restore`` listens again.
-
-    TcpProxy stays as it is (127.0.0.1, reset only) for the tests that use it."""
+      :class:`TcpProxy` cuts; ``restore`` listens again."""
 
     def __init__(self, listen: tuple[str, int], target: tuple[str, int]) -> None:
         self.listen, self.target = listen, target
@@ -430,6 +361,18 @@ class Forwarder:
         with self._lock:
             self._socks.discard(src)
         src.close()
+
+
+class TcpProxy(Forwarder):
+    """Forwards 127.0.0.1:<port> (a free one) to ``target`` until cut, which refuses new
+    connections and drops the open ones (a peer gone); listens again when restored."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.port = free_port()
+        super().__init__(("127.0.0.1", self.port), target)
+
+    def cut(self, how: str = "reset") -> None:
+        super().cut(how)
 
 
 # ------------------------------------------------------------------ canaries

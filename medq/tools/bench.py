@@ -309,8 +309,6 @@ class Bench:
             pipe = r.pipeline(transaction=False)
             pipe.llen(QUEUE)
             pipe.hlen("unacked")
-            if not fast:
-                time.sleep(0.45)
             if sum(pipe.execute()) == 0:
                 c = counts(r, batch)
                 if sum(c.values()) < n:
@@ -318,7 +316,7 @@ class Bench:
                 if c["succeeded"] + c["failed"] >= n:
                     return
             self.sup.check()
-            time.sleep(0.05)
+            time.sleep(0.05 if fast else 0.5)
 
     def _llm_calls(self, r: redis.Redis, batch: str) -> float:
         store = open_store_for(self.settings)
