@@ -1,6 +1,13 @@
-"""Shared fixtures: real Redis (a database of the tests' own, flushed per test),
-real simulator and worker processes started as subprocesses and stopped after, the
-embedded model, and PostgreSQL. Plain helpers are in tests/helpers.py."""
+"""Shared fixtures: real Redis (a database of the tests' own, flushed per test), medq's
+worker in this process (``worker``) or as a real ``medq worker`` process
+(``worker_process``), the simulator in a thread (``simulator``, one per flag set for the
+session) or as a process (``simulator_process``), the embedded model, and PostgreSQL.
+Plain helpers are in tests/helpers.py.
+
+Tiers, chosen from the fixtures a test uses (``pytest_collection_modifyitems``):
+in-process by default; ``e2e`` for a test that starts medq processes; ``chaos`` for
+tests/chaos (kills, restarts, hosts); ``slow`` for the embedded model. The developer
+loop is ``pytest -m "not e2e and not chaos and not slow"``; CI runs them all."""
 
 from __future__ import annotations
 
@@ -20,12 +27,45 @@ from tests.helpers import (
     REPO,
     TEST_DB,
     TEST_REDIS_URL,
+    Harness,
+    InProcessWorker,
     Proc,
+    ThreadSimulator,
     ensure_database,
     free_port,
     wait_http,
     wait_log,
 )
+
+# A test that uses one of these fixtures starts medq processes: tier e2e.
+PROCESS_FIXTURES = {"worker_process", "simulator_process", "start_process"}
+SLOW_FIXTURES = {"llama_server"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
+        if parts[0] == "chaos":
+            item.add_marker(pytest.mark.chaos)
+        if parts[0] == "local" or names & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if names & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """After --durations: the time spent starting and stopping processes and in CLI
+    subprocesses, which --durations blames on the tests that asked for them."""
+    if not Harness.counts:
+        return
+    terminalreporter.section("harness: processes and CLI subprocesses")
+    for what in sorted(Harness.counts):
+        terminalreporter.write_line(
+            f"{Harness.seconds[what]:8.1f}s  {Harness.counts[what]:5d} x  {what}"
+            f"  ({Harness.seconds[what] / Harness.counts[what]:.2f}s each)"
+        )
+    terminalreporter.write_line(f"{sum(Harness.seconds.values()):8.1f}s  in all")
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +109,8 @@ def medq_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def start_process(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
-    """Factory: start a command in its own process group, output to a log file; all stopped at teardown."""
+    """Factory: start a command in its own process group, output to a log file; all stopped
+    at teardown (SIGTERM, so that coverage of a graceful stop stays with the tests that ask)."""
     procs: list[Proc] = []
 
     def start(args: list[str], env: dict[str, str], name: str = "proc") -> Proc:
@@ -87,34 +128,94 @@ def start_process(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         proc.stop()
 
 
+@pytest.fixture(scope="session")
+def _thread_simulators() -> Iterator[dict[tuple[str, ...], ThreadSimulator]]:
+    sims: dict[tuple[str, ...], ThreadSimulator] = {}
+    yield sims
+    for sim in sims.values():
+        sim.close()
+
+
 @pytest.fixture
-def simulator(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Callable[..., str]:
-    """Factory: start ``medq llm simulate`` with extra flags; returns its base URL (…/v1)."""
+def simulator(_thread_simulators: dict[tuple[str, ...], ThreadSimulator]) -> Callable[..., str]:
+    """Factory: the simulator (``medq llm simulate FLAGS``) in a thread of this process,
+    one per distinct flag set for the whole session, reset (stats, script, random stream)
+    for each test that asks; returns its base URL (…/v1). A test that stops or kills the
+    simulator takes ``simulator_process``."""
+    asked: set[tuple[str, ...]] = set()
+
+    def start(*flags: str) -> str:
+        key = tuple(flags)
+        sim = _thread_simulators.get(key)
+        if sim is None:
+            with Harness.timed("simulator start (thread)"):
+                sim = _thread_simulators[key] = ThreadSimulator(*flags)
+        if key not in asked:
+            sim.reset()
+            asked.add(key)
+        return sim.base_url
+
+    return start
+
+
+@pytest.fixture
+def simulator_process(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Callable[..., str]:
+    """Factory: start ``medq llm simulate`` with extra flags as a process of its own;
+    returns its base URL (…/v1)."""
 
     def start(*flags: str) -> str:
         port = free_port()
-        proc = start_process(
-            [MEDQ, "llm", "simulate", "--host", "127.0.0.1", "--port", str(port), *flags],
-            medq_env,
-            name="simulator",
-        )
-        wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+        with Harness.timed("simulator start (process)"):
+            proc = start_process(
+                [MEDQ, "llm", "simulate", "--host", "127.0.0.1", "--port", str(port), *flags],
+                medq_env,
+                name="simulator",
+            )
+            wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
         return f"http://127.0.0.1:{port}/v1"
 
     return start
 
 
 @pytest.fixture
-def worker(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Callable[..., Proc]:
-    """Factory: start a real ``medq worker`` process against ``base_url``; waits until it is ready."""
+def worker(medq_env: dict[str, str]) -> Iterator[Callable[..., InProcessWorker]]:
+    """Factory: medq's worker in this process against ``base_url`` (``worker.burst`` in a
+    thread, working until the test ends); ``-c N`` and ``--loglevel L`` as for the command.
+    Its ``.log`` holds the ``medq`` log lines. For Celery's worker itself (signals, pools,
+    events, the entry point), ``worker_process``."""
+    started: list[InProcessWorker] = []
+
+    def start(base_url: str, *flags: str, env: dict[str, str] | None = None) -> InProcessWorker:
+        opts = dict(zip(flags[::2], flags[1::2], strict=True))
+        unknown = set(opts) - {"-c", "--concurrency", "--loglevel", "-l"}
+        assert not unknown, f"the in-process worker takes -c and --loglevel only, not {unknown}"
+        with Harness.timed("worker start (in process)"):
+            w = InProcessWorker(
+                {**medq_env, "MEDQ_LLM__BASE_URL": base_url, **(env or {})},
+                concurrency=int(opts.get("-c", opts.get("--concurrency", 4))),
+                loglevel=opts.get("--loglevel", opts.get("-l", "INFO")),
+            )
+        started.append(w)
+        return w
+
+    yield start
+    for w in reversed(started):
+        w.stop()
+
+
+@pytest.fixture
+def worker_process(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Callable[..., Proc]:
+    """Factory: start a real ``medq worker`` process against ``base_url``; waits until it is
+    ready. Without mingle and gossip (4 s less a start; one worker needs neither)."""
 
     def start(base_url: str, *flags: str, env: dict[str, str] | None = None) -> Proc:
-        proc = start_process(
-            [MEDQ, "worker", "-c", "4", *flags],
-            {**medq_env, "MEDQ_LLM__BASE_URL": base_url, **(env or {})},
-            name="worker",
-        )
-        wait_log(proc, " ready.")
+        with Harness.timed("worker start (process)"):
+            proc = start_process(
+                [MEDQ, "worker", "-c", "4", *flags, "--", "--without-mingle", "--without-gossip"],
+                {**medq_env, "MEDQ_LLM__BASE_URL": base_url, **(env or {})},
+                name="worker",
+            )
+            wait_log(proc, " ready.")
         return proc
 
     return start
@@ -138,7 +239,8 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     proc = Proc(popen, log_path)
     try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout_s=120)
+        with Harness.timed("embedded model start"):
+            wait_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout_s=120)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.stop()

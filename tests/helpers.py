@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
@@ -27,6 +30,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from medq.core.settings import Settings, get_settings
 from medq.state.results import open_store
 from worker.extract.evidence import normalize, value_at
 
@@ -41,6 +45,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Harness:
+    """Where the suite's time goes outside behaviour: starting and stopping processes, and
+    CLI subprocesses. ``tests/conftest.py`` prints it at the end of the session."""
+
+    seconds: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+
+    @classmethod
+    @contextmanager
+    def timed(cls, what: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            cls.seconds[what] += time.monotonic() - started
+            cls.counts[what] += 1
+
+
 class Proc:
     def __init__(self, popen: subprocess.Popen, log_path: Path) -> None:
         self.popen = popen
@@ -50,15 +72,23 @@ class Proc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def kill(self) -> None:
+        """kill -9 the process group: for teardown, where how it stops is not the subject."""
+        if self.popen.poll() is None:
+            with Harness.timed("process stop"):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+
     def stop(self, timeout_s: float = 15) -> None:
         if self.popen.poll() is not None:
             return
-        os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(5)
+        with Harness.timed("process stop"):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
 
 
 def wait_http(url: str, proc: Proc | None = None, timeout_s: float = 30) -> None:
@@ -87,9 +117,157 @@ def wait_log(proc: Proc, needle: str, timeout_s: float = 60) -> None:
 
 
 def run_cli(
-    args: list[str], env: dict[str, str], stdin: str | None = None, timeout_s: float = 120
+    args: list[str], env: dict[str, str], stdin: str | None = None, timeout_s: float = 120, *, process: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MEDQ, *args], env=env, input=stdin, capture_output=True, text=True, timeout=timeout_s)
+    """``medq ARGS`` with ``env`` (MEDQ_* variables not in it are unset). In this process
+    through typer's ``CliRunner`` (the same command code, without 1.2 s of imports per
+    call); with ``process``, as a real ``medq`` subprocess, for what only a process shows:
+    the entry point, exit codes after ``sys.exit``, signals, output a child writes."""
+    if process:
+        with Harness.timed("CLI subprocess"):
+            return subprocess.run([MEDQ, *args], env=env, input=stdin, capture_output=True, text=True,
+                                  timeout=timeout_s)
+    from typer.testing import CliRunner
+
+    from medq.cli import app
+
+    delta: dict[str, str | None] = {k: None for k in os.environ if k.startswith("MEDQ_") and k not in env}
+    delta.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+    with _CLI_LOCK:  # CliRunner swaps sys.stdout and os.environ for the whole process
+        get_settings.cache_clear()  # a process reads its settings once; this call is a new "process"
+        try:
+            result = CliRunner().invoke(app, args, input=stdin, env=delta, catch_exceptions=True)
+        finally:
+            get_settings.cache_clear()
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # what the process would have printed: its traceback
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess([MEDQ, *args], result.exit_code, result.stdout, stderr)
+
+
+_CLI_LOCK = threading.Lock()
+
+
+def env_settings(env: dict[str, str]) -> Settings:
+    """``Settings`` as a process started with ``env`` would read them (MEDQ_* from ``env`` only)."""
+    with _CLI_LOCK:
+        saved = {k: v for k, v in os.environ.items() if k.startswith("MEDQ_")}
+        try:
+            for k in saved:
+                del os.environ[k]
+            os.environ.update({k: v for k, v in env.items() if k.startswith("MEDQ_")})
+            return Settings()
+        finally:
+            for k in [k for k in os.environ if k.startswith("MEDQ_")]:
+                del os.environ[k]
+            os.environ.update(saved)
+
+
+class LogLines(logging.Handler):
+    """The log records of ``medq`` loggers while a worker in this process runs, as text."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("[%(levelname)s/%(threadName)s] %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+class InProcessWorker:
+    """medq's worker in this process: ``worker.burst.run_burst`` in a thread on the app and
+    engine made from ``env``, working until :meth:`stop` (or, ``burst``, until the queue is
+    drained). What Celery's worker process adds (signals, pools, events, the entry point)
+    is the ``worker_process`` fixture's."""
+
+    def __init__(self, env: dict[str, str], concurrency: int = 4, loglevel: str = "INFO") -> None:
+        from worker.burst import run_burst
+        from worker.celery_app import create_app
+
+        self.settings = env_settings(env)
+        self.app = create_app(self.settings)
+        self._stop = threading.Event()
+        self.report: Any = None
+        self.error: BaseException | None = None
+        self._logs = LogLines()
+        self._logger = logging.getLogger("medq")
+        self._level = self._logger.level
+        self._logger.setLevel(loglevel.upper())
+        self._logger.addHandler(self._logs)
+
+        def work() -> None:
+            try:
+                self.report = run_burst(self.app, None, concurrency=concurrency, stop=self._stop)
+            except BaseException as exc:  # noqa: BLE001 - raised again in stop()
+                self.error = exc
+
+        self._thread = threading.Thread(target=work, name="medq-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self._logs.lines)
+
+    def stop(self, timeout_s: float = 60) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout_s)
+        self._logger.removeHandler(self._logs)
+        self._logger.setLevel(self._level)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the in-process worker did not stop within {timeout_s}s")
+        if self.error is not None:
+            raise self.error
+
+
+def drain(env: dict[str, str], batch: str | None = None, concurrency: int = 4, timeout_s: float = 120) -> Any:
+    """Run what is queued in this process until ``batch`` (or the queue) is done: the burst
+    runner (``medq worker --burst``'s check, without a worker process). Returns its report."""
+    from worker.burst import run_burst
+    from worker.celery_app import create_app
+
+    return run_burst(create_app(env_settings(env)), batch, concurrency=concurrency, timeout_s=timeout_s)
+
+
+class ThreadSimulator:
+    """``medq llm simulate FLAGS`` served by uvicorn in a thread of this process: the same
+    app and options as the command, without a process to start (1-3 s each)."""
+
+    def __init__(self, *flags: str) -> None:
+        import typer
+        import uvicorn
+
+        from medq.cli.llm import app as llm_app
+        from medq.tools.simulator import create_app, make_config
+
+        command = typer.main.get_command(llm_app).commands["simulate"]  # type: ignore[attr-defined]
+        params = command.make_context("simulate", list(flags)).params
+        config = make_config(**{k: v for k, v in params.items() if k not in ("host", "port")})
+        self.flags = flags
+        self.app = create_app(config)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, loop="asyncio", log_level="warning", access_log=False,
+            timeout_graceful_shutdown=1, lifespan="off",
+        ))
+        self._thread = threading.Thread(target=self.server.run, name=f"simulator-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the simulator {flags} did not start")
+            time.sleep(0.01)
+
+    def reset(self) -> None:
+        self.app.state.simulator.reset()
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(10)
 
 
 @contextmanager

@@ -86,6 +86,13 @@ class EndpointPool:
             out.append(Endpoint(redact_url(ep.url), ep.weight, proc, gate))
         return cls(out, r, batcher=batcher)
 
+    async def aclose(self) -> None:
+        """Close each endpoint's HTTP clients and the gates' Redis client."""
+        for e in self.endpoints:
+            await e.processor.aclient.close()
+            e.processor.client.close()
+        self._r.close()
+
     @property
     def primary(self) -> Endpoint:
         return self.endpoints[0]

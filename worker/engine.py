@@ -58,6 +58,35 @@ class Engine:
         result: list[Outcome | RetryLater | BaseException] = self.call(self.runner.run_many(job_ids))
         return result
 
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the sweep, close the runner's connections, stop the loop and its thread.
+        A worker process never needs this (its engine ends with it); an engine made in a
+        process that goes on (``worker.burst``, tests) does."""
+        if not self.loop.is_running():
+            return
+        self._sweeper.cancel()
+        try:
+            self.call(self._aclose())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout_s)
+            if not self._thread.is_alive():
+                self.loop.close()
+
+    async def _aclose(self) -> None:
+        await self.runner.aclose()
+        # What is still scheduled (a cancelled sweep, a heartbeat) ends before the loop stops.
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
 
 _engine: Engine | None = None
 _engine_pid: int | None = None

@@ -56,6 +56,11 @@ class Leases:
     def release(self, job_id: str) -> None:
         self._held.pop(job_id, None)
 
+    async def aclose(self) -> None:
+        """Stop the heartbeat (the engine is closing)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+
     async def _beat(self) -> None:
         """Renew the held leases, every third of a lease."""
         period_s = self.lease_ms / 3000

@@ -130,6 +130,16 @@ class JobRunner:
     def processor(self) -> MedicalDataProcessor:
         return self.pool.primary.processor
 
+    async def aclose(self) -> None:
+        """Stop the metrics flusher and the lease heartbeat, and close every connection
+        (Redis, HTTP, the results store). Jobs still running are not waited for."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.leases.aclose()
+        await self.pool.aclose()
+        await asyncio.to_thread(self.store.close)
+        await self.r.aclose()
+
     def keep_flushing_metrics(self) -> None:
         """Flush this process's metrics every few seconds (again, if the flusher ended)."""
         if self._flusher is None or self._flusher.done():

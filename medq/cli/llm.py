@@ -80,19 +80,18 @@ def llm_simulate(
 ) -> None:
     """An OpenAI-compatible endpoint that answers schema-valid JSON without a model (load and fault tests)."""
     # the server extra (fastapi, uvicorn): not in the base install
-    from medq.tools.simulator import serve
+    from medq.tools.simulator import make_config, serve
 
-    serve(
-        host=host,
-        port=port,
+    config = make_config(
         latency_ms=latency_ms,
         parallel=parallel,
-        faults=fault,
+        fault=fault,
         seed=seed,
         reject_json_schema=reject_json_schema,
         dialect=dialect,
-        served_models=tuple(name.strip() for names in served_model or [] for name in names.split(",") if name.strip()),
+        served_model=served_model,
         context_tokens=context_tokens,
         context_overflow=context_overflow,
         advertise_context=advertise_context,
     )
+    serve(config, host=host, port=port)

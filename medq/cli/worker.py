@@ -23,7 +23,14 @@ def worker(
     loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="Log level."),
     pool: str | None = typer.Option(None, "--pool", "-P", help="threads (default), prefork or solo."),
 ) -> None:
-    """A Celery worker bound to the configured endpoint(s). Options after -- go to `celery worker`."""
+    """A Celery worker bound to the configured endpoint(s). Options after -- go to `celery worker`.
+
+    --burst [BATCH]: work until BATCH (or, without one, the whole queue) has no queued,
+    running or retrying job, then exit: 0 all succeeded, 1 some failed (`medq failed BATCH`),
+    3 stopped before it was done, 4 the batch has no jobs. For cron jobs, Kubernetes Jobs
+    and CI, like rq's and arq's burst mode. (Celery's worker takes it: `celery -A
+    worker.celery_app worker --burst` does the same.)
+    """
     s = get_settings()
     args = [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",

@@ -769,37 +769,36 @@ def create_app(config: SimConfig) -> FastAPI:
     return app
 
 
-def serve(
-    host: str = "127.0.0.1",
-    port: int = 8090,
+def make_config(
     latency_ms: float = 0.0,
     parallel: int = 64,
-    faults: str = "",
+    fault: str = "",
     seed: int | None = None,
     reject_json_schema: bool = False,
     dialect: str = "openai",
-    served_models: tuple[str, ...] = (),
+    served_model: list[str] | None = None,
     context_tokens: int | None = None,
     context_overflow: str = "cut",
     advertise_context: bool = False,
-) -> None:
-    """Run the simulator with uvicorn until interrupted; bad options fail before it starts."""
+) -> SimConfig:
+    """The configuration ``medq llm simulate``'s options describe (named as its parameters:
+    ``fault`` as ``KIND:RATE,...``, ``served_model`` repeated or comma-separated). Bad
+    options raise ``typer.BadParameter``, before any server starts."""
     import typer
-    import uvicorn
 
     try:
-        fault_rates = parse_faults(faults)
+        fault_rates = parse_faults(fault)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--fault'") from None
     try:
-        config = SimConfig(
+        return SimConfig(
             latency_ms=latency_ms,
             parallel=parallel,
             faults=fault_rates,
             seed=seed,
             reject_json_schema=reject_json_schema,
             dialect=dialect,
-            served_models=served_models,
+            served_models=tuple(name.strip() for names in served_model or [] for name in names.split(",") if name.strip()),
             context_tokens=context_tokens,
             context_overflow=context_overflow,
             advertise_context=advertise_context,
@@ -807,10 +806,15 @@ def serve(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
-    described = ", ".join(f"{k}:{v:g}" for k, v in fault_rates.items()) or "none"
+
+def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8090) -> None:
+    """Run the simulator with uvicorn until interrupted."""
+    import uvicorn
+
+    described = ", ".join(f"{k}:{v:g}" for k, v in config.faults.items()) or "none"
     print(
-        f"medq simulator on http://{host}:{port}/v1 (latency {latency_ms:g} ms, "
-        f"parallel {parallel}, faults {described})",
+        f"medq simulator on http://{host}:{port}/v1 (latency {config.latency_ms:g} ms, "
+        f"parallel {config.parallel}, faults {described})",
         file=sys.stderr,
         flush=True,
     )

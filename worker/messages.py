@@ -1,0 +1,95 @@
+"""What a task message does with its jobs, whoever took it off the broker: a Celery task
+(``worker.tasks``) or the burst runner in a process of its own (``worker.burst``).
+
+- The jobs run side by side on the process's engine. Those that Redis refused for want
+  of memory wait for room and run again (a full Redis is back-pressure, not the jobs'
+  fault); meanwhile the message stays unacknowledged.
+- A job to retry goes back as its own ``medq.extract`` message with its countdown; a job
+  that failed was recorded as failed (dead letters) by the runner.
+- If Redis is unreachable, a job raised outside the runner, or the retries cannot be
+  sent, the whole message goes back (:class:`PutBack`): the jobs already finished are
+  then found finished and not run again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from medq.core.errors import PermanentError
+from medq.state.dispatch import TaskSender, send_job
+from medq.state.memory import is_full, wait_for_room
+from worker.engine import Engine
+from worker.runner import Outcome, RetryLater
+
+log = logging.getLogger("medq.worker")
+
+JobOutcome = Outcome | RetryLater | BaseException
+
+
+class PutBack(Exception):
+    """The message goes back to the broker whole; the reason names ids and error types only."""
+
+
+def run_while_full(engine: Engine, client: Callable[[], redis.Redis], job_ids: list[str]) -> list[JobOutcome]:
+    """Run the jobs; those that Redis refused for want of memory wait for room and run again.
+    ``client``: a plain Redis client, to read INFO for the "Redis is full" line."""
+    outcomes = engine.run_many(job_ids)
+    attempt = 0
+    while full := [i for i, o in enumerate(outcomes) if isinstance(o, BaseException) and is_full(o)]:
+        wait_for_room(client(), f"{len(full)} job(s) wait", attempt)
+        attempt += 1
+        for i, again in zip(full, engine.run_many([job_ids[i] for i in full]), strict=True):
+            outcomes[i] = again
+    return outcomes
+
+
+def while_full(client: Callable[[], redis.Redis], what: str, send: Callable[[], object]) -> None:
+    """Send a message, waiting for room while Redis is full."""
+    attempt = 0
+    while True:
+        try:
+            send()
+            return
+        except Exception as exc:  # noqa: BLE001 - kombu wraps the Redis error in its own
+            if not is_full(exc):
+                raise
+            wait_for_room(client(), what, attempt)
+            attempt += 1
+
+
+def run_message(engine: Engine, app: TaskSender, client: Callable[[], redis.Redis],
+                job_ids: list[str]) -> dict[str, Any]:
+    """Run a message's jobs and send their retries. Returns counts (ids only, no record
+    data); raises :class:`PutBack` when the message must go back whole."""
+    outcomes = run_while_full(engine, client, list(job_ids))
+    counts = {"jobs": len(job_ids), "succeeded": 0, "failed": 0, "retrying": 0, "other": 0}
+    retries: list[tuple[str, RetryLater]] = []
+    for job_id, outcome in zip(job_ids, outcomes, strict=True):
+        if isinstance(outcome, redis.RedisError):
+            raise PutBack(f"{len(job_ids)} jobs: Redis unavailable ({type(outcome).__name__})")
+        if isinstance(outcome, RetryLater):
+            retries.append((job_id, outcome))
+            counts["retrying"] += 1
+        elif isinstance(outcome, PermanentError):
+            counts["failed"] += 1
+        elif isinstance(outcome, BaseException):
+            # Not a job outcome (the runner records those): a bug. Log its type only.
+            log.error("job %s: %s outside the job runner; message put back", job_id, type(outcome).__name__)
+            raise PutBack(f"{len(job_ids)} jobs: internal error ({type(outcome).__name__})")
+        elif outcome.get("status") == "succeeded":
+            counts["succeeded"] += 1
+        elif outcome.get("status") == "failed":
+            counts["failed"] += 1
+        else:
+            counts["other"] += 1
+    try:
+        for job_id, later in retries:
+            while_full(client, f"the retry of job {job_id} waits",
+                       lambda: send_job(app, job_id, countdown_s=later.countdown_s))  # noqa: B023 - called at once
+    except Exception as exc:  # the broker is gone: keep the message, send nothing twice
+        raise PutBack(f"{len(job_ids)} jobs: could not send retries ({type(exc).__name__})") from None
+    return counts
