@@ -142,17 +142,17 @@ def simulator(_thread_simulators: dict[tuple[str, ...], ThreadSimulator]) -> Cal
     one per distinct flag set for the whole session, reset (stats, script, random stream)
     for each test that asks; returns its base URL (…/v1). A test that stops or kills the
     simulator takes ``simulator_process``."""
-    asked: set[tuple[str, ...]] = set()
+    asked: dict[tuple[str, ...], int] = {}
 
     def start(*flags: str) -> str:
-        key = tuple(flags)
+        # the n-th simulator of these flags in this test: two asked alike are two servers
+        n = asked[tuple(flags)] = asked.get(tuple(flags), -1) + 1
+        key = (*flags, f"#{n}")
         sim = _thread_simulators.get(key)
         if sim is None:
             with Harness.timed("simulator start (thread)"):
                 sim = _thread_simulators[key] = ThreadSimulator(*flags)
-        if key not in asked:
-            sim.reset()
-            asked.add(key)
+        sim.reset()
         return sim.base_url
 
     return start

@@ -31,6 +31,7 @@ import redis
 import sqlalchemy as sa
 
 from medq.core.settings import Settings, get_settings
+from medq.state.metrics import metrics
 from medq.state.results import open_store
 from worker.extract.evidence import normalize, value_at
 
@@ -72,6 +73,10 @@ class Proc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def exited(self) -> bool:
+        return self.popen.poll() is not None
+
     def kill(self) -> None:
         """kill -9 the process group: for teardown, where how it stops is not the subject."""
         if self.popen.poll() is None:
@@ -105,12 +110,12 @@ def wait_http(url: str, proc: Proc | None = None, timeout_s: float = 30) -> None
     raise TimeoutError(f"{url} did not answer within {timeout_s}s")
 
 
-def wait_log(proc: Proc, needle: str, timeout_s: float = 60) -> None:
+def wait_log(proc: Proc | InProcessWorker, needle: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if needle in proc.log:
             return
-        if proc.popen.poll() is not None:
+        if proc.exited:
             raise RuntimeError(f"process exited early:\n{proc.log[-3000:]}")
         time.sleep(0.1)
     raise TimeoutError(f"{needle!r} not in log after {timeout_s}s:\n{proc.log[-3000:]}")
@@ -197,18 +202,29 @@ class InProcessWorker:
         self._logger.setLevel(loglevel.upper())
         self._logger.addHandler(self._logs)
 
+        metrics.take()  # counts of earlier workers in this process went to their own Redis
+        ready = threading.Event()
+
         def work() -> None:
             try:
-                self.report = run_burst(self.app, None, concurrency=concurrency, stop=self._stop)
+                self.report = run_burst(self.app, None, concurrency=concurrency, stop=self._stop, ready=ready)
             except BaseException as exc:  # noqa: BLE001 - raised again in stop()
                 self.error = exc
 
         self._thread = threading.Thread(target=work, name="medq-worker", daemon=True)
         self._thread.start()
+        # as wait_log(proc, " ready."): the engine is made (endpoints asked, store opened) and takes messages
+        while not ready.wait(0.01):
+            if not self._thread.is_alive():
+                self.stop()
 
     @property
     def log(self) -> str:
         return "\n".join(self._logs.lines)
+
+    @property
+    def exited(self) -> bool:
+        return not self._thread.is_alive()
 
     def stop(self, timeout_s: float = 60) -> None:
         if self._stop.is_set():

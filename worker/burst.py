@@ -22,7 +22,7 @@ import queue
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -30,6 +30,10 @@ from typing import Any
 import redis
 from celery import bootsteps
 from kombu.exceptions import ChannelError
+from kombu.transport.native_delayed_delivery import (
+    bind_queue_to_native_delayed_delivery_exchange,
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
 
 from medq.core.contract import QUEUE, WATCH_KEY, JobStatus
 from medq.core.settings import Settings
@@ -118,13 +122,17 @@ def _job_ids(message: Any) -> list[str]:
 
 
 def run_burst(app: Any, batch: str | None = None, *, concurrency: int = 4, timeout_s: float = 300.0,
-              poll_s: float = 0.1, stop: threading.Event | None = None) -> BurstReport:
+              poll_s: float = 0.1, stop: threading.Event | None = None, ready: threading.Event | None = None,
+              stop_grace_s: float = 10.0) -> BurstReport:
     """Take ``medq`` task messages off the broker of ``app`` (``worker.celery_app.create_app``,
     made from the settings to work with) and run their jobs in this process until
     :func:`jobs_left` is 0 (checked twice, ``poll_s`` apart, with nothing running here),
     or ``timeout_s`` passes. With ``stop``, it works on until that is set instead, as a
-    worker does. Messages of other batches taken meanwhile run too, as a worker's would;
-    those still held at the end go back to the broker unrun."""
+    worker does; ``ready`` is set once it takes messages. Messages of other batches taken
+    meanwhile run too, as a worker's would. At the end the runs in hand get
+    ``stop_grace_s`` to finish; those still running then are cut (their jobs' leases lapse
+    and the sweep sends them again), and their messages, like those held for a countdown,
+    go back to the broker unrun."""
     settings: Settings = app.medq_settings
     r = connect(settings.redis_url)
     report = BurstReport(batch)
@@ -134,18 +142,30 @@ def run_burst(app: Any, batch: str | None = None, *, concurrency: int = 4, timeo
     quiet = 0  # consecutive checks that found nothing left
     deadline = time.monotonic() + timeout_s
     engine = Engine(settings, app)
+    pool = ThreadPoolExecutor(concurrency, "medq-burst")
+
+    def settle(fut: Future[dict[str, Any]], message: Any) -> None:
+        try:
+            fut.result()
+            message.ack()
+        except PutBack as exc:
+            log.warning("message put back: %s", exc)
+            message.reject(requeue=True)
+
     try:
-        with app.connection_for_read() as conn, ThreadPoolExecutor(concurrency, "medq-burst") as pool:  # type: ignore[attr-defined]
-            inbox = conn.SimpleQueue(app.amqp.queues[QUEUE])  # type: ignore[attr-defined]
+        with app.connection_for_read() as conn:
+            if settings.broker_is_amqp:
+                # What Celery's worker declares at start (its DelayedDelivery step): the exchanges
+                # and queues that hold a countdown in RabbitMQ, and the medq queue bound to them.
+                declare_native_delayed_delivery_exchanges_and_queues(
+                    conn, app.conf.broker_native_delayed_delivery_queue_type)
+                bind_queue_to_native_delayed_delivery_exchange(conn, app.amqp.queues[QUEUE])
+            inbox = conn.SimpleQueue(app.amqp.queues[QUEUE])
+            if ready is not None:
+                ready.set()
             while True:
                 for fut in [f for f in running if f.done()]:
-                    message = running.pop(fut)
-                    try:
-                        fut.result()
-                        message.ack()
-                    except PutBack as exc:
-                        log.warning("message put back: %s", exc)
-                        message.reject(requeue=True)
+                    settle(fut, running.pop(fut))
                 now_s = time.time()
                 while held and held[0].due_s <= now_s and len(running) < concurrency:
                     message = heapq.heappop(held).message
@@ -177,19 +197,17 @@ def run_burst(app: Any, batch: str | None = None, *, concurrency: int = 4, timeo
                     quiet = quiet + 1 if left == 0 and (batch is not None or not held) else 0
                     if quiet >= 2:
                         break
-                if stop is None and time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     report.reason = f"not drained within {timeout_s:g}s"
                     break
-            for fut in list(running):  # the runs in hand end (their jobs' state is written either way)
-                message = running.pop(fut)
-                try:
-                    fut.result()
-                    message.ack()
-                except PutBack:
-                    message.reject(requeue=True)
-            inbox.close()  # the messages still held go back to the broker (kombu restores unacknowledged ones)
+            done, _ = wait(list(running), timeout=stop_grace_s)
+            for fut in done:
+                settle(fut, running.pop(fut))
+            engine.close()  # cuts what still runs; its messages stay unacknowledged
+            inbox.close()  # the messages not acknowledged go back to the broker (kombu restores them)
     finally:
         engine.close()
+        pool.shutdown(wait=True, cancel_futures=True)
     if not report.gone:
         report.counts = batch_counts(r, batch)
     r.close()

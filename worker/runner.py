@@ -135,6 +135,10 @@ class JobRunner:
         (Redis, HTTP, the results store). Jobs still running are not waited for."""
         if self._flusher is not None:
             self._flusher.cancel()
+        try:  # what was counted since the last flush is not lost with the engine
+            await metrics.flush(self.r, self._who, 0)
+        except redis.RedisError as exc:
+            log.warning("metrics flush at close: %s", type(exc).__name__)
         await self.leases.aclose()
         await self.pool.aclose()
         await asyncio.to_thread(self.store.close)

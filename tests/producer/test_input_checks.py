@@ -322,11 +322,11 @@ def test_requeue_refuses_jobs_whose_schema_file_broke(r: redis.Redis, medq_env: 
 
 
 def test_a_worker_reports_a_bad_schema_file_and_serves_the_others(
-    r: redis.Redis, medq_env: dict[str, str], simulator: Any, worker: Any, tmp_path: Path,
+    r: redis.Redis, medq_env: dict[str, str], simulator: Any, worker_process: Any, tmp_path: Path,
 ) -> None:
     d = _bad_schema_dir(tmp_path)
     env = {**medq_env, "MEDQ_SCHEMAS_DIRS": str(d)}
-    proc = worker(simulator(), env={"MEDQ_SCHEMAS_DIRS": str(d)})  # before: "cannot start", exit 2
+    proc = worker_process(simulator(), env={"MEDQ_SCHEMAS_DIRS": str(d)})  # before: "cannot start", exit 2
     assert "ward_note.yaml, line " in proc.log and "field 'age': unknown type 'int'" in proc.log
     res = run_cli(["enqueue", "-", "--schema", "clinical_note", "--batch", "served", "--wait", "--timeout-s", "90"],
                   env, stdin='{"id": "a", "text": "72-year-old woman on metformin."}\n')

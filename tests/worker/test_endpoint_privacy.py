@@ -76,13 +76,13 @@ def test_an_error_message_says_what_the_server_said_in_kind_never_its_words() ->
 
 
 def test_an_endpoint_that_echoes_the_request_leaks_no_note(
-    r: redis.Redis, medq_env: dict[str, str], worker: Callable[..., Proc], servers: Callable[..., Server],
+    r: redis.Redis, medq_env: dict[str, str], worker_process: Callable[..., Proc], servers: Callable[..., Server],
     tmp_path: Path,
 ) -> None:
     key = run_cli(["keygen"], medq_env).stdout.strip()
     env = {**medq_env, "MEDQ_ENCRYPTION_KEY": key}
     echoer = servers(echo)
-    proc = worker(echoer.base, "--loglevel", "DEBUG", env={"MEDQ_ENCRYPTION_KEY": key})
+    proc = worker_process(echoer.base, "--loglevel", "DEBUG", env={"MEDQ_ENCRYPTION_KEY": key})
     notes = _notes(tmp_path / "notes.jsonl", {"short": SHORT_LINES, "zh": CHINESE, "esc": ESCAPED})
     waited = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "echo", "--wait",
                       "--timeout-s", "90"], env)

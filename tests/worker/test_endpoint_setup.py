@@ -101,7 +101,7 @@ def test_worker_does_not_start_with_a_model_the_endpoint_does_not_serve(
 
 
 def test_a_server_that_takes_any_name_passes_and_one_that_is_down_is_only_a_warning(
-    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., Proc]
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker_process: Callable[..., Proc]
 ) -> None:
     # llama-cpp-python's server lists one model under its own name and takes any name:
     # not being listed is not an error, the one-token probe says so
@@ -112,7 +112,7 @@ def test_a_server_that_takes_any_name_passes_and_one_that_is_down_is_only_a_warn
     assert httpx.get(base.removesuffix("/v1") + "/stats").json()["max_tokens"] == [1]
 
     down = f"http://127.0.0.1:{free_port()}/v1"
-    proc = worker(down)  # starts: the endpoint may come up later
+    proc = worker_process(down)  # starts: the endpoint may come up later
     assert f"cannot reach {down} to check model" in proc.log
     [row] = [json.loads(line) for line in run_cli(["endpoints", "--json"], {**medq_env, "MEDQ_LLM__BASE_URL": down}).stdout.splitlines()]
     assert row["model"]["status"] == "unreachable"

@@ -49,7 +49,7 @@ def _leaks(r: redis.Redis) -> dict[str, int]:
 
 
 def test_record_text_stays_out_of_logs_messages_and_celery_results(
-    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., object], tmp_path: Path
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker_process: Callable[..., object], tmp_path: Path
 ) -> None:
     notes = tmp_path / "phi.jsonl"
     notes.write_text(
@@ -74,7 +74,7 @@ def test_record_text_stays_out_of_logs_messages_and_celery_results(
     httpx.post(base_url.removesuffix("/v1") + "/sim/script",
                json={"outcomes": ["invalid", "invalid", "429", "500"]}).raise_for_status()
     # one job at a time, so the scripted answers go to the jobs in order
-    proc = worker(base_url, "-c", "1", "--loglevel", "DEBUG", env={"MEDQ_LLM__REASKS": "1"})
+    proc = worker_process(base_url, "-c", "1", "--loglevel", "DEBUG", env={"MEDQ_LLM__REASKS": "1"})
     waited = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "phi", "--wait", "--timeout-s", "90"], medq_env)
     assert waited.returncode == 1  # the dead letter
 
@@ -94,7 +94,7 @@ def test_record_text_stays_out_of_logs_messages_and_celery_results(
 
 
 def test_flower_events_and_the_info_log_show_no_record_text(
-    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., object],
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker_process: Callable[..., object],
     start_process: Callable[..., Proc], tmp_path: Path,
 ) -> None:
     """What an operator sees: Flower's pages and API, the task events it lives on, the
@@ -120,7 +120,7 @@ def test_flower_events_and_the_info_log_show_no_record_text(
     wait_http(f"{flower_url}/healthcheck", flower)
 
     base = simulator()
-    proc = worker(base, "--loglevel", "INFO", env={"MEDQ_LLM__REASKS": "1"})
+    proc = worker_process(base, "--loglevel", "INFO", env={"MEDQ_LLM__REASKS": "1"})
     notes = tmp_path / "phi.jsonl"
     notes.write_text("".join(
         json.dumps({"id": f"f{i}", "text": f"{CANARY}{i:03d} Mrs {CANARY}NAME{i}, {40 + i} years, {CANARY}DX{i}."}) + "\n"

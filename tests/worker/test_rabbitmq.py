@@ -39,12 +39,12 @@ def _results(env: dict[str, str], batch: str) -> list[dict]:
 
 def test_a_batch_runs_through_rabbitmq_on_a_quorum_queue(
     vhost: tuple[str, str], r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str],
-    worker: Callable[..., Proc], tmp_path: Path,
+    worker_process: Callable[..., Proc], tmp_path: Path,
 ) -> None:
     name, url = vhost
     env = {**medq_env, "MEDQ_BROKER_URL": url}
     base = simulator("--latency-ms", "20")
-    w = worker(base, env=env)  # -c 4
+    w = worker_process(base, env=env)  # -c 4
     # One job's first request fails: its retry's countdown (backoff 0.2 s) is under the
     # second that RabbitMQ's delayed delivery counts in (Celery alone fails to send it).
     httpx.post(base.removesuffix("/v1") + "/sim/script", json={"outcomes": ["500"]}).raise_for_status()
@@ -67,13 +67,13 @@ def test_a_batch_runs_through_rabbitmq_on_a_quorum_queue(
 
 def test_a_retry_waits_its_countdown_in_rabbitmq(
     vhost: tuple[str, str], r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str],
-    worker: Callable[..., Proc], tmp_path: Path,
+    worker_process: Callable[..., Proc], tmp_path: Path,
 ) -> None:
     name, url = vhost
     # One 500, then a retry 3 to 6 s later (backoff 6 s with equal jitter).
     env = {**medq_env, "MEDQ_BROKER_URL": url, "MEDQ_WORKER__RETRY_BACKOFF_S": "6", "MEDQ_WORKER__RETRY_BACKOFF_MAX_S": "6"}
     base = simulator()
-    w = worker(base, env=env)
+    w = worker_process(base, env=env)
     httpx.post(base.removesuffix("/v1") + "/sim/script", json={"outcomes": ["500"]}).raise_for_status()
     res = run_cli(["enqueue", str(records(tmp_path / "one.jsonl", 1)), "--schema", "clinical_note", "--batch", "retry"], env)
     assert res.returncode == 0, res.stderr

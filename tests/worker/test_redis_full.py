@@ -53,7 +53,7 @@ def wait_succeeded(client: redis.Redis, env: dict[str, str], batch: str, n: int,
 
 def test_enqueue_into_a_full_redis_fails_cleanly_and_a_rerun_sends_the_rest(
     small_redis: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str],
-    worker: Callable[..., Proc], tmp_path: Path,
+    worker_process: Callable[..., Proc], tmp_path: Path,
 ) -> None:
     env = {**medq_env, "MEDQ_REDIS_URL": f"redis://127.0.0.1:{small_redis.connection_pool.connection_kwargs['port']}/0"}
     notes = write_notes(tmp_path / "notes.jsonl", 30, size=8000)
@@ -68,7 +68,7 @@ def test_enqueue_into_a_full_redis_fails_cleanly_and_a_rerun_sends_the_rest(
     assert 0 < written < 30  # some jobs were written before it filled, and none of them was sent
 
     small_redis.config_set("maxmemory", 0)
-    proc = worker(simulator(), env={"MEDQ_REDIS_URL": env["MEDQ_REDIS_URL"]})
+    proc = worker_process(simulator(), env={"MEDQ_REDIS_URL": env["MEDQ_REDIS_URL"]})
     res = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "full"], env)
     assert res.returncode == 0, res.stderr
     # the jobs written by the first run are sent by the second, or they would never run
@@ -77,11 +77,11 @@ def test_enqueue_into_a_full_redis_fails_cleanly_and_a_rerun_sends_the_rest(
 
 def test_a_running_worker_waits_while_redis_is_full_and_finishes_after(
     small_redis: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str],
-    worker: Callable[..., Proc], tmp_path: Path,
+    worker_process: Callable[..., Proc], tmp_path: Path,
 ) -> None:
     env = {**medq_env, "MEDQ_REDIS_URL": f"redis://127.0.0.1:{small_redis.connection_pool.connection_kwargs['port']}/0",
            "MEDQ_JOBS_PER_MESSAGE": "2"}
-    proc = worker(simulator("--latency-ms", "1500"), env=env)
+    proc = worker_process(simulator("--latency-ms", "1500"), env=env)
     notes = write_notes(tmp_path / "notes.jsonl", 16, size=200)
     assert run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "busy"], env).returncode == 0
     deadline = time.monotonic() + 60
