@@ -52,6 +52,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
         if names & PROCESS_FIXTURES:
             item.add_marker(pytest.mark.e2e)
+        # The long scenarios (kills and restarts, minutes of a CPU model) get 10 minutes, not
+        # the 120 s that stops any other test that hangs.
+        if (item.get_closest_marker("chaos") or item.get_closest_marker("slow")) and not item.get_closest_marker(
+                "timeout"):
+            item.add_marker(pytest.mark.timeout(600))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -110,22 +115,23 @@ def medq_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def start_process(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     """Factory: start a command in its own process group, output to a log file; all stopped
-    at teardown (SIGTERM, so that coverage of a graceful stop stays with the tests that ask)."""
-    procs: list[Proc] = []
+    at teardown (SIGTERM, or kill -9 for those started with ``kill=True``)."""
+    procs: list[tuple[Proc, bool]] = []
 
-    def start(args: list[str], env: dict[str, str], name: str = "proc") -> Proc:
+    def start(args: list[str], env: dict[str, str], name: str = "proc", kill: bool = False) -> Proc:
+        """``kill``: kill -9 at teardown, where how the process stops is not the test's subject."""
         log_path = tmp_path / f"{name}-{len(procs)}.log"
         fh = open(log_path, "wb")
         popen = subprocess.Popen(
             args, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
         )
         proc = Proc(popen, log_path)
-        procs.append(proc)
+        procs.append((proc, kill))
         return proc
 
     yield start
-    for proc in reversed(procs):
-        proc.stop()
+    for proc, kill in reversed(procs):
+        proc.kill() if kill else proc.stop()
 
 
 @pytest.fixture(scope="session")
@@ -206,14 +212,15 @@ def worker(medq_env: dict[str, str]) -> Iterator[Callable[..., InProcessWorker]]
 @pytest.fixture
 def worker_process(start_process: Callable[..., Proc], medq_env: dict[str, str]) -> Callable[..., Proc]:
     """Factory: start a real ``medq worker`` process against ``base_url``; waits until it is
-    ready. Without mingle and gossip (4 s less a start; one worker needs neither)."""
+    ready. Without mingle and gossip (1 s less a start; one worker needs neither), killed at
+    teardown (a test about shutdown stops it itself: ``proc.stop()``)."""
 
     def start(base_url: str, *flags: str, env: dict[str, str] | None = None) -> Proc:
         with Harness.timed("worker start (process)"):
             proc = start_process(
                 [MEDQ, "worker", "-c", "4", *flags, "--", "--without-mingle", "--without-gossip"],
                 {**medq_env, "MEDQ_LLM__BASE_URL": base_url, **(env or {})},
-                name="worker",
+                name="worker", kill=True,  # a warm shutdown waits for its tasks: up to seconds per test
             )
             wait_log(proc, " ready.")
         return proc

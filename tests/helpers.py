@@ -30,6 +30,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from medq.core.contract import QUEUE
 from medq.core.settings import Settings, get_settings
 from medq.state.metrics import metrics
 from medq.state.results import open_store
@@ -366,6 +367,20 @@ def check_first_success_kept(url: str) -> None:
     assert not store.put({**base, "status": "failed", "data": None})
     assert store.get(base["job_id"])["data"] == {"age": 1}
     store.close()
+
+def wait_settled(r: redis.Redis, timeout_s: float = 90) -> None:
+    """Until every task message on the Redis broker has been taken and settled: the queue
+    empty and none held unacknowledged (kombu's ``unacked``), twice in a row. What a fixed
+    sleep used to stand for: "the runs in flight ended and the queued messages were dropped"."""
+    quiet = 0
+
+    def settled() -> bool:
+        nonlocal quiet
+        quiet = quiet + 1 if not r.llen(QUEUE) and not r.hlen("unacked") else 0
+        return quiet >= 2
+
+    wait_until(settled, timeout_s)
+
 
 def wait_until(check: Callable[[], bool], timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s

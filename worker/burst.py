@@ -163,42 +163,40 @@ def run_burst(app: Any, batch: str | None = None, *, concurrency: int = 4, timeo
             inbox = conn.SimpleQueue(app.amqp.queues[QUEUE])
             if ready is not None:
                 ready.set()
-            while True:
+            while stop is None or not stop.is_set():
                 for fut in [f for f in running if f.done()]:
                     settle(fut, running.pop(fut))
                 now_s = time.time()
                 while held and held[0].due_s <= now_s and len(running) < concurrency:
                     message = heapq.heappop(held).message
                     running[pool.submit(run_message, engine, app, lambda: r, _job_ids(message))] = message
-                if len(running) < concurrency:
-                    try:
-                        message = inbox.get(block=True, timeout=poll_s)
-                    except queue.Empty:
-                        message = None
-                    if message is not None:
-                        seq += 1
-                        heapq.heappush(held, _Held(_due_s(message), seq, message))
-                        quiet = 0
-                        continue
-                else:
+                if len(running) >= concurrency:
                     time.sleep(poll_s / 4)
-                if stop is not None:
-                    if stop.is_set():
-                        break
                     continue
-                if running:
+                try:
+                    message = inbox.get(block=True, timeout=poll_s)
+                except queue.Empty:
+                    message = None
+                if message is not None:
+                    seq += 1
+                    heapq.heappush(held, _Held(_due_s(message), seq, message))
                     quiet = 0
-                else:
-                    try:
-                        left = jobs_left(r, batch, inbox.qsize() if batch is None else 0)
-                    except BatchGone:
-                        report.gone = True
-                        break
-                    quiet = quiet + 1 if left == 0 and (batch is not None or not held) else 0
-                    if quiet >= 2:
-                        break
+                    continue
+                if stop is not None:
+                    continue  # a worker: it works on until stopped
                 if time.monotonic() > deadline:
                     report.reason = f"not drained within {timeout_s:g}s"
+                    break
+                if running:
+                    quiet = 0
+                    continue
+                try:
+                    left = jobs_left(r, batch, queued_messages(app) if batch is None else 0)
+                except BatchGone:
+                    report.gone = True
+                    break
+                quiet = quiet + 1 if left == 0 and (batch is not None or not held) else 0
+                if quiet >= 2:
                     break
             done, _ = wait(list(running), timeout=stop_grace_s)
             for fut in done:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.chaos.helpers import ARTIFACTS, ROWS
-from tests.helpers import MEDQ, Proc, RedisServer, wait_log
+from tests.helpers import MEDQ, Harness, Proc, RedisServer, wait_log
 from tests.rabbitmq import own_vhost, restart_broker, skip_unless_rabbitmq
 
 
@@ -35,11 +35,14 @@ def chaos_env(medq_env: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture
 def start_worker(start_process: Callable[..., Proc]) -> Callable[..., Proc]:
-    """Factory: a ``medq worker`` with the given env and flags, waited on until ready."""
+    """Factory: a ``medq worker`` with the given env and flags, waited on until ready;
+    without mingle and gossip (medq's state is in Redis), killed at teardown."""
     def start(env: dict[str, str], *flags: str, name: str = "worker", wait: bool = True) -> Proc:
-        proc = start_process([MEDQ, "worker", *flags], env, name=name)
-        if wait:
-            wait_log(proc, " ready.", timeout_s=60)
+        quiet = [*([] if "--" in flags else ["--"]), "--without-mingle", "--without-gossip"]
+        with Harness.timed("worker start (process)"):
+            proc = start_process([MEDQ, "worker", *flags, *quiet], env, name=name, kill=True)
+            if wait:
+                wait_log(proc, " ready.", timeout_s=60)
         return proc
 
     return start

@@ -36,13 +36,14 @@ def sim_stats(base_url: str) -> dict[str, Any]:
 
 
 def test_kill_9_workers_and_their_children_under_load(
-    broker: dict[str, str],  # first: its vhost is made before the workers start and deleted after they stop
     r: redis.Redis, tmp_path: Path, simulator: Callable[..., str], start_worker: Callable[..., Proc], chaos_env: dict[str, str],
 ) -> None:
     n = 300
     base = simulator("--latency-ms", "800", "--parallel", "64")
     # Workers are killed on purpose, maybe several times during one job: not a poison job.
-    env = {**chaos_env, **broker, "MEDQ_LLM__BASE_URL": base, "MEDQ_WORKER__MAX_LOST_RUNS": "20",
+    # On Redis only: RabbitMQ's kill -9 leg is test_recovery's (a broker that redelivers at once
+    # changes when jobs come back, not what this test counts).
+    env = {**chaos_env, "MEDQ_LLM__BASE_URL": base, "MEDQ_WORKER__MAX_LOST_RUNS": "20",
            "MEDQ_LLM__MAX_IN_FLIGHT": "64"}
     threads = start_worker(env, "-c", "8", name="threads", wait=False)
     prefork = start_worker(env, "--pool", "prefork", "-c", "3", name="prefork")
@@ -67,7 +68,7 @@ def test_kill_9_workers_and_their_children_under_load(
     c = wait_done(r, "kill9", n, timeout_s=240, tick=chaos)
     o = outcome(r, env, "kill9", n)
     record(
-        f"kill -9: worker main processes and prefork children, every 2 s ({'RabbitMQ' if broker else 'Redis'} broker)",
+        "kill -9: worker main processes and prefork children, every 2 s (Redis broker)",
         o,
         f"{kills['main']} main-process kills, {kills['children']} rounds of child kills",
     )
@@ -242,7 +243,10 @@ def test_four_workers_share_one_rate_limit_and_in_flight_cap(
     assert per_s < 30, per_s
 
 
-def test_endpoint_down_for_20_s_then_back(
+DOWN_S = 10  # several cool-downs (2 s, then doubling) fit in it
+
+
+def test_endpoint_down_for_a_while_then_back(
     r: redis.Redis, tmp_path: Path, start_process: Callable[..., Proc], start_worker: Callable[..., Proc], chaos_env: dict[str, str]
 ) -> None:
     n = 100
@@ -268,14 +272,14 @@ def test_endpoint_down_for_20_s_then_back(
         if not down_at and c[JobStatus.SUCCEEDED.value] >= 15:
             sim.stop()
             down_at.append(time.monotonic())
-        elif len(down_at) == 1 and time.monotonic() - down_at[0] >= 20:
+        elif len(down_at) == 1 and time.monotonic() - down_at[0] >= DOWN_S:
             sim = start_sim()
             down_at.append(time.monotonic())
 
     wait_done(r, "outage", n, timeout_s=180, tick=outage)
     o = outcome(r, env, "outage", n)
     ep = json.loads(run_cli(["endpoints", "--json"], env).stdout)
-    record("the endpoint down for 20 s, then back", o, f"endpoint cooled down {ep['trips']} times while it was down")
-    assert len(down_at) == 2 and down_at[1] - down_at[0] >= 20
+    record(f"the endpoint down for {DOWN_S} s, then back", o, f"endpoint cooled down {ep['trips']} times while it was down")
+    assert len(down_at) == 2 and down_at[1] - down_at[0] >= DOWN_S
     assert (o.succeeded, o.failed, o.lost, o.duplicated) == (n, 0, 0, 0), o
     assert ep["trips"] >= 1  # the breaker held the workers off instead of hammering the port

@@ -45,6 +45,7 @@ def _notes(tmp_path: Path, n: int = N) -> Path:
     return path
 
 
+@pytest.mark.chaos  # Redis restarts under a waiting `medq enqueue --wait` process
 def test_enqueue_wait_says_the_batch_is_gone_when_redis_restarts_empty(
     bare_redis: RedisServer, medq_env: dict[str, str], tmp_path: Path,
 ) -> None:

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.helpers import MEDQ, run_cli
+
+pytestmark = pytest.mark.e2e  # what a newcomer sees from the medq process itself
 
 
 def _notes(path: Path) -> Path:

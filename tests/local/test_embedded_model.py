@@ -86,7 +86,7 @@ def test_cli_default_is_the_local_models_default() -> None:
 
 
 @pytest.mark.slow
-def test_a_40k_character_note_on_the_embedded_model_is_read_in_pieces(
+def test_a_long_note_on_the_embedded_model_is_read_in_pieces(
     r: redis.Redis, medq_env: dict[str, str], llama_server: str, worker: Callable[..., object], tmp_path: Path
 ) -> None:
     """No context setting: llama-cpp-python's server says nothing of its context (4096 here)
@@ -96,7 +96,9 @@ def test_a_40k_character_note_on_the_embedded_model_is_read_in_pieces(
 
     worker(llama_server, "-c", "1", env={"MEDQ_LLM__MODEL": "smollm2", "MEDQ_LLM__MAX_IN_FLIGHT": "1",
                                          "MEDQ_LLM__MAX_TOKENS": "512", "MEDQ_LLM__TIMEOUT_S": "120"})
-    note = discharge_summary()
+    # 20,000 characters: over the 4096-token context, so read in pieces (the 40,000-character
+    # note runs on the simulator, tests/worker/test_long_note_e2e.py)
+    note = discharge_summary(20_000)
     notes = tmp_path / "long.jsonl"
     notes.write_text(json.dumps({"id": "long", "text": note}) + "\n", encoding="utf-8")
     res = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "llama-long", "--wait",
@@ -104,7 +106,7 @@ def test_a_40k_character_note_on_the_embedded_model_is_read_in_pieces(
     assert res.returncode in (0, 1), res.stderr
     [doc] = [json.loads(line) for line in run_cli(["results", "llama-long"], medq_env).stdout.splitlines()]
     assert doc["status"] == "succeeded", doc["error"]
-    assert doc["provenance"]["pieces"] >= 5 and doc["provenance"]["context_tokens"] == 4096
+    assert doc["provenance"]["pieces"] >= 2 and doc["provenance"]["context_tokens"] == 4096
     SchemaLoader().get("clinical_note").model.model_validate(doc["data"])
     for path, spans in doc["evidence"].items():  # offsets into the whole note
         assert all(0 <= a < b <= len(note) for a, b in spans), path

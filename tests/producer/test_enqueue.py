@@ -15,7 +15,7 @@ from medq.core.errors import UnknownSchema
 from medq.core.settings import Settings
 from producer import InputError, enqueue
 from producer.records import check, read_path
-from tests.helpers import MEDQ
+from tests.helpers import MEDQ, run_cli
 
 
 @pytest.fixture
@@ -192,7 +192,7 @@ def test_python_api_rejects_bad_records_and_enqueues_nothing(r: redis.Redis, set
 
 
 def _cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MEDQ, *args], env=env, input=stdin, capture_output=True, text=True, timeout=60)
+    return run_cli(args, env, stdin)
 
 
 def test_cli_reports_line_numbers_and_enqueues_nothing(r: redis.Redis, medq_env: dict[str, str], tmp_path: Path) -> None:
@@ -219,6 +219,7 @@ def test_cli_unknown_schema_and_stdin(r: redis.Redis, medq_env: dict[str, str]) 
     assert r.scard(batch_key(res.stdout.strip())) == 1
 
 
+@pytest.mark.e2e  # a fresh interpreter: what a producer process imports
 def test_producer_does_not_import_the_worker_stack() -> None:
     code = (
         "import sys, producer, medq.state.jobs\n"
@@ -235,7 +236,7 @@ def test_purge_removes_a_batch_and_its_dead_letters(r: redis.Redis, settings: Se
     keep = enqueue([{"id": "c", "text": "note c"}], schema="clinical_note", batch="stays", settings=settings)
     r.zadd(failed_key("gone"), {ids[0]: 1.0})  # as a worker records a dead letter
     env = {"MEDQ_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([MEDQ, "purge", "gone", "--yes"], env=env, capture_output=True, text=True, timeout=60)
+    res = run_cli(["purge", "gone", "--yes"], env)
     assert res.returncode == 0, res.stderr
     assert "2 job state(s), 2 record(s)" in res.stderr
     assert not any(r.exists(k) for j in ids for k in (job_key(j), payload_key(j)))

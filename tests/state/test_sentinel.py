@@ -119,6 +119,7 @@ def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
     s.stop()
 
 
+@pytest.mark.chaos  # the master is killed
 def test_clients_follow_a_failover_when_the_master_dies(sentinel_set: SentinelSet) -> None:
     r = connect(sentinel_set.url)
     for i in range(100):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import redis
 
 from tests.helpers import run_cli
 from tests.rabbitmq import own_vhost, queues, skip_unless_rabbitmq
+
+pytestmark = pytest.mark.e2e  # medq bench runs real worker processes
 
 
 def test_bench_reports_every_figure_from_one_run(r: redis.Redis, medq_env: dict[str, str]) -> None:

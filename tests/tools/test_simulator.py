@@ -1,9 +1,8 @@
 """The LLM simulator: schema-valid answers, faults, scripted outcomes, stats, its CLI.
 
-Server tests talk real HTTP to ``medq llm simulate`` subprocesses. They are
-started together by one module fixture (reusing conftest's helpers) because
-started one by one, as the ``simulator`` fixture does, the ten configurations
-below would spend most of the file's time budget importing FastAPI.
+Server tests talk real HTTP to the simulator's app served by uvicorn in a thread, one
+per configuration for the module (``ThreadSimulator``: the command's own option parsing
+and app); one test runs ``medq llm simulate`` as a process and stops it with SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,7 +26,7 @@ import pytest
 
 from medq.core.schemas import SchemaLoader
 from medq.tools.simulator import FAULT_KINDS, SimConfig, draw_outcome, generate, parse_faults
-from tests.helpers import MEDQ, REPO, Proc, free_port, wait_http
+from tests.helpers import MEDQ, Proc, ThreadSimulator, free_port, run_cli, wait_http
 
 NOTE = (
     "72-year-old man seen in clinic. Former smoker, quit 2010. History of type 2 diabetes "
@@ -58,48 +56,17 @@ def schemas() -> Schemas:
     return {name: loader.get(name).json_schema for name in ("clinical_note", "discharge_summary")}
 
 
-def launch(flags: list[str], log_path: Path, env: dict[str, str]) -> tuple[Proc, str]:
-    port = free_port()
-    with open(log_path, "wb") as fh:
-        popen = subprocess.Popen(
-            [MEDQ, "llm", "simulate", "--host", "127.0.0.1", "--port", str(port), *flags],
-            env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-        )
-    return Proc(popen, log_path), f"http://127.0.0.1:{port}/v1"
-
-
 @pytest.fixture(scope="module")
-def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """Base URLs (…/v1) of every simulator configuration in SERVER_FLAGS; all stopped at the end."""
-    log_dir = tmp_path_factory.mktemp("simulators")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQ_")}
-    started: dict[str, tuple[Proc, str]] = {}
-    spent: list[Proc] = []
+def sims() -> Iterator[dict[str, str]]:
+    """Base URLs (…/v1) of every simulator configuration in SERVER_FLAGS, each served in a
+    thread of this process from the options as the command parses them (``ThreadSimulator``);
+    the command itself as a process: ``test_the_command_serves_and_stops_on_sigterm``."""
+    started = {name: ThreadSimulator(*flags) for name, flags in SERVER_FLAGS.items()}
     try:
-        for name, flags in SERVER_FLAGS.items():
-            started[name] = launch(flags, log_dir / f"{name}.log", env)
-        for name, flags in SERVER_FLAGS.items():
-            for attempt in range(1, 4):
-                proc, url = started[name]
-                try:
-                    wait_http(f"{url}/models", proc)
-                    break
-                except RuntimeError:
-                    # free_port() finds a port that was free a moment ago; with other
-                    # test runs on the machine, someone may have bound it since.
-                    if "address already in use" not in proc.log or attempt == 3:
-                        raise
-                    spent.append(proc)
-                    started[name] = launch(flags, log_dir / f"{name}-{attempt}.log", env)
-        yield {name: url for name, (_, url) in started.items()}
+        yield {name: sim.base_url for name, sim in started.items()}
     finally:
-        procs = spent + [proc for proc, _ in started.values()]
-        # Signal all first so that they shut down together, not one after another.
-        for proc in procs:
-            if proc.popen.poll() is None:
-                os.killpg(proc.popen.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.stop()
+        for sim in started.values():
+            sim.close()
 
 
 @pytest.fixture(scope="module")
@@ -514,15 +481,28 @@ def test_parallel_caps_requests_served_at_once(http: httpx.Client, sims: dict[st
 def test_bad_fault_spec_stops_the_command_with_a_message(spec: str, named: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQ_")}
     env["COLUMNS"] = "200"  # keep the message on one line in typer's error box
-    done = subprocess.run(
-        [MEDQ, "llm", "simulate", "--fault", spec, "--port", str(free_port())],
-        env=env, capture_output=True, text=True, timeout=30, cwd=REPO,
-    )
+    done = run_cli(["llm", "simulate", "--fault", spec, "--port", str(free_port())], env)
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode != 0
     assert named in output
     assert "--fault" in output
     assert "Traceback" not in output
+
+
+def test_the_command_serves_and_stops_on_sigterm(start_process: Any, tmp_path: Path) -> None:
+    """``medq llm simulate`` as users start it: it serves, and SIGTERM stops it at once,
+    a request held by the timeout fault included."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDQ_")}
+    port = free_port()
+    proc: Proc = start_process([MEDQ, "llm", "simulate", "--port", str(port), "--fault", "timeout:1"], env,
+                               name="simulator")
+    base_url = f"http://127.0.0.1:{port}/v1"
+    wait_http(f"{base_url}/models", proc)
+    with httpx.Client(timeout=10) as http, pytest.raises(httpx.ReadTimeout):
+        chat(http, base_url, timeout_s=0.5)  # held: it never answers
+    proc.popen.send_signal(signal.SIGTERM)
+    assert proc.popen.wait(10) == 0
+    assert f"medq simulator on {base_url}" in proc.log
 
 
 def test_reask_prefix_matches_the_processor() -> None:

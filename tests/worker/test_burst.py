@@ -85,6 +85,7 @@ def test_burst_without_a_batch_drains_the_whole_queue(
     assert counts(r, "a")["succeeded"] == counts(r, "b")["succeeded"] == 30
 
 
+@pytest.mark.e2e  # a real `medq worker --burst` process
 def test_burst_of_a_batch_that_has_no_jobs_exits_4(r: redis.Redis, medq_env: dict[str, str]) -> None:
     res = _burst({**medq_env, "MEDQ_LLM__BASE_URL": "http://127.0.0.1:9/v1"}, "never-enqueued")
     assert res.returncode == 4

@@ -7,8 +7,6 @@ no log line and no command output may show it in clear."""
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,6 @@ from medq.state.jobs import iter_states
 from tests.helpers import (
     CHINESE,
     ESCAPED,
-    MEDQ,
     NEEDLES,
     SHORT_LINES,
     Proc,
@@ -30,6 +27,7 @@ from tests.helpers import (
     redis_hits,
     report_scan,
     run_cli,
+    wait_log,
     wait_until,
 )
 
@@ -45,7 +43,7 @@ def _notes(path: Path) -> Path:
 
 
 def test_no_canary_with_an_echoing_endpoint_and_a_failing_store(
-    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., Proc],
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker_process: Callable[..., Proc],
     servers: Callable[..., object], proxied_pg: tuple[TcpProxy, str], tmp_path: Path,  # noqa: F811
 ) -> None:
     proxy, pg_url = proxied_pg
@@ -54,25 +52,23 @@ def test_no_canary_with_an_echoing_endpoint_and_a_failing_store(
     sim = simulator("--latency-ms", "800")
     env = {**medq_env, "MEDQ_ENCRYPTION_KEY": key, "MEDQ_RESULTS_URL": pg_url, "MEDQ_WORKER__LEASE_S": "3",
            "MEDQ_LLM__ENDPOINTS": f"{sim},{echoer.base}"}  # type: ignore[attr-defined]
-    proc = worker(sim, env=env)
+    proc = worker_process(sim, env=env)  # a real process: its whole log (Celery's lines too) is scanned
     needles = NEEDLES  # the canary of the English notes (ZZCANARY) among them
 
-    enqueue = subprocess.Popen(
-        [MEDQ, "enqueue", str(_notes(tmp_path / "notes.jsonl")), "--schema", "clinical_note", "--batch", BATCH,
-         "--wait", "--timeout-s", "240"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        # The echoing endpoint fails its jobs at once, while the simulator's are still at the
-        # model (800 ms): cut then. (Waiting for simulator answers instead let a round of them
-        # all be stored before the cut, and no write met the outage.)
-        wait_until(lambda: Counter(st.status for st in iter_states(r, BATCH))["failed"] >= 1, timeout_s=90)
-        proxy.cut()  # the store goes away while answers keep arriving
-        time.sleep(8)
-        proxy.restore()
-        out, err = enqueue.communicate(timeout=240)
-    finally:
-        enqueue.kill()
+    notes = _notes(tmp_path / "notes.jsonl")
+    res = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", BATCH], env)
+    assert res.returncode == 0, res.stderr
+    # The echoing endpoint fails its jobs at once, while the simulator's are still at the
+    # model (800 ms): cut then. (Waiting for simulator answers instead let a round of them
+    # all be stored before the cut, and no write met the outage.)
+    wait_until(lambda: Counter(st.status for st in iter_states(r, BATCH))["failed"] >= 1, timeout_s=90)
+    proxy.cut()  # the store goes away while answers keep arriving
+    wait_log(proc, "result store unavailable")  # a write met the outage
+    proxy.restore()
+    # the same command again enqueues nothing new; --wait waits for the batch and prints its progress
+    res = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", BATCH, "--wait",
+                   "--timeout-s", "240"], env)
+    out, err = res.stdout, res.stderr
 
     states = Counter(st.status for st in iter_states(r, BATCH))
     assert sum(states.values()) == 24 and set(states) <= {"succeeded", "failed"}, states

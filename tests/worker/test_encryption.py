@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
@@ -76,11 +77,7 @@ def test_postgres_rows_are_sealed(
     assert len(docs) == 10 and all(d["data"]["age"] == 50 + int(d["id"][1:]) for d in docs)
 
 
+@pytest.mark.e2e  # the worker process refuses at start (worker_init)
 def test_a_malformed_key_stops_the_worker_at_start(medq_env: dict[str, str]) -> None:
-    import subprocess
-
-    from tests.helpers import MEDQ
-
-    res = subprocess.run([MEDQ, "worker", "-c", "1"], env={**medq_env, "MEDQ_ENCRYPTION_KEY": "not-a-key"},
-                         capture_output=True, text=True, timeout=60)
+    res = run_cli(["worker", "-c", "1"], {**medq_env, "MEDQ_ENCRYPTION_KEY": "not-a-key"}, process=True)
     assert res.returncode != 0 and "MEDQ_ENCRYPTION_KEY must be Fernet keys" in res.stdout + res.stderr

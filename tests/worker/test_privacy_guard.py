@@ -3,14 +3,13 @@ network unless the operator says so, and the refusal names the settings."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 
 import pytest
 
 from medq.core.errors import RemoteEndpointRefused
 from medq.core.privacy import check_endpoints, why_not_private
-from tests.helpers import MEDQ
+from tests.helpers import run_cli
 
 
 @pytest.mark.parametrize(
@@ -50,11 +49,12 @@ def test_allowed_hosts_and_the_opt_in_let_a_remote_endpoint_through() -> None:
         check_endpoints(["http://127.0.0.1:8080/v1", "http://8.8.8.8/v1"])
 
 
+@pytest.mark.e2e  # the worker process refuses at start (worker_init)
 def test_a_worker_refuses_to_start_against_a_public_endpoint(
     medq_env: dict[str, str], worker: Callable[..., object]
 ) -> None:
     env = {**medq_env, "MEDQ_LLM__ENDPOINTS": "http://127.0.0.1:9/v1,http://8.8.8.8:8000/v1"}
-    res = subprocess.run([MEDQ, "worker", "-c", "1"], env=env, capture_output=True, text=True, timeout=60)
+    res = run_cli(["worker", "-c", "1"], env, process=True)
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert "refusing to send patient text to http://8.8.8.8:8000/v1" in out

@@ -13,7 +13,7 @@ import redis
 import sqlalchemy as sa
 
 from medq.state.results.postgres_store import PostgresResultStore
-from tests.helpers import run_cli
+from tests.helpers import run_cli, wait_settled
 
 N = 60
 
@@ -36,8 +36,8 @@ def _purge_mid_batch(r: redis.Redis, env: dict[str, str], notes: Path, batch: st
     res = run_cli(["purge", batch, "--results", "--yes"], env)
     assert res.returncode == 0, res.stderr
     # Runs in flight end within a simulated request (1.5 s); the queued messages are
-    # dropped as they arrive. Give both far more than that.
-    time.sleep(15)
+    # dropped as they arrive: wait until the worker has settled every message.
+    wait_settled(r)
 
 
 def _any_running(r: redis.Redis) -> str:

@@ -9,9 +9,12 @@ import sys
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from medq.core.schemas import SchemaLoader
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.e2e  # the README block runs in a python process of its own
 
 
 def _readme_block() -> str:

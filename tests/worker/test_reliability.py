@@ -15,7 +15,7 @@ from medq.core.contract import QUEUE, WATCH_KEY, job_key
 from medq.core.settings import Settings
 from medq.state.jobs import iter_states, job_ids
 from producer.enqueue import Producer
-from tests.helpers import Proc, check_first_success_kept, enqueue_wait, free_port, records, run_cli, stats
+from tests.helpers import Proc, check_first_success_kept, enqueue_wait, free_port, records, run_cli, stats, wait_settled
 
 
 def _script(base_url: str, *outcomes: str) -> None:
@@ -62,7 +62,7 @@ def test_a_second_delivery_of_a_running_job_does_not_run_it_again(
     # What a visibility-timeout redelivery looks like: the same job id, sent again while it runs.
     Producer(Settings(redis_url=medq_env["MEDQ_REDIS_URL"])).send([st.job_id])
     assert enqueue_wait(medq_env, tmp_path / "one.jsonl", "dup") == 0
-    time.sleep(3)  # the second delivery comes back after the lease and finds the job done
+    wait_settled(r)  # the second delivery came back after the lease and found the job done
     [doc] = _results(medq_env, "dup")
     assert doc["status"] == "succeeded" and doc["attempts"] == 1
     assert stats(base)["requests"] == 1
