@@ -501,7 +501,7 @@ def test_the_command_serves_and_stops_on_sigterm(start_process: Any, tmp_path: P
     with httpx.Client(timeout=10) as http, pytest.raises(httpx.ReadTimeout):
         chat(http, base_url, timeout_s=0.5)  # held: it never answers
     proc.popen.send_signal(signal.SIGTERM)
-    assert proc.popen.wait(10) == 0
+    assert proc.popen.wait(10) in (0, -signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal
     assert f"medq simulator on {base_url}" in proc.log
 
 

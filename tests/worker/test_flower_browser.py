@@ -45,7 +45,7 @@ def _until_listed(browser: object, text: str, timeout_s: float = 30) -> None:
 
 
 def test_flower_in_a_browser_lists_the_tasks_and_no_record_text(
-    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., object],
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker_process: Callable[..., object],
     start_process: Callable[..., Proc], tmp_path: Path, browser: object,
 ) -> None:
     from selenium.webdriver.common.by import By
@@ -57,7 +57,7 @@ def test_flower_in_a_browser_lists_the_tasks_and_no_record_text(
     wait_http(f"{url}/healthcheck", flower)
     assert httpx.get(f"{url}/tasks", timeout=10).status_code == 401  # no login, no page
 
-    worker(simulator("--latency-ms", "400", "--parallel", "4"), env={"MEDQ_LLM__MAX_IN_FLIGHT": "4"})
+    worker_process(simulator("--latency-ms", "400", "--parallel", "4"), env={"MEDQ_LLM__MAX_IN_FLIGHT": "4"})
     notes = tmp_path / "n.jsonl"
     notes.write_text("".join(json.dumps({"id": f"b{i}", "text": f"{CANARY}{i} Ms {CANARY}NAME{i}, {30 + i} years."}) + "\n"
                              for i in range(48)), encoding="utf-8")
