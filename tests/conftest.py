@@ -131,7 +131,10 @@ def start_process(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
 
     yield start
     for proc, kill in reversed(procs):
-        proc.kill() if kill else proc.stop()
+        if kill:
+            proc.kill()
+        else:
+            proc.stop()
 
 
 @pytest.fixture(scope="session")

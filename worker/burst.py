@@ -201,7 +201,7 @@ def run_burst(app: Any, batch: str | None = None, *, concurrency: int = 4, timeo
             done, _ = wait(list(running), timeout=stop_grace_s)
             for fut in done:
                 settle(fut, running.pop(fut))
-            engine.close()  # cuts what still runs; its messages stay unacknowledged
+            engine.close()  # cuts what still runs (before its message goes back below)
             inbox.close()  # the messages not acknowledged go back to the broker (kombu restores them)
     finally:
         engine.close()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -112,8 +113,6 @@ def test_the_in_process_runner_drains_a_batch_with_retries_and_says_how_it_ended
 ) -> None:
     base = simulator()
     env = {**medq_env, "MEDQ_LLM__BASE_URL": base, "MEDQ_WORKER__MAX_RETRIES": "1"}
-    import httpx
-
     # the first two requests fail: one job (or two) is retried with a countdown, none lost
     httpx.post(base.removesuffix("/v1") + "/sim/script", json={"outcomes": ["500", "503"]}).raise_for_status()
     _enqueue(env, records(tmp_path / "notes.jsonl", 50), "inproc")
