@@ -7,20 +7,31 @@ Plain helpers are in tests/helpers.py.
 Tiers, chosen from the fixtures a test uses (``pytest_collection_modifyitems``):
 in-process by default; ``e2e`` for a test that starts medq processes; ``chaos`` for
 tests/chaos (kills, restarts, hosts); ``slow`` for the embedded model. The developer
-loop is ``pytest -m "not e2e and not chaos and not slow"``; CI runs them all."""
+loop is ``pytest -m "not e2e and not chaos and not slow"``; CI runs them all.
+
+Tests run in several processes at once (pytest-xdist); what those processes share is kept
+apart here (the RabbitMQ group, tests that run ``alone``) and in tests/helpers.py (a Redis
+database and PostgreSQL databases per process)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import sqlalchemy as sa
 
 from medq.state.results.postgres_store import PostgresResultStore
+from tests.chaos.helpers import ROWS as CHAOS_ROWS
+from tests.chaos.helpers import chaos_table
 from tests.helpers import (
     MEDQ,
     PG_URL,
@@ -39,32 +50,129 @@ from tests.helpers import (
 
 # A test that uses one of these fixtures starts medq processes: tier e2e.
 PROCESS_FIXTURES = {"worker_process", "simulator_process", "start_process"}
-SLOW_FIXTURES = {"llama_server"}
+# A test that uses one of these runs the embedded model: tier slow, and alone (below).
+MODEL_FIXTURES = {"llama_server"}
+# pytest-xdist (``-n``, pyproject.toml) runs tests in several processes at once, each with its
+# own Redis and PostgreSQL databases (tests/helpers.py). What they still share:
+# - the RabbitMQ node: a restart cuts every vhost, so its tests run in one process, one after
+#   another (``--dist loadgroup``);
+# - the 2 cores: a test that runs a model on the CPU (``llama_server``, or marked ``alone``
+#   as ``medq demo`` on the 1.5B model) runs with no other test beside it (``_cpu_share``),
+#   after the rest. Beside other tests, one record of the demo took over 10 minutes instead
+#   of 1.5, and the long note on SmolLM2 8 minutes instead of 2.
+# Long scenarios first, so that none starts last; then the rest; the tests that run alone last.
+TIER_ORDER = ("chaos", "e2e", "slow")
 
 
+def _uses_rabbitmq(item: pytest.Item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "rabbitmq" in params.values() or "vhost" in getattr(item, "fixturenames", ()) or bool(
+        item.get_closest_marker("rabbitmq"))
+
+
+# tryfirst: before pytest-xdist's own hook, which reads the xdist_group marks
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
         if parts[0] == "chaos":
             item.add_marker(pytest.mark.chaos)
-        if parts[0] == "local" or names & SLOW_FIXTURES:
+        if parts[0] == "local" or names & MODEL_FIXTURES:
             item.add_marker(pytest.mark.slow)
         if names & PROCESS_FIXTURES:
             item.add_marker(pytest.mark.e2e)
+        if _uses_rabbitmq(item):
+            item.add_marker(pytest.mark.rabbitmq)
+            item.add_marker(pytest.mark.xdist_group("rabbitmq"))
+        if names & MODEL_FIXTURES:
+            item.add_marker(pytest.mark.alone)
         # The long scenarios (kills and restarts, minutes of a CPU model) get 10 minutes, not
         # the 120 s that stops any other test that hangs.
         if (item.get_closest_marker("chaos") or item.get_closest_marker("slow")) and not item.get_closest_marker(
                 "timeout"):
             item.add_marker(pytest.mark.timeout(600))
+    items.sort(key=_run_order)
+
+
+def _run_order(item: pytest.Item) -> int:
+    if item.get_closest_marker("alone"):
+        return len(TIER_ORDER) + 1
+    return next((i for i, tier in enumerate(TIER_ORDER) if item.get_closest_marker(tier)), len(TIER_ORDER))
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outermost: the wait is no test's time
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    with _cpu_share(alone=item.get_closest_marker("alone") is not None):
+        yield
+
+
+@contextmanager
+def _cpu_share(alone: bool) -> Iterator[None]:
+    """Under pytest-xdist: a test ``alone`` waits until no other test runs and none starts
+    beside it; the others share. A readers-writer lock on two files, writer first: a
+    waiting ``alone`` test holds the turnstile, so that no new test slips in before it."""
+    folder = os.environ.get("MEDQ_TEST_LOCKS")
+    if not folder:
+        yield
+        return
+    with open(Path(folder) / "turnstile", "a") as turnstile, open(Path(folder) / "cpu", "a") as cpu:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(cpu, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(cpu, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        # the controller: a folder for the workers' locks (_cpu_share), before it starts them
+        os.environ["MEDQ_TEST_LOCKS"] = tempfile.mkdtemp(prefix="medq-test-locks-")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest-xdist starts its workers with COLUMNS=80 and LINES=24: rich would then
+        # print every table of the CLI 80 wide, whatever a test asks for.
+        for name in ("COLUMNS", "LINES"):
+            os.environ.pop(name, None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER") and "MEDQ_TEST_LOCKS" in os.environ:
+        shutil.rmtree(os.environ.pop("MEDQ_TEST_LOCKS"), ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker: hand what it counted to the controller, which prints it."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["medq"] = {"seconds": dict(Harness.seconds), "counts": dict(Harness.counts), "chaos": CHAOS_ROWS}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    got = getattr(node, "workeroutput", {}).get("medq")
+    if got:
+        Harness.seconds.update(got["seconds"])
+        Harness.counts.update(got["counts"])
+        CHAOS_ROWS.extend(got["chaos"])
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """After --durations: the time spent starting and stopping processes and in CLI
-    subprocesses, which --durations blames on the tests that asked for them."""
+    """After --durations: the chaos table, and the time spent starting and stopping
+    processes and in CLI subprocesses, which --durations blames on the tests that asked."""
+    if CHAOS_ROWS:
+        terminalreporter.section("medq chaos results (tests/artifacts/chaos.md)")
+        for line in chaos_table(CHAOS_ROWS):
+            terminalreporter.write_line(line)
     if not Harness.counts:
         return
-    terminalreporter.section("harness: processes and CLI subprocesses")
+    terminalreporter.section("harness: processes and CLI subprocesses (summed over xdist workers)")
     for what in sorted(Harness.counts):
         terminalreporter.write_line(
             f"{Harness.seconds[what]:8.1f}s  {Harness.counts[what]:5d} x  {what}"

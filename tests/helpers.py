@@ -37,7 +37,21 @@ from medq.state.results import open_store
 from worker.extract.evidence import normalize, value_at
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_REDIS_URL = os.environ.get("MEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# Under pytest-xdist each worker process (gw0, gw1, ...) runs its own tests at the same time
+# as the others: it gets a Redis database and PostgreSQL databases of its own.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+XDIST_N = int(XDIST_WORKER.removeprefix("gw") or 0)
+
+
+def _own_redis_db(url: str) -> str:
+    """``url`` with the database of this xdist worker: the n-th after its own, skipping 0
+    (a developer's default)."""
+    base, _, db = url.rpartition("/")
+    dbs = [d % 16 for d in range(int(db), int(db) + 16) if d % 16 != 0]
+    return f"{base}/{dbs[XDIST_N % len(dbs)]}"
+
+
+TEST_REDIS_URL = _own_redis_db(os.environ.get("MEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13"))
 MEDQ = str(Path(sys.executable).with_name("medq"))
 
 
@@ -393,7 +407,7 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 90) -> None:
 # ------------------------------------------------------------------ PostgreSQL
 
 ADMIN_URL = os.environ.get("MEDQ_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-TEST_DB = "medq_test"
+TEST_DB = f"medq_test_{XDIST_WORKER}" if XDIST_WORKER else "medq_test"
 PG_URL = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + f"/{TEST_DB}"
 
 
@@ -413,7 +427,7 @@ def ensure_database(name: str) -> None:
 
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
-OUTAGE_DB = "medq_test_outage"  # a database of these tests' own: others truncate medq_test
+OUTAGE_DB = f"{TEST_DB}_outage"  # a database of these tests' own: others truncate TEST_DB
 
 
 class RedisServer:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from tests.helpers import MEDQ, REPO, TEST_REDIS_URL, Forwarder, Proc, free_port, wait_http, wait_log
+from tests.helpers import MEDQ, REPO, TEST_REDIS_URL, XDIST_N, Forwarder, Proc, free_port, wait_http, wait_log
 
 SERVICES = "medq-services"  # the name every host calls the root namespace's services by
 NETNS_ETC = Path("/etc/netns")
@@ -137,14 +137,16 @@ def netns_problem() -> str | None:
 
 
 def _free_subnet() -> ipaddress.IPv4Network:
-    """A 10.77.X.0/24 no address of the root namespace is in."""
+    """A 10.77.X.0/24 no address of the root namespace is in. Each pytest-xdist worker looks
+    from its own place (X = 32 n ...): two tests looking at once would otherwise both take
+    the first free one."""
     used = set()
     for line in _ip("-o", "-4", "addr", "show", check=False).stdout.splitlines():
         m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)", line)
         if m:
             used.add(ipaddress.ip_address(m[1]))
-    for x in range(256):
-        net = ipaddress.IPv4Network(f"10.77.{x}.0/24")
+    for i in range(256):
+        net = ipaddress.IPv4Network(f"10.77.{(32 * XDIST_N + i) % 256}.0/24")
         if not any(a in net for a in used):
             return net
     raise HostsUnavailable("no free 10.77.X.0/24 subnet")

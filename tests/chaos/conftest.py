@@ -1,7 +1,8 @@
 """Chaos tests: real workers, real Redis, the simulator, and things going wrong on purpose.
 
 Each test adds a row to the table printed at the end of the run (and written to
-``tests/artifacts/chaos.md``); README "Reliability" shows the table of one full run.
+``tests/artifacts/chaos.md`` by tests/conftest.py, which gathers the rows of every
+pytest-xdist worker); README "Reliability" shows the table of one full run.
 Plain helpers are in tests/chaos/helpers.py.
 """
 
@@ -11,11 +12,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.chaos.helpers import ARTIFACTS, ROWS
 from tests.helpers import MEDQ, Harness, Proc, RedisServer, wait_log
 from tests.rabbitmq import own_vhost, restart_broker, skip_unless_rabbitmq
 
@@ -48,31 +47,20 @@ def start_worker(start_process: Callable[..., Proc]) -> Callable[..., Proc]:
     return start
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not ROWS:
-        return
-    lines = [
-        "| scenario | jobs | succeeded | failed (kind) | lost | duplicated | re-run after a lost worker | notes |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in ROWS:
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(row["failed_kinds"].items()))
-        lines.append(
-            f"| {row['scenario']} | {row['jobs']} | {row['succeeded']} | {row['failed']}"
-            f"{f' ({kinds})' if kinds else ''} | {row['lost']} | {row['duplicated']} | {row['rerun']} | {row['notes']} |"
-        )
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "chaos.md").write_text("\n".join(lines) + "\n")
-    terminalreporter.section("medq chaos results (tests/artifacts/chaos.md)")
-    for line in lines:
-        terminalreporter.write_line(line)
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of the test's own, with an append-only file fsynced on every write, so
     a restart keeps the queue; ``stop()`` shuts it down cleanly, ``start()`` brings it back."""
     server = RedisServer(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always", "--save", "")
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, without persistence: for a test that reads
+    server-wide figures (INFO commandstats), which tests beside it would add to."""
+    server = RedisServer(tmp_path / "own-redis", "--save", "", "--appendonly", "no")
     yield server
     server.kill()
 

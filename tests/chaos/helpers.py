@@ -132,3 +132,20 @@ class KillWhileRunning:
         status, run_id = self.r.hmget(job_key(self.job_id), "status", "run_id")
         if status == b"running" and run_id and run_id not in self.killed and self.kill():
             self.killed.append(run_id)
+
+
+def chaos_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The chaos table (markdown) of ``rows``, written to tests/artifacts/chaos.md too."""
+    lines = [
+        "| scenario | jobs | succeeded | failed (kind) | lost | duplicated | re-run after a lost worker | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda row: row["scenario"]):
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(row["failed_kinds"].items()))
+        lines.append(
+            f"| {row['scenario']} | {row['jobs']} | {row['succeeded']} | {row['failed']}"
+            f"{f' ({kinds})' if kinds else ''} | {row['lost']} | {row['duplicated']} | {row['rerun']} | {row['notes']} |"
+        )
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "chaos.md").write_text("\n".join(lines) + "\n")
+    return lines

@@ -31,6 +31,7 @@ def test_bench_reports_every_figure_from_one_run(r: redis.Redis, medq_env: dict[
     assert "utilisation" in run_cli(["bench", "--help"], medq_env).stdout
 
 
+@pytest.mark.rabbitmq
 def test_bench_compares_rabbitmq_with_redis_in_the_same_run(r: redis.Redis, medq_env: dict[str, str]) -> None:
     skip_unless_rabbitmq()
     with own_vhost() as (vhost, url):
