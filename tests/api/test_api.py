@@ -327,6 +327,7 @@ def test_ten_thousand_line_upload_is_streamed(
     assert again.json()["created"] == 0 and again.json()["existing"] == 10_000  # nothing runs twice
 
 
+@pytest.mark.timeout(300)  # 100 examples: about 90 s beside other tests
 def test_schemathesis_finds_no_server_error(api: Callable[..., tuple[str, Proc]], tmp_path: Path) -> None:
     """Every operation of the app's OpenAPI, fuzzed (positive and negative inputs, and stateful
     sequences): no 5xx, responses match the documented schemas and status codes, auth is enforced.

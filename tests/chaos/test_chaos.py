@@ -28,7 +28,7 @@ from tests.chaos.helpers import (
     wait_done,
     write_records,
 )
-from tests.helpers import MEDQ, Proc, free_port, run_cli, wait_http, wait_log
+from tests.helpers import MEDQ, Proc, RedisServer, free_port, run_cli, wait_http, wait_log
 
 
 def sim_stats(base_url: str) -> dict[str, Any]:
@@ -198,12 +198,17 @@ def max_per_window(arrivals: list[float], window_s: float = 60.0) -> int:
 
 
 def test_four_workers_share_one_rate_limit_and_in_flight_cap(
-    r: redis.Redis, tmp_path: Path, simulator: Callable[..., str], start_worker: Callable[..., Proc], chaos_env: dict[str, str]
+    tmp_path: Path, simulator: Callable[..., str], start_worker: Callable[..., Proc], chaos_env: dict[str, str],
+    own_redis: RedisServer,
 ) -> None:
     n, rpm, cap = 180, 120, 4
     base = simulator("--latency-ms", "300", "--parallel", "64")
+    # A Redis of the test's own: its command counts below are the workers' alone, not those
+    # of tests running beside it (pytest-xdist) on other databases of the shared server.
+    r = redis.Redis.from_url(own_redis.url)
     env = {
         **chaos_env,
+        "MEDQ_REDIS_URL": own_redis.url,
         "MEDQ_LLM__BASE_URL": base,
         "MEDQ_LLM__REQUESTS_PER_MIN": str(rpm),
         "MEDQ_LLM__MAX_IN_FLIGHT": str(cap),

@@ -96,9 +96,9 @@ def test_a_long_note_on_the_embedded_model_is_read_in_pieces(
 
     worker(llama_server, "-c", "1", env={"MEDQ_LLM__MODEL": "smollm2", "MEDQ_LLM__MAX_IN_FLIGHT": "1",
                                          "MEDQ_LLM__MAX_TOKENS": "512", "MEDQ_LLM__TIMEOUT_S": "120"})
-    # 20,000 characters: over the 4096-token context, so read in pieces (the 40,000-character
+    # 12,000 characters: over the 4096-token context, so read in pieces (the 40,000-character
     # note runs on the simulator, tests/worker/test_long_note_e2e.py)
-    note = discharge_summary(20_000)
+    note = discharge_summary(12_000)
     notes = tmp_path / "long.jsonl"
     notes.write_text(json.dumps({"id": "long", "text": note}) + "\n", encoding="utf-8")
     res = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "llama-long", "--wait",
