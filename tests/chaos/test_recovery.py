@@ -35,7 +35,12 @@ def test_jobs_of_a_worker_killed_three_times_run_again_within_a_lease_and_a_minu
 ) -> None:
     n = 120  # kept small: how fast the re-sent jobs then run is issue 24 ("the tail after a kill -9")
     base = simulator("--latency-ms", "400", "--parallel", "64")
-    env = {**medq_env, **broker, "MEDQ_LLM__BASE_URL": base, "MEDQ_WORKER__LEASE_S": f"{LEASE_S:g}"}
+    # MAX_LOST_RUNS 5: RabbitMQ hands a dead consumer's messages to the next worker at once, so
+    # a job can be in all three killed workers; three deaths would make it a poison job (that
+    # is test_poison_job_goes_to_dead_letters_after_max_lost_runs), and this test is about
+    # how soon jobs run again.
+    env = {**medq_env, **broker, "MEDQ_LLM__BASE_URL": base, "MEDQ_WORKER__LEASE_S": f"{LEASE_S:g}",
+           "MEDQ_WORKER__MAX_LOST_RUNS": "5"}
     assert "MEDQ_WORKER__VISIBILITY_TIMEOUT_S" not in env  # the default (~30 min) is what this test is about
     assert Settings().visibility_timeout_s > 10 * 60
     enqueue(env, write_records(tmp_path / "recs.jsonl", n), "recover")
