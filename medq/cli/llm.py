@@ -77,6 +77,10 @@ def llm_simulate(
         False, "--advertise-context", help="Say the limits: GET /props as llama.cpp's server (n_ctx, total_slots = "
         "--parallel) and max_model_len in /v1/models as vLLM. Default: /props is 404 and models carry no size, as Ollama.",
     ),
+    stream: bool = typer.Option(
+        True, "--stream/--no-stream", help="Stream answers when asked (stream: true), chunks spread over --latency-ms; "
+        "--no-stream refuses streamed requests with a 400, as a server that does not stream.",
+    ),
 ) -> None:
     """An OpenAI-compatible endpoint that answers schema-valid JSON without a model (load and fault tests)."""
     # the server extra (fastapi, uvicorn): not in the base install
@@ -93,5 +97,6 @@ def llm_simulate(
         context_tokens=context_tokens,
         context_overflow=context_overflow,
         advertise_context=advertise_context,
+        stream=stream,
     )
     serve(config, host=host, port=port)

@@ -28,6 +28,12 @@ deterministically:
   ``--context-tokens``, ``total_slots`` = ``--parallel``) and each ``/v1/models``
   entry carries vLLM's ``max_model_len``. Without it ``/props`` is 404 and the models
   carry no size, as with Ollama's and llama-cpp-python's OpenAI APIs.
+- Answers are streamed (server-sent events, ``stream: true``) as the real servers do:
+  the answer's chunks spread over ``--latency-ms``, the usage in a last chunk when
+  ``stream_options.include_usage`` asks for it. A client that closes the stream stops
+  the work (its slot is free at once; ``/stats`` counts it in ``streams_closed``), as
+  llama.cpp's server and vLLM do. ``--no-stream`` refuses streamed requests with a 400,
+  as a server that does not stream would.
 - ``GET /stats`` tells what arrived and when, for load tests and benchmarks.
 
 Where the schema comes from, in order: ``response_format.json_schema.schema``
@@ -57,11 +63,12 @@ from enum import Enum
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from medq.core.tokens import estimate_text_tokens
 
 MODEL_ID = "medq-simulator"
+_CHARS_PER_CHUNK = 8  # a streamed answer's chunks: about two tokens each
 SCHEMA_MARKER = "JSON Schema:"
 
 
@@ -141,6 +148,7 @@ class SimConfig:
     context_tokens: int | None = None  # longer prompts are cut to this, silently, or refused
     context_overflow: str = "cut"  # "cut" (Ollama) or "refuse" (llama.cpp's 400)
     advertise_context: bool = False  # GET /props and max_model_len say the limits
+    stream: bool = True  # streamed answers (False: a stream request gets a 400)
     # Long enough that any sane client timeout fires first.
     timeout_hold_s: float = 300.0
 
@@ -179,6 +187,8 @@ class Stats:
         self.max_tokens: list[int | None] = []
         # response_format "type" per request ("none" without one), refused ones included.
         self.response_formats: Counter[str] = Counter()
+        self.streams = 0  # requests answered as a stream
+        self.streams_closed = 0  # of those, closed by the client before their end: work stopped
         # in_flight is a live gauge: zeroing it under running requests would drive it negative.
         self.max_in_flight = self.in_flight
         self.max_waiting = self.waiting
@@ -211,6 +221,8 @@ class Stats:
             "outcomes": dict(self.outcomes),
             "max_tokens": list(self.max_tokens),
             "response_formats": dict(self.response_formats),
+            "streams": self.streams,
+            "streams_closed": self.streams_closed,
         }
 
 
@@ -590,6 +602,8 @@ class _Simulator:
             # Outside the semaphore: a hung request should not also starve the others.
             return await self._hold(request)
 
+        if body.get("stream"):
+            return await self._streamed(body, outcome, max_tokens)
         queued = self.slots.locked()
         if queued:
             self.stats.queue()
@@ -607,8 +621,8 @@ class _Simulator:
             return _error(400, "request body must be a JSON object", "invalid_request_error")
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             return _error(400, "messages must be a non-empty list", "invalid_request_error")
-        if body.get("stream"):
-            return _error(400, "stream is not supported by the simulator", "invalid_request_error")
+        if body.get("stream") and not self.config.stream:
+            return _error(400, "stream is not supported by this server", "invalid_request_error")
         model = body.get("model")
         if self.config.served_models and model not in self.config.served_models:
             # Ollama's answer, word for word, to a model it has not pulled.
@@ -637,6 +651,50 @@ class _Simulator:
                 break
             await asyncio.sleep(0.2)
         return _error(504, "simulated timeout", "timeout")
+
+    async def _streamed(self, body: dict[str, Any], outcome: Outcome, max_tokens: int | None) -> Response:
+        """The answer as server-sent events, made while it is sent: the slot is held until
+        the last chunk, or until the client closes the stream (then the work stops)."""
+        queued = self.slots.locked()
+        if queued:
+            self.stats.queue()
+        await self.slots.acquire()
+        self.stats.enter(queued)
+        answer = self._answer(body, outcome, max_tokens)
+        if answer.status_code != 200:  # faults are answered whole, as servers do before streaming
+            self.stats.leave()
+            self.slots.release()
+            return answer
+        doc = json.loads(bytes(answer.body))
+        self.stats.streams += 1
+        return StreamingResponse(self._chunks(doc, body), media_type="text/event-stream")
+
+    async def _chunks(self, doc: dict[str, Any], body: dict[str, Any]) -> Any:
+        choice = doc["choices"][0]
+        content = choice["message"]["content"]
+        pieces = [content[i:i + _CHARS_PER_CHUNK] for i in range(0, len(content), _CHARS_PER_CHUNK)] or [""]
+        gap_s = self.config.latency_ms / 1000 / (len(pieces) + 1)
+        head = {"id": doc["id"], "object": "chat.completion.chunk", "created": doc["created"], "model": doc["model"]}
+        finished = False
+        try:
+            for i, piece in enumerate(pieces):
+                if gap_s > 0:
+                    await asyncio.sleep(gap_s)
+                last = i == len(pieces) - 1
+                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+                event = {**head, "choices": [{"index": 0, "delta": delta,
+                                             "finish_reason": choice["finish_reason"] if last else None}]}
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            options = body.get("stream_options")
+            if isinstance(options, dict) and options.get("include_usage"):
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': doc['usage']})}\n\n"
+            yield "data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:
+                self.stats.streams_closed += 1
+            self.stats.leave()
+            self.slots.release()
 
     def _answer(self, body: dict[str, Any], outcome: Outcome, max_tokens: int | None) -> Response:
         if outcome is Outcome.RATE_LIMITED:
@@ -780,6 +838,7 @@ def make_config(
     context_tokens: int | None = None,
     context_overflow: str = "cut",
     advertise_context: bool = False,
+    stream: bool = True,
 ) -> SimConfig:
     """The configuration ``medq llm simulate``'s options describe (named as its parameters:
     ``fault`` as ``KIND:RATE,...``, ``served_model`` repeated or comma-separated). Bad
@@ -802,6 +861,7 @@ def make_config(
             context_tokens=context_tokens,
             context_overflow=context_overflow,
             advertise_context=advertise_context,
+            stream=stream,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

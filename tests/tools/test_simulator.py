@@ -37,6 +37,8 @@ LONG_NOTE = "Seen in clinic for a routine review. " * 110 + "She is a 72-year-ol
 
 SERVER_FLAGS: dict[str, list[str]] = {
     "plain": [],
+    "no-stream": ["--no-stream"],
+    "slow": ["--latency-ms", "1500", "--parallel", "1"],
     "reject": ["--reject-json-schema"],
     "parallel": ["--parallel", "2", "--latency-ms", "300"],
     "served": ["--served-model", "qwen2.5:1.5b", "--served-model", "llama3.2:1b,gemma3:1b"],
@@ -353,8 +355,47 @@ def test_schema_in_the_system_prompt(http: httpx.Client, sims: dict[str, str], s
     assert json.loads(content_of(chat(http, sims["plain"]))) == {}, "no schema anywhere: an empty object"
 
 
-def test_stream_is_refused(http: httpx.Client, sims: dict[str, str]) -> None:
-    assert chat(http, sims["plain"], stream=True).status_code == 400
+def test_no_stream_refuses_a_streamed_request(http: httpx.Client, sims: dict[str, str]) -> None:
+    assert chat(http, sims["no-stream"], stream=True).status_code == 400
+    assert chat(http, sims["no-stream"]).status_code == 200
+
+
+def test_a_streamed_answer_is_the_plain_answer_in_chunks_with_usage_last(
+    sims: dict[str, str], schemas: Schemas
+) -> None:
+    client = openai.OpenAI(base_url=sims["plain"], api_key="unused", max_retries=0)
+    messages: Any = [{"role": "user", "content": NOTE}]
+    fmt: Any = json_schema_format(schemas["clinical_note"])
+    plain = client.chat.completions.create(model="m", messages=messages, response_format=fmt)
+    chunks = list(client.chat.completions.create(
+        model="m", messages=messages, response_format=fmt, stream=True, stream_options={"include_usage": True}
+    ))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content and len(chunks) > 2
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_closing_a_stream_stops_its_work_and_frees_the_slot(
+    http: httpx.Client, sims: dict[str, str], schemas: Schemas
+) -> None:
+    base = sims["slow"]  # one slot, 1.5 s an answer
+    http.post(root(base) + "/sim/reset")
+    body = {"model": "m", "messages": [{"role": "user", "content": NOTE}], "stream": True,
+            "response_format": json_schema_format(schemas["clinical_note"])}
+    with http.stream("POST", base + "/chat/completions", json=body) as resp:
+        lines = resp.iter_lines()  # kept: a generator dropped closes the response
+        assert next(lines).startswith("data:")  # the answer has begun: its slot is taken
+        assert http.get(root(base) + "/stats").json()["in_flight"] == 1
+    # closed after its first chunk: the server stops, the slot is free for the next request
+    for _ in range(100):
+        stats = http.get(root(base) + "/stats").json()
+        if stats["in_flight"] == 0:
+            break
+        time.sleep(0.02)
+    assert stats["in_flight"] == 0 and stats["streams"] == 1 and stats["streams_closed"] == 1
+    answered = chat(http, base)  # the one slot serves the next at once, not after the closed answer
+    assert answered.status_code == 200
 
 
 def test_reject_json_schema_mimics_llama_cpp_python(
