@@ -50,6 +50,11 @@ def _fitted(config: GateConfig, ep: Any, settings: Settings) -> tuple[GateConfig
         config = dataclasses.replace(
             config, max_in_flight=facts.parallel, min_in_flight=min(config.min_in_flight, facts.parallel)
         )
+    # A server that says its slots is sent that many at once from the start; one that says
+    # nothing starts at MEDQ_LLM__MIN_IN_FLIGHT and the cap grows while latency stays flat
+    # (a slow start): many local servers work on one request at a time and say nothing.
+    if facts.parallel:
+        config = dataclasses.replace(config, start_in_flight=min(facts.parallel, config.max_in_flight))
     return config, facts.context_tokens
 
 
@@ -71,7 +76,12 @@ class EndpointPool:
         """One endpoint per ``MEDQ_LLM__ENDPOINTS`` entry (or ``MEDQ_LLM__BASE_URL``).
         A given ``processor`` is used as the only endpoint (tests, embedding). With a
         :class:`~worker.pipeline.Batcher`, the gates also work on the worker engine's loop."""
-        config = GateConfig.from_settings(settings.llm)
+        # One endpoint: a call waits its turn for an in-flight slot however long it takes
+        # (the job's time limit bounds it); with several, a full one is left for the next.
+        config = dataclasses.replace(
+            GateConfig.from_settings(settings.llm),
+            patient=processor is not None or len(settings.llm.all_endpoints) == 1,
+        )
         if processor is not None:
             gate = EndpointGate(r, processor.base_url, config, batcher)
             processor.client.gate = processor.aclient.gate = gate
@@ -107,7 +117,7 @@ class EndpointPool:
         if len(self.endpoints) == 1:
             return list(self.endpoints)
         keyed = self._weighted()
-        snaps = await aendpoint_snapshots(self._batcher.r, [e.url for e in keyed], keyed[0].gate.config.max_in_flight)
+        snaps = await aendpoint_snapshots(self._batcher.r, [e.url for e in keyed], keyed[0].gate.config.start)
         return self._busy_last(keyed, snaps)
 
     def _weighted(self) -> list[Endpoint]:

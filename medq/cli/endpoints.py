@@ -10,7 +10,7 @@ from rich.table import Table
 
 from medq.cli.common import connect_redis, out
 from medq.core.settings import get_settings
-from medq.state.endpoints import endpoint_snapshots
+from medq.state.endpoints import GateConfig, endpoint_snapshots
 
 app = typer.Typer()
 
@@ -25,7 +25,7 @@ def endpoints(as_json: bool = typer.Option(False, "--json", help="Print JSON lin
 
     r = connect_redis()
     s = get_settings()
-    rows = endpoint_snapshots(r, [ep.url for ep in s.llm.all_endpoints], s.llm.max_in_flight)
+    rows = endpoint_snapshots(r, [ep.url for ep in s.llm.all_endpoints], GateConfig.from_settings(s.llm).start)
     checks = check_models(s)
     if as_json:
         for row, check in zip(rows, checks, strict=True):

@@ -18,6 +18,11 @@ What a lease checks, per endpoint:
 - The in-flight cap is **adaptive** (AIMD, as TCP does it): it halves on back-pressure
   (429, 503, timeouts; at most once per second) and grows by ``1/cap`` per success,
   i.e. by one per round of ``cap`` successes, up to ``MEDQ_LLM__MAX_IN_FLIGHT``.
+  An endpoint that has not said its slots starts at ``min_in_flight`` (a **slow start**,
+  as TCP's: one more in flight per success while each call's latency stays flat, up to the
+  cap of the last cut, then one more per round); one that said them (llama.cpp's
+  ``/props``) starts there. Many local servers work on one request at a time and say
+  nothing: eight requests sent at once would wait behind each other there.
   It follows **latency** too, before any error (TCP Vegas, Netflix's concurrency-limits):
   each success reports its time per unit of work (a generated token, or eight prompt
   tokens), and the endpoint keeps a floor (the least seen, drifting up slowly) and a
@@ -40,7 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import hashlib
+import math
 import random
 import threading
 import time
@@ -83,16 +90,18 @@ NEUTRAL = "neutral"  # the request was at fault (4xx): the endpoint is fine
 
 ACQUIRE_LUA = """
 -- KEYS: state, inflight, req, tok
--- ARGV: lease_id, lease_ms, max_in_flight, min_in_flight, rpm, tpm, est_tokens, window_s
+-- ARGV: lease_id, lease_ms, max_in_flight, min_in_flight, rpm, tpm, est_tokens, window_s, start_in_flight,
+--       learned_ttl_ms
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
 local max_if, min_if = tonumber(ARGV[3]), tonumber(ARGV[4])
 local rpm, tpm, est, window = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local st = redis.call('HMGET', KEYS[1], 'limit', 'cool_until')
+local st = redis.call('HMGET', KEYS[1], 'limit', 'cool_until', 'fmt', 'nostream', 'learned_at', 'serial')
 local cool_until = tonumber(st[2]) or 0
 if cool_until > now then return {0, cool_until - now, 'cooling'} end
-local limit = math.min(math.max(tonumber(st[1]) or max_if, min_if), max_if)
+if st[6] then max_if = 1 end  -- it cut a stream for the next request: one at a time (learn_refusal)
+local limit = math.min(math.max(tonumber(st[1]) or tonumber(ARGV[9]), min_if), max_if)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local n = redis.call('ZCARD', KEYS[2])
 if n >= math.floor(limit) then return {0, 0, 'in_flight'} end
@@ -142,14 +151,17 @@ if tpm > 0 then
   redis.call('EXPIRE', KEYS[4], window + 5)
   sweep(KEYS[4])
 end
-return {1, sec, n + 1, est}
+-- what the endpoint refused before (learn_refusal), while it is fresh
+local fmt, nostream = '', ''
+if (tonumber(st[5]) or 0) + tonumber(ARGV[10]) > now then fmt, nostream = st[3] or '', st[4] or '' end
+return {1, sec, n + 1, est, fmt, nostream}
 """
 
 RELEASE_LUA = """
 -- KEYS: state, inflight, tok
 -- ARGV: lease_id, outcome, bucket, est_tokens, used_tokens, max_in_flight, min_in_flight,
 --       adaptive, failure_threshold, cooldown_ms, cooldown_max_ms, window_s,
---       latency (ms per unit of work; 0: not measured), latency_tolerance
+--       latency (ms per unit of work; 0: not measured), latency_tolerance, start_in_flight
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -161,8 +173,8 @@ if est > 0 and used >= 0 and bucket > sec - tonumber(ARGV[12]) and redis.call('H
 end
 local max_if, min_if = tonumber(ARGV[6]), tonumber(ARGV[7])
 local adaptive = ARGV[8] == '1'
-local st = redis.call('HMGET', KEYS[1], 'limit', 'last_cut', 'fails', 'cool_ms')
-local limit = math.min(math.max(tonumber(st[1]) or max_if, min_if), max_if)
+local st = redis.call('HMGET', KEYS[1], 'limit', 'last_cut', 'fails', 'cool_ms', 'ssthresh')
+local limit = math.min(math.max(tonumber(st[1]) or tonumber(ARGV[15]), min_if), max_if)
 local last_cut = tonumber(st[2]) or 0
 local fails = tonumber(st[3]) or 0
 local base_cool, max_cool = tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -170,6 +182,7 @@ local cool_ms = tonumber(st[4]) or base_cool
 if outcome == 'ok' then
   local sample = tonumber(ARGV[13]) or 0
   local queued = false
+  local flat = true  -- this call took no longer than the floor allows: it did not queue either
   if adaptive and sample > 0 then
     local lt = redis.call('HMGET', KEYS[1], 'lat_floor', 'lat_recent')
     local floor = math.min(tonumber(lt[1]) or sample, sample)
@@ -177,16 +190,19 @@ if outcome == 'ok' then
     local recent = (tonumber(lt[2]) or sample) * 0.8 + sample * 0.2
     redis.call('HSET', KEYS[1], 'lat_floor', floor, 'lat_recent', recent)
     queued = recent > floor * tonumber(ARGV[14])
+    flat = sample <= floor * tonumber(ARGV[14])
   end
   if queued and now - last_cut >= 1000 then
     -- Vegas's gradient: as many in flight as would keep the latency within tolerance
     local lt2 = redis.call('HMGET', KEYS[1], 'lat_floor', 'lat_recent')
     local gradient = tonumber(ARGV[14]) * tonumber(lt2[1]) / tonumber(lt2[2])
     limit = math.max(min_if, limit * math.max(0.5, math.min(gradient, 0.9)))
-    redis.call('HSET', KEYS[1], 'last_cut', now)
+    redis.call('HSET', KEYS[1], 'last_cut', now, 'ssthresh', limit)
     redis.call('HINCRBY', KEYS[1], 'latency_cuts', 1)
-  elseif not queued then
-    if adaptive then limit = math.min(max_if, limit + 1 / limit) else limit = max_if end
+  elseif not queued and flat then
+    -- slow start (TCP's): one more per success up to the last cut ('ssthresh'), then one per round
+    local step = limit < (tonumber(st[5]) or max_if) and 1 or 1 / limit
+    if adaptive then limit = math.min(max_if, limit + step) else limit = max_if end
   end
   redis.call('HSET', KEYS[1], 'limit', limit, 'fails', 0, 'cool_ms', base_cool)
   redis.call('HINCRBY', KEYS[1], 'ok', 1)
@@ -194,7 +210,7 @@ if outcome == 'ok' then
 end
 if (outcome == 'backoff' or outcome == 'timeout') and adaptive and now - last_cut >= 1000 then
   limit = math.max(min_if, math.floor(limit / 2))
-  redis.call('HSET', KEYS[1], 'limit', limit, 'last_cut', now)
+  redis.call('HSET', KEYS[1], 'limit', limit, 'last_cut', now, 'ssthresh', limit)
   redis.call('HINCRBY', KEYS[1], 'cuts', 1)
 end
 if outcome == 'fail' or outcome == 'timeout' then
@@ -203,7 +219,7 @@ if outcome == 'fail' or outcome == 'timeout' then
   if fails >= tonumber(ARGV[9]) then
     -- cool down; afterwards one probe at a time, and the next failure cools down again, longer
     redis.call('HSET', KEYS[1], 'cool_until', now + cool_ms, 'cool_ms', math.min(cool_ms * 2, max_cool),
-               'fails', tonumber(ARGV[9]) - 1, 'limit', min_if)
+               'fails', tonumber(ARGV[9]) - 1, 'limit', min_if, 'ssthresh', math.max(min_if, limit / 2))
     redis.call('HINCRBY', KEYS[1], 'trips', 1)
     return {2, tostring(cool_ms)}
   end
@@ -211,6 +227,51 @@ if outcome == 'fail' or outcome == 'timeout' then
 end
 return {0, tostring(limit)}
 """
+
+
+# What an endpoint refused, learned once for every worker (EndpointGate.learn_refusal): the
+# response_format it takes (a rank the caller orders, higher = looser; kept if higher),
+# whether it streams, and whether it cuts a running stream when another request comes
+# (llama-cpp-python's interrupt_requests: then one request at a time, whatever the cap).
+# Forgotten an hour after the last refusal, in case the server changed.
+LEARN_LUA = """
+-- KEYS: state   ARGV: what ('fmt', 'nostream' or 'serial'), value (fmt: its rank), ttl_ms
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cur = redis.call('HMGET', KEYS[1], 'fmt', 'learned_at')
+if (tonumber(cur[2]) or 0) + tonumber(ARGV[3]) <= now then
+  redis.call('HDEL', KEYS[1], 'fmt', 'nostream', 'serial')
+  cur[1] = false
+end
+if ARGV[1] == 'fmt' then
+  if (tonumber(cur[1]) or -1) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], 'fmt', ARGV[2]) end
+else
+  redis.call('HSET', KEYS[1], ARGV[1], 1)
+end
+redis.call('HSET', KEYS[1], 'learned_at', now)
+return 1
+"""
+LEARNED_TTL_S = 3600
+
+# Told when a call of the task it is set in (a job's) is let through to the model: the
+# worker's per-job time limit counts from then (worker.runner), not while it waits for a slot.
+_granted: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar("medq_granted", default=None)
+
+
+def watch_grants() -> asyncio.Event:
+    """An event set when a call of the current task (and of tasks it starts) gets a lease."""
+    event = asyncio.Event()
+    _granted.set(event)
+    return event
+
+
+@dataclass(frozen=True)
+class Refusals:
+    """What an endpoint refused before, as the last lease said: the rank of the loosest
+    response_format found refused (-1: none) and whether streamed answers were."""
+
+    format_rank: int = -1
+    stream: bool = False
 
 
 def endpoint_id(url: str) -> str:
@@ -259,6 +320,18 @@ class GateConfig:
     cooldown_s: float = 2.0
     cooldown_max_s: float = 60.0
     lease_s: float = 130.0  # longer than a call may take: the HTTP timeout plus slack
+    # Where the cap of an endpoint not seen before starts (None: min_in_flight, a slow start;
+    # a server that says its slots starts there). Not adaptive: always max_in_flight.
+    start_in_flight: int | None = None
+    # Wait for an in-flight slot without a deadline (the job's own bounds it): for an endpoint
+    # that is the worker's only one, where a job put back would only come back to the same line.
+    patient: bool = False
+
+    @property
+    def start(self) -> int:
+        if not self.adaptive:
+            return self.max_in_flight
+        return min(max(self.start_in_flight or self.min_in_flight, self.min_in_flight), self.max_in_flight)
 
     @classmethod
     def from_settings(cls, llm: Any) -> GateConfig:
@@ -313,6 +386,8 @@ class EndpointGate:
         self._r = r
         self._acquire = r.register_script(ACQUIRE_LUA)
         self._release = r.register_script(RELEASE_LUA)
+        self._learn = r.register_script(LEARN_LUA)
+        self.refused = Refusals()  # as the last lease of this process said
         self._rng = random.Random()
         self._rng_lock = threading.Lock()
         self._batcher = batcher  # worker.pipeline.Batcher: the engine's pipelined Redis calls
@@ -468,7 +543,7 @@ class EndpointGate:
         return [
             lease_id, int((lease_s or c.lease_s) * 1000), c.max_in_flight, c.min_in_flight,
             c.requests_per_min or 0, c.tokens_per_min or 0, est_tokens,
-            BUCKETS,
+            BUCKETS, c.start, LEARNED_TTL_S * 1000,
         ]
 
     def _release_args(self, lease: Lease, outcome: str, used_tokens: int | None, latency: float = 0.0) -> list[Any]:
@@ -478,7 +553,7 @@ class EndpointGate:
             -1 if used_tokens is None else used_tokens,
             c.max_in_flight, c.min_in_flight, "1" if c.adaptive else "0",
             c.failure_threshold, int(c.cooldown_s * 1000), int(c.cooldown_max_s * 1000),
-            BUCKETS, f"{latency:.6g}", LATENCY_TOLERANCE,
+            BUCKETS, f"{latency:.6g}", LATENCY_TOLERANCE, c.start,
         ]
 
     def _decide(self, res: Any, lease_id: str, deadline: float, poll_s: float) -> tuple[Lease | None, float, float]:
@@ -486,19 +561,46 @@ class EndpointGate:
         (and the next poll interval). Raises :class:`NoCapacity` when waiting would
         outlast ``max_wait_s``: the job is handed back instead of holding a slot."""
         if int(res[0]) == 1:
+            self.refused = Refusals(int(_s(res[4]) or -1), bool(_s(res[5])))
+            granted = _granted.get()
+            if granted is not None:
+                granted.set()
             return Lease(lease_id, int(res[1]), int(res[3]) if self.config.tokens_per_min else 0), 0.0, poll_s
         wait_s, reason = int(res[1]) / 1000, _s(res[2])
         left = deadline - time.monotonic()
+        if reason == "in_flight" and self.config.patient:
+            left = math.inf  # its place in this endpoint's line is the best it can get
         if reason == "cooling" or wait_s > left or left <= 0:
             retry_after = wait_s if wait_s > 0 else max(poll_s * 10, 0.5)
             raise NoCapacity(f"{self.url}: no capacity ({reason.replace('_', ' ')})", retry_after_s=retry_after)
         if wait_s > 0:
             return None, wait_s + self._jitter(0.05), poll_s  # the window frees a slot then
-        # in flight: poll, backing off
+        # in flight: poll, backing off (a call of this process that ends wakes the next waiter)
         return None, min(poll_s + self._jitter(poll_s), max(left, 0)), min(poll_s * 2, 0.2)
 
+    def learn_refusal(self, *, format_rank: int | None = None, stream: bool = False, company: bool = False) -> None:
+        """Tell every worker what this endpoint refused: a response_format (its rank: the
+        looser ones stay allowed), streamed answers, or a second request beside a stream
+        (it cut the stream: one request at a time from now). Their next lease says so."""
+        self._learn(keys=[self.keys[0]], args=self._learn_args(format_rank, stream, company))
+
+    async def alearn_refusal(self, *, format_rank: int | None = None, stream: bool = False,
+                             company: bool = False) -> None:
+        """:meth:`learn_refusal` through the worker engine's batched Redis."""
+        await self._batcher.script(LEARN_LUA, [self.keys[0]], self._learn_args(format_rank, stream, company))
+
+    @staticmethod
+    def _learn_args(format_rank: int | None, stream: bool, company: bool) -> list[Any]:
+        said = [("fmt", format_rank)] if format_rank is not None else []
+        said += [("nostream", 1)] if stream else []
+        said += [("serial", 1)] if company else []
+        if len(said) != 1:
+            raise ValueError("learn_refusal: one refusal at a time")
+        what, value = said[0]
+        return [what, value, LEARNED_TTL_S * 1000]
+
     def snapshot(self) -> dict[str, Any]:
-        return endpoint_snapshot(self._r, self.url, self.config.max_in_flight)
+        return endpoint_snapshot(self._r, self.url, self.config.start)
 
     def _jitter(self, scale: float) -> float:
         with self._rng_lock:
@@ -515,7 +617,8 @@ def _latency(started: float, work: list[Any]) -> float:
 
 
 def endpoint_snapshot(r: redis.Redis, url: str, max_in_flight: int | None = None) -> dict[str, Any]:
-    """What ``medq endpoints`` shows: the live cap, leases in flight, cool-down."""
+    """What ``medq endpoints`` shows: the live cap, leases in flight, cool-down.
+    ``max_in_flight``: the cap shown for an endpoint no call has reached yet (its start)."""
     return endpoint_snapshots(r, [url], max_in_flight)[0]
 
 

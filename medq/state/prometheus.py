@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from medq.core.contract import QUEUE
 from medq.state.connect import connect
-from medq.state.endpoints import endpoint_snapshots
+from medq.state.endpoints import GateConfig, endpoint_snapshots
 from medq.state.metrics import METRICS_KEY, RUNNING_KEY, parse_field, worker_processes
 
 HELP = {
@@ -109,5 +109,5 @@ class MedqCollector(Collector):
 def registry_for(settings: Any) -> CollectorRegistry:
     reg = CollectorRegistry()
     r = connect(settings.redis_url)
-    reg.register(MedqCollector(r, [ep.url for ep in settings.llm.all_endpoints], settings.llm.max_in_flight))
+    reg.register(MedqCollector(r, [ep.url for ep in settings.llm.all_endpoints], GateConfig.from_settings(settings.llm).start))
     return reg

@@ -78,7 +78,7 @@ def test_tokens_are_estimated_then_settled(r: redis.Redis, gate: Callable[..., D
 def test_adaptive_cap_halves_on_backpressure_once_per_second_and_grows_back(
     r: redis.Redis, gate: Callable[..., DrivenGate]
 ) -> None:
-    g = gate(r, adaptive=True, max_in_flight=8)
+    g = gate(r, adaptive=True, max_in_flight=8, start_in_flight=8)  # a server that said its 8 slots
     g.release(g.acquire(1), BACKOFF)
     assert g.snapshot()["limit"] == 4
     g.release(g.acquire(1), BACKOFF)  # the same burst of 429s: no second cut
@@ -109,7 +109,7 @@ def _timed_call(g: DrivenGate, seconds: float, work: float = 100.0) -> None:
 def test_adaptive_cap_shrinks_when_latency_shows_a_queue_before_any_error(
     r: redis.Redis, gate: Callable[..., DrivenGate]
 ) -> None:
-    g = gate(r, adaptive=True, max_in_flight=8)
+    g = gate(r, adaptive=True, max_in_flight=8, start_in_flight=8)
     for _ in range(5):  # the server's own pace: 50 ms for 100 units of work
         _timed_call(g, 0.05)
     assert g.snapshot()["limit"] == 8 and g.snapshot()["latency_cuts"] == 0
@@ -125,6 +125,33 @@ def test_adaptive_cap_shrinks_when_latency_shows_a_queue_before_any_error(
     for _ in range(3):
         _timed_call(fixed, 0.2)
     assert fixed.snapshot()["limit"] == 8  # MEDQ_LLM__ADAPTIVE=false: the cap stays
+
+
+def test_an_endpoint_that_says_nothing_starts_at_one_in_flight_and_grows_while_latency_stays_flat(
+    r: redis.Redis, gate: Callable[..., DrivenGate]
+) -> None:
+    g = gate(r, adaptive=True, max_in_flight=8)  # no slots said (no /props): a slow start
+    assert g.snapshot()["limit"] == 1
+    first = g.acquire(1)
+    with pytest.raises(NoCapacity, match="in flight"):
+        g.acquire(1)  # a second request would queue at a one-slot server
+    g.release(first, OK)
+    for _ in range(4):  # the server's own pace, flat: one more in flight per success (slow start)
+        _timed_call(g, 0.1)
+    grown = g.snapshot()["limit"]
+    assert grown == 6
+    _timed_call(g, 0.3)  # one call three times as slow: it queued, so no growth on it
+    assert g.snapshot()["limit"] <= grown
+    other = gate(r, adaptive=True, max_in_flight=8)  # another worker: the same cap, not its own start
+    assert other.snapshot()["limit"] == g.snapshot()["limit"]
+    said = gate(r, adaptive=True, max_in_flight=8, start_in_flight=4)
+    r.delete(*said.gate.keys)
+    assert said.snapshot()["limit"] == 4  # a server that says its slots starts there
+    held = [said.acquire(1) for _ in range(4)]
+    with pytest.raises(NoCapacity, match="in flight"):
+        said.acquire(1)
+    for lease in held:
+        said.release(lease, OK)
 
 
 def test_breaker_cools_down_then_lets_one_probe_through(r: redis.Redis, gate: Callable[..., DrivenGate]) -> None:

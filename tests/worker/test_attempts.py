@@ -15,16 +15,17 @@ from tests.helpers import enqueue_wait, records, run_cli, stats
 def test_no_capacity_deferrals_are_deliveries_not_attempts(
     r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., object], tmp_path: Path
 ) -> None:
-    base = simulator("--latency-ms", "400")
-    # One request in flight at a time across two worker processes, and no waiting for the
-    # slot the other holds: jobs are put back for capacity, some often.
-    tight = {"MEDQ_LLM__MAX_IN_FLIGHT": "1", "MEDQ_LLM__MAX_WAIT_S": "0.05"}
-    worker(base, env=tight)
-    worker(base, env=tight)
+    bases = [simulator("--latency-ms", "400"), simulator("--latency-ms", "400")]
+    # Two endpoints, one request in flight at a time on each across two worker processes, and
+    # no waiting for a slot another holds (with several endpoints a call does not wait in
+    # line: another may be free): jobs are put back for capacity, some often.
+    tight = {"MEDQ_LLM__ENDPOINTS": json.dumps(bases), "MEDQ_LLM__MAX_IN_FLIGHT": "1", "MEDQ_LLM__MAX_WAIT_S": "0.05"}
+    worker(bases[0], env=tight)
+    worker(bases[0], env=tight)
     n = 12
     env = {**medq_env, "MEDQ_JOBS_PER_MESSAGE": "1"}  # one job a message: both workers get some
     assert enqueue_wait(env, records(tmp_path / "recs.jsonl", n), "tight", timeout_s=180) == 0
-    assert stats(base)["requests"] == n  # each job asked the model once
+    assert sum(stats(base)["requests"] for base in bases) == n  # each job asked the model once
 
     docs = [json.loads(x) for x in run_cli(["results", "tight"], medq_env).stdout.splitlines()]
     assert len(docs) == n and {d["status"] for d in docs} == {"succeeded"}
