@@ -3,7 +3,8 @@
 The loop, per call to the model:
 
 1. ask for schema-constrained JSON in the form the endpoint accepts; a refused
-   ``response_format`` steps down to the next form (remembered per processor);
+   ``response_format`` steps down to the next form (remembered by the endpoint's state
+   in Redis, so every worker asks it once per endpoint, not once per job or process);
 2. ``finish_reason == "length"`` is truncation, not bad JSON: ask again with a
    doubled ``max_tokens``, up to ``max_tokens_cap``;
 3. validate with pydantic; on errors, show the model its errors (field paths and
@@ -462,6 +463,9 @@ class MedicalDataProcessor:
         """The response_format mode tried now, and the client's keyword arguments: the
         timeout follows the endpoint's measured speed for this prompt and answer."""
         mode = self._format
+        if self._auto_format and (known := self.client.usable_format(mode)) != mode:
+            self._step_down(mode, known)  # another worker found it refused: not asked again here
+            mode = self._format
         timeout_s = self.speed.timeout_for(self._real_tokens(_estimate_prompt(messages)), max_tokens)
         return mode, {
             "response_format": self._response_format(mode, sch),
@@ -469,6 +473,7 @@ class MedicalDataProcessor:
             "temperature": self.temperature,
             "fixed": fixed,
             "timeout_s": timeout_s,
+            "format_mode": mode,
         }
 
     def _answered(self, mode: str, prov: Provenance, completion: Completion) -> Completion:
@@ -492,8 +497,9 @@ class MedicalDataProcessor:
             self._formats[key] = response_format_for(mode, sch.name, sch.json_schema)
         return self._formats[key]
 
-    def _step_down(self, failed_mode: str) -> bool:
-        """Move to the next looser response_format; False when there is none or auto is off."""
+    def _step_down(self, failed_mode: str, to: str | None = None) -> bool:
+        """Move to the next looser response_format (or to ``to``); False when there is none
+        or auto is off. The endpoint's state keeps a refusal for every worker (the client)."""
         if not self._auto_format:
             return False
         with self._lock:
@@ -502,7 +508,7 @@ class MedicalDataProcessor:
             i = RESPONSE_FORMATS.index(failed_mode)
             if i + 1 >= len(RESPONSE_FORMATS):
                 return False
-            self._format = RESPONSE_FORMATS[i + 1]
+            self._format = to or RESPONSE_FORMATS[i + 1]
             return True
 
     # ------------------------------------------------------------------ the context

@@ -16,6 +16,7 @@ import datetime
 import email.utils
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -41,6 +42,8 @@ from medq.core.urls import redact_url, split_credentials
 from medq.state.endpoints import EndpointGate, estimate_tokens
 from medq.state.metrics import metrics
 from worker.llm.speed import work_units
+
+log = logging.getLogger("medq.worker")
 
 # 5xx bodies that mean "busy, come back later", not "broken": Ollama's queue full
 # ("server busy ... maximum pending requests exceeded", "no slots available") and
@@ -90,10 +93,23 @@ class Usage:
         }
 
 
+class StreamCut(Overloaded):
+    """The server ended a streamed answer before its end: llama-cpp-python's server does
+    when another request waits (``interrupt_requests``, its default). It works on one
+    request at a time: the endpoint is marked so, and the call is made again."""
+
+
 class FormatRejected(RequestRejected):
-    """The endpoint refused the response_format; the caller may try a looser one."""
+    """The endpoint refused the response_format; the caller may try a looser one.
+    ``known``: not sent, the endpoint refused it before (its state in Redis says so)."""
 
     kind = "request_rejected"
+    known = False
+
+
+def format_rank(mode: str | None) -> int | None:
+    """A response_format mode's place in :data:`RESPONSE_FORMATS` (higher: looser); None for none given."""
+    return RESPONSE_FORMATS.index(mode) if mode in RESPONSE_FORMATS else None
 
 
 def response_format_for(mode: str, name: str, schema: dict[str, Any]) -> dict[str, Any] | None:
@@ -156,6 +172,8 @@ class _Client:
     Userinfo in the URL is sent as basic auth and kept out of the URL requested (and so
     out of the transports' own errors)."""
 
+    stream = False  # ask for streamed answers (AsyncLLMClient)
+
     def __init__(
         self, base_url: str, api_key: str, model: str, timeout_s: float = 120.0, gate: EndpointGate | None = None
     ) -> None:
@@ -176,8 +194,8 @@ class _Client:
         max_tokens: int,
         temperature: float,
         fixed: int = 0,
-    ) -> bytes:
-        """The request JSON. The first ``fixed`` messages (the system turn and the
+    ) -> str:
+        """The request JSON, open at its end (:meth:`_closed` ends it). The first ``fixed`` messages (the system turn and the
         few-shot turns) and the response_format are the same for every record of a
         schema: they are encoded once and reused. Record text is never kept."""
         parts = []
@@ -199,7 +217,26 @@ class _Client:
                 held = self._formats[id(response_format)] = (response_format, json.dumps(response_format, ensure_ascii=False))
             fmt = f', "response_format": {held[1]}'
         head = json.dumps({"model": self.model, "max_tokens": max_tokens, "temperature": temperature}, ensure_ascii=False)
-        return f'{head[:-1]}, "messages": [{", ".join(parts)}]{fmt}}}'.encode()
+        return f'{head[:-1]}, "messages": [{", ".join(parts)}]{fmt}'
+
+    @staticmethod
+    def _closed(body: str, stream: bool) -> bytes:
+        """The request body made by :meth:`_body`, for a streamed answer or a whole one."""
+        return (body + (_STREAM_FIELDS if stream else "") + "}").encode()
+
+    def _known_refused(self, format_mode: str | None) -> bool:
+        """The endpoint refused this response_format before (any worker's call): not sent again."""
+        rank = format_rank(format_mode)
+        return self.gate is not None and rank is not None and self.gate.refused.format_rank >= rank
+
+    def usable_format(self, mode: str) -> str:
+        """``mode``, or the first looser one when the endpoint refused it before (its state in Redis)."""
+        if self.gate is None or self.gate.refused.format_rank < (format_rank(mode) or 0):
+            return mode
+        return RESPONSE_FORMATS[min(self.gate.refused.format_rank + 1, len(RESPONSE_FORMATS) - 1)]
+
+    def _streams(self) -> bool:
+        return self.stream and not (self.gate is not None and self.gate.refused.stream)
 
     def _lease(
         self, messages: list[dict[str, str]], max_tokens: int, timeout_s: float | None
@@ -288,14 +325,28 @@ class LLMClient(_Client):
         temperature: float,
         fixed: int = 0,
         timeout_s: float | None = None,
+        format_mode: str | None = None,
     ) -> Completion:
         """``fixed``: how many leading messages are the same for every record (see ``_body``);
-        ``timeout_s``: this call's (default: the client's)."""
-        data = self._body(messages, response_format, max_tokens, temperature, fixed)
+        ``timeout_s``: this call's (default: the client's); ``format_mode``: the
+        RESPONSE_FORMATS mode ``response_format`` is in, so that one the endpoint refused
+        before is not sent, and one it refuses now is remembered for every worker."""
+        data = self._closed(self._body(messages, response_format, max_tokens, temperature, fixed), False)
         if self.gate is None:
             return self._post(data, timeout_s)
+        gate = self.gate
+
+        def call() -> tuple[Completion, int, float]:
+            if self._known_refused(format_mode):
+                raise _known_refusal(self.base_url)
+            try:
+                return _settled(self._post(data, timeout_s))
+            except FormatRejected:
+                gate.learn_refusal(format_rank=format_rank(format_mode))
+                raise
+
         est_tokens, lease_s = self._lease(messages, max_tokens, timeout_s)
-        result: Completion = self.gate.call(est_tokens, lambda: _settled(self._post(data, timeout_s)), lease_s)
+        result: Completion = gate.call(est_tokens, call, lease_s)
         return result
 
     def _options(self, timeout_s: float | None) -> openai.RequestOptions:
@@ -345,7 +396,20 @@ class AsyncLLMClient(_Client):
     A plain aiohttp POST, not the SDK: measured with 64 requests in flight, the SDK's
     async client spends 1.8 ms of CPU per call (0.24 ms for aiohttp alone), which
     would be most of a worker's time per job. Make it, and use it, inside one running
-    loop (its session is made on first use, in that loop)."""
+    loop (its session is made on first use, in that loop).
+
+    Answers are **streamed** (``stream: true``; every server medq targets streams) and
+    timed by progress, not by a deadline for the whole answer: the wait for the first
+    token and each gap between chunks may last ``timeout_s`` (``MEDQ_LLM__TIMEOUT_S``),
+    so a slow CPU server that keeps producing is never cut off, and a hung one is
+    given up after that much silence. Giving up closes the stream, and llama.cpp's
+    server, llama-cpp-python and vLLM then stop generating: an abandoned answer does
+    not keep a one-slot server busy. Usage comes in the last chunk
+    (``stream_options.include_usage``); a server that sends none gets its answer's
+    chunks counted as tokens. A server that refuses a streamed request (a 4xx that a
+    plain one does not get) is asked plainly, and every worker remembers it."""
+
+    stream = True
 
     def __init__(
         self, base_url: str, api_key: str, model: str, timeout_s: float = 120.0, gate: EndpointGate | None = None
@@ -362,30 +426,69 @@ class AsyncLLMClient(_Client):
         temperature: float,
         fixed: int = 0,
         timeout_s: float | None = None,
+        format_mode: str | None = None,
     ) -> Completion:
-        """As :meth:`LLMClient.complete`."""
-        data = self._body(messages, response_format, max_tokens, temperature, fixed)
+        """As :meth:`LLMClient.complete`. ``timeout_s`` bounds a plain (not streamed) answer
+        only; a streamed one is bounded by its silences (see the class)."""
+        body = self._body(messages, response_format, max_tokens, temperature, fixed)
+        if self._known_refused(format_mode):
+            raise _known_refusal(self.base_url)
         if self.gate is None:
-            return await self._post(data, timeout_s)
+            return await self._send(body, timeout_s)
+        gate = self.gate
 
         async def call() -> tuple[Completion, int, float]:
-            return _settled(await self._post(data, timeout_s))
+            if self._known_refused(format_mode):  # the lease brought news: another worker learned it
+                raise _known_refusal(self.base_url)
+            try:
+                return _settled(await self._send(body, timeout_s))
+            except FormatRejected:
+                await gate.alearn_refusal(format_rank=format_rank(format_mode))
+                raise
 
         est_tokens, lease_s = self._lease(messages, max_tokens, timeout_s)
-        result: Completion = await self.gate.acall(est_tokens, call, lease_s)
+        try:
+            result: Completion = await gate.acall(est_tokens, call, lease_s)
+        except StreamCut:
+            # Learned for every worker: one request at a time. This call waits its turn and
+            # goes again (the one that cut it now runs alone: sent now, it would cut that one).
+            await gate.alearn_refusal(company=True)
+            result = await gate.acall(est_tokens, call, lease_s)
         return result
 
-    async def _post(self, data: bytes, timeout_s: float | None = None) -> Completion:
+    async def _send(self, body: str, timeout_s: float | None) -> Completion:
+        """Streamed if the endpoint takes it; a streamed request refused with a 4xx that
+        the same request, plain, does not get, marks the endpoint as not streaming."""
+        if not self._streams():
+            return await self._post(self._closed(body, False), timeout_s)
+        try:
+            return await self._post_streamed(self._closed(body, True), timeout_s)
+        except (FormatRejected, ContextExceeded, ModelNotFound):
+            raise  # the request's fault, streamed or not
+        except RequestRejected:
+            answer = await self._post(self._closed(body, False), timeout_s)
+            log.info("%s refused a streamed request and answered it plainly: not streaming to it", self.base_url)
+            if self.gate is not None:
+                await self.gate.alearn_refusal(stream=True)
+            else:
+                self.stream = False
+            return answer
+
+    async def _open_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             )
+        return self._session
+
+    async def _post(self, data: bytes, timeout_s: float | None = None) -> Completion:
+        session = await self._open_session()
         started = time.perf_counter()
         # Only when given: aiohttp reads timeout=None as "no timeout at all".
         per_call = {"timeout": aiohttp.ClientTimeout(total=timeout_s)} if timeout_s else {}
         try:
-            async with self._session.post(
+            async with session.post(
                 self._url, data=data, headers=self._headers, allow_redirects=False, **per_call
             ) as resp:
                 raw = await resp.read()
@@ -394,10 +497,114 @@ class AsyncLLMClient(_Client):
             raise self._failed(exc) from None
         return self._answer(status, headers, raw, started)
 
+    async def _post_streamed(self, data: bytes, timeout_s: float | None = None) -> Completion:
+        """One streamed call: its chunks read as they come, each within ``timeout_s`` of
+        the last (the first within ``timeout_s`` of sending). Leaving early (a timeout, a
+        cancelled job) closes the connection, which tells the server to stop. ``timeout_s``
+        (the call's, for a whole answer) only shortens the client's silence limit."""
+        session = await self._open_session()
+        silence_s = min(timeout_s or self.timeout_s, self.timeout_s)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        stream = _Stream()
+        try:
+            # sock_read: the answer's head (sent with or before the first token) within silence_s
+            async with session.post(
+                self._url, data=data, headers=self._headers, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=silence_s, sock_read=silence_s),
+            ) as resp:
+                if resp.status >= 300 or "text/event-stream" not in resp.headers.get("Content-Type", ""):
+                    raw = await resp.read()  # an error, or a server that answered whole
+                    return self._answer(resp.status, resp.headers, raw, started)
+                heard = loop.time()  # the last chunk of the answer (pings and comments are not progress)
+                while not stream.done:
+                    left = heard + silence_s - loop.time()
+                    if left <= 0:
+                        raise asyncio.TimeoutError
+                    line = await asyncio.wait_for(resp.content.readline(), left)
+                    if not line:
+                        break
+                    if stream.feed(line):
+                        heard = loop.time()
+        except TRANSPORT_ERRORS as exc:
+            raise self._failed(exc) from None
+        if stream.error is not None:
+            return self._answer(500, {}, stream.error, started)
+        if stream.finish_reason is None:
+            metrics.incr("medq_llm_errors_total", endpoint=self.base_url, kind=StreamCut.kind)
+            raise StreamCut(f"{self.base_url} ended a streamed answer before its end (another request came: "
+                            "it works on one at a time)")
+        return self._answer(200, {}, stream.document(self.model), started)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+# Asked of a streamed call: the usage in its last chunk (OpenAI's, vLLM's, llama.cpp's, Ollama's).
+_STREAM_FIELDS = ', "stream": true, "stream_options": {"include_usage": true}'
+
+
+class _Stream:
+    """A streamed chat completion (server-sent events) put back together as the one
+    document a plain call answers, so that :meth:`_Client._answer` reads both alike."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.chunks = 0  # chunks with content: the tokens, where the server says no usage
+        self.finish_reason: str | None = None
+        self.model = ""
+        self.usage: dict[str, Any] | None = None
+        self.error: bytes | None = None
+        self.done = False
+
+    def feed(self, line: bytes) -> bool:
+        """One line of the stream; True when it carried the answer on (not a comment or a ping)."""
+        text = line.strip()
+        if not text.startswith(b"data:"):
+            return False  # blank lines between events, ": ping" comments, "event:" names
+        payload = text[5:].strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return True
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return False
+        if not isinstance(doc, dict):
+            return False
+        if "error" in doc:  # llama.cpp and vLLM report a failure mid-stream as a data event
+            self.error, self.done = payload, True
+            return True
+        self.model = doc.get("model") or self.model
+        if isinstance(doc.get("usage"), dict):
+            self.usage = doc["usage"]
+        for choice in doc.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") or {}
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if content:
+                self.parts.append(content)
+                self.chunks += 1
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return True
+
+    def document(self, model: str) -> bytes:
+        usage = self.usage or {"prompt_tokens": 0, "completion_tokens": self.chunks}
+        return json.dumps({
+            "model": self.model or model,
+            "choices": [{"message": {"content": "".join(self.parts)}, "finish_reason": self.finish_reason}],
+            "usage": usage,
+        }, ensure_ascii=False).encode()
+
+
+def _known_refusal(where: str) -> FormatRejected:
+    err = FormatRejected(f"{where} refused this response_format before; not sent again")
+    err.known = True
+    return err
 
 
 # The transports' own errors for "no answer": every foreign error of a model call is
