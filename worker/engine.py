@@ -58,6 +58,14 @@ class Engine:
         result: list[Outcome | RetryLater | BaseException] = self.call(self.runner.run_many(job_ids))
         return result
 
+    def reserve(self, job_ids: list[str]) -> None:
+        """A message of these jobs reached this process (from any thread): they are heard of
+        until :meth:`unreserve`, waiting for a pool thread or their countdown included."""
+        self.loop.call_soon_threadsafe(self.runner.leases.reserve, list(job_ids))
+
+    def unreserve(self, job_ids: list[str]) -> None:
+        self.loop.call_soon_threadsafe(self.runner.leases.unreserve, list(job_ids))
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the sweep, close the runner's connections, stop the loop and its thread.
         A worker process never needs this (its engine ends with it); an engine made in a
@@ -91,6 +99,11 @@ class Engine:
 _engine: Engine | None = None
 _engine_pid: int | None = None
 _lock = threading.Lock()
+
+
+def running_engine() -> Engine | None:
+    """This process's engine if it has made one (a prefork pool's parent never does)."""
+    return _engine if _engine is not None and _engine_pid == os.getpid() else None
 
 
 def get_engine(app: TaskSender) -> Engine:

@@ -6,8 +6,11 @@ whose message was lost runs again.
   lease is live does not run it (``medq.state.jobs.START_LUA``).
 - The watch (``WATCH_KEY``) holds each started, unfinished job with the time it should
   next be heard of: a running job its lease's end (renewed by the heartbeat), a job put
-  back its retry's due time (the countdown: not a dead worker). One not heard of for a
-  grace after that has lost its worker or its message: the orphan sweep of any live
+  back its retry's due time (the countdown: not a dead worker). A job whose message a
+  live worker holds without running it yet (a countdown due, a message waiting for a
+  pool thread, a job waiting for its turn at the process's gate) is *reserved*: the same
+  heartbeat keeps it heard of. One not heard of for a grace after that has lost its
+  worker or its message: the orphan sweep of any live
   worker sends it again, within about lease + grace + a sweep period of the last
   heartbeat, not after the broker's visibility timeout (Redis: half an hour by default).
   The old message, if it ever comes back, finds the job leased or finished and does
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 
 import redis
@@ -42,6 +46,7 @@ class Leases:
         self.r = r
         self.lease_ms = lease_ms
         self._held: dict[str, str] = {}
+        self._reserved: Counter[str] = Counter()  # job id -> messages of this process holding it
         self._heartbeat: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
@@ -50,11 +55,36 @@ class Leases:
     def hold(self, job_id: str, run_id: str) -> None:
         """Keep ``run_id``'s lease on ``job_id`` alive until :meth:`release`."""
         self._held[job_id] = run_id
-        if self._heartbeat is None or self._heartbeat.done():
-            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+        self._beating()
 
     def release(self, job_id: str) -> None:
         self._held.pop(job_id, None)
+
+    def reserve(self, job_ids: list[str]) -> None:
+        """This process holds these jobs' message and will run them: keep them heard of
+        (at once, and with every heartbeat) until :meth:`unreserve`."""
+        fresh = [j for j in job_ids if not self._reserved[j]]
+        self._reserved.update(job_ids)
+        self._beating()
+        if fresh:
+            loop = asyncio.get_running_loop()
+            loop.create_task(self._heard_of(fresh))
+
+    def unreserve(self, job_ids: list[str]) -> None:
+        self._reserved.subtract(job_ids)
+        for j in job_ids:
+            if self._reserved[j] <= 0:
+                del self._reserved[j]
+
+    def _beating(self) -> None:
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _heard_of(self, job_ids: list[str]) -> None:
+        try:
+            await jobs.keep_heard_of(self.r, job_ids, self.lease_ms)
+        except redis.RedisError as exc:
+            log.warning("lease heartbeat: %s", type(exc).__name__)
 
     async def aclose(self) -> None:
         """Stop the heartbeat (the engine is closing)."""
@@ -62,15 +92,17 @@ class Leases:
             self._heartbeat.cancel()
 
     async def _beat(self) -> None:
-        """Renew the held leases, every third of a lease."""
+        """Renew the held leases, and keep the reserved jobs heard of, every third of a lease."""
         period_s = self.lease_ms / 3000
         while True:
             await asyncio.sleep(period_s)
             held = list(self._held.items())
-            if not held:
-                continue
+            waiting = [j for j in self._reserved if j not in self._held]
             try:
-                await jobs.renew(self.r, held, self.lease_ms)
+                if held:
+                    await jobs.renew(self.r, held, self.lease_ms)
+                if waiting:
+                    await jobs.keep_heard_of(self.r, waiting, self.lease_ms)
             except redis.RedisError as exc:
                 log.warning("lease heartbeat: %s", type(exc).__name__)
 

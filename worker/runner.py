@@ -66,6 +66,7 @@ from medq.core.ids import new_id
 from medq.core.settings import Settings
 from medq.state import jobs
 from medq.state.connect import connect
+from medq.state.endpoints import watch_grants
 from medq.state.jobs import Job, Run, Wrote
 from medq.state.metrics import flush_forever, metrics
 from medq.state.results import ResultStore, open_store_for
@@ -154,7 +155,11 @@ class JobRunner:
     async def run_many(self, job_ids: list[str]) -> list[Outcome | RetryLater | BaseException]:
         """Run jobs side by side; each one's outcome, or the exception it raised."""
         shared = len(job_ids) > 1
-        return await asyncio.gather(*(self.run(j, shared) for j in job_ids), return_exceptions=True)
+        self.leases.reserve(job_ids)  # heard of while they wait for their turn (worker.leases)
+        try:
+            return await asyncio.gather(*(self.run(j, shared) for j in job_ids), return_exceptions=True)
+        finally:
+            self.leases.unreserve(job_ids)
 
     async def run(self, job_id: str, shared: bool = False) -> Outcome | RetryLater:
         """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
@@ -232,7 +237,7 @@ class JobRunner:
             text, metadata = self._load_payload(job, run.raw_payload)
             # The engine enforces the time limit itself (Celery's threads pool cannot):
             # the extraction is cancelled, its endpoint slot given back, the job retried.
-            extraction = await asyncio.wait_for(self._extract(job, text), limit_s)
+            extraction = await self._extract_within(job, text, limit_s)
         except asyncio.TimeoutError:
             return await self._retry_later(job, run, TimeLimitExceeded(
                 f"record {job.record_id}: extraction ran past MEDQ_WORKER__TASK_TIME_LIMIT_S={limit_s}s"
@@ -255,6 +260,28 @@ class JobRunner:
         if not await self._succeed(job, run, extraction, metadata):
             return summary(job.job_id, JobStatus.FAILED, run.attempts)  # the store stayed away: a dead letter
         return summary(job.job_id, JobStatus.SUCCEEDED, run.attempts, extraction.provenance.latency_ms)
+
+    async def _extract_within(self, job: Job, text: str, limit_s: float) -> Extraction:
+        """The extraction, given ``limit_s`` (MEDQ_WORKER__TASK_TIME_LIMIT_S) from its first
+        model call, not from its start: the jobs of a message wait in line for the endpoint's
+        slots (a one-slot server takes them one by one), and that wait is not the job's
+        doing. A job still in line after ``limit_s`` goes back uncharged (``no_capacity``);
+        one that runs past it from its first call is cut off and retried (``time_limit``)."""
+        granted = watch_grants()  # set by the endpoint's gate when a call of this task is let through
+        task = asyncio.ensure_future(self._extract(job, text))
+        try:
+            waiting = asyncio.ensure_future(granted.wait())
+            try:
+                await asyncio.wait({task, waiting}, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()
+            if not task.done() and not granted.is_set():
+                raise NoCapacity(f"record {job.record_id}: waited {limit_s:.0f}s in line for the model endpoint "
+                                 "(MEDQ_WORKER__TASK_TIME_LIMIT_S); put back", retry_after_s=1.0)
+            return await asyncio.wait_for(task, limit_s)
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def _extract(self, job: Job, text: str) -> Extraction:
         """The first endpoint that answers; endpoint errors fail over to the next."""

@@ -15,11 +15,14 @@ import redis
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    task_postrun,
+    task_received,
     worker_init,
     worker_process_init,
     worker_ready,
 )
 
+from medq.core.contract import TASK_EXTRACT, TASK_EXTRACT_MANY
 from medq.core.crypto import Sealer
 from medq.core.errors import MedqError, SchemaError  # MedqError: RemoteEndpointRefused among them
 from medq.core.privacy import check_endpoints
@@ -27,7 +30,7 @@ from medq.core.schemas import SchemaLoader
 from medq.state.connect import connect
 from medq.state.memory import probe_write, wait_for_room
 from worker.celery_app import app, settings
-from worker.engine import get_engine
+from worker.engine import get_engine, running_engine
 from worker.llm.model_check import ModelStatus, check_models
 
 log = logging.getLogger("medq.worker")
@@ -115,6 +118,37 @@ def _start_engine(sender: Any = None, **_: Any) -> None:
     if pool is not None and "prefork" in type(pool).__module__:
         return
     get_engine(app)
+
+
+@task_received.connect
+def _hold_received(request: Any = None, **_: Any) -> None:
+    """A message reached this worker: its jobs are heard of (``worker.leases``) while it
+    waits for its countdown or a free pool thread, so the orphan sweep does not send them
+    again. (Prefork: the parent holds the messages but runs no engine; its jobs are
+    heard of once a child runs them.)"""
+    engine = running_engine()
+    ids = _job_ids(getattr(request, "name", ""), getattr(request, "args", None))
+    if engine is not None and ids:
+        engine.reserve(ids)
+
+
+@task_postrun.connect
+def _release_received(task: Any = None, args: Any = None, **_: Any) -> None:
+    engine = running_engine()
+    ids = _job_ids(getattr(task, "name", ""), args)
+    if engine is not None and ids:
+        engine.unreserve(ids)
+
+
+def _job_ids(name: str, args: Any) -> list[str]:
+    """The job ids a medq task message carries (ids only, CONTRACT)."""
+    if not args:
+        return []
+    if name == TASK_EXTRACT:
+        return [str(args[0])]
+    if name == TASK_EXTRACT_MANY and isinstance(args[0], (list, tuple)):
+        return [str(j) for j in args[0]]
+    return []
 
 
 @after_setup_logger.connect

@@ -584,6 +584,18 @@ end
 return 0
 """)
 
+# Jobs a live worker holds but runs no lease on (a message waiting for a pool thread or its
+# countdown, a job waiting for its turn at the process's gate): heard of, so the orphan
+# sweep leaves them. Only jobs still watched (started, unfinished: XX), and never earlier
+# than they are watched for now (GT: a countdown due later stays due later).
+HEARD_LUA = _lua("""
+-- KEYS: watch   ARGV: hold_ms, job ids...
+local t = redis.call('TIME')
+local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', 'GT', until_ms, ARGV[i]) end
+return #ARGV - 1
+""")
+
 # Claim the started jobs not heard of for `grace` past their watch time (a lease's end, a
 # retry's due time): a worker gone, or its message. A claimed one is watched again a hold
 # from now, so one worker sends each; the hold doubles with each sending (`resent`), from
@@ -757,6 +769,16 @@ async def renew(r: redis.asyncio.Redis, held: list[tuple[str, str]], lease_ms: i
     for job_id, run_id in held:
         await script(keys=[job_key(job_id), WATCH_KEY], args=[run_id, lease_ms, job_id], client=pipe)
     await pipe.execute()
+
+
+async def keep_heard_of(r: redis.asyncio.Redis, job_ids: list[str], hold_ms: int) -> None:
+    """Tell the orphan sweep that a live worker holds these jobs for ``hold_ms`` more (HEARD_LUA)."""
+    script = r.register_script(HEARD_LUA)
+    for i in range(0, len(job_ids), _HEARD_CHUNK):
+        await script(keys=[WATCH_KEY], args=[hold_ms, *job_ids[i:i + _HEARD_CHUNK]])
+
+
+_HEARD_CHUNK = 1000
 
 
 async def claim_orphans(
