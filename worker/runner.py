@@ -265,19 +265,23 @@ class JobRunner:
         """The extraction, given ``limit_s`` (MEDQ_WORKER__TASK_TIME_LIMIT_S) from its first
         model call, not from its start: the jobs of a message wait in line for the endpoint's
         slots (a one-slot server takes them one by one), and that wait is not the job's
-        doing. A job still in line after ``limit_s`` goes back uncharged (``no_capacity``);
-        one that runs past it from its first call is cut off and retried (``time_limit``)."""
+        doing; sent back to the broker it would only queue again, as another delivery. One
+        that runs past the limit from its first call is cut off and retried (``time_limit``).
+        The wait in line is bounded too, well within the broker's visibility timeout (which
+        would hand the message to another worker): a job still in line then goes back
+        uncharged (``no_capacity``)."""
+        line_s = max(limit_s, self.settings.visibility_timeout_s - limit_s - 60)
         granted = watch_grants()  # set by the endpoint's gate when a call of this task is let through
         task = asyncio.ensure_future(self._extract(job, text))
         try:
             waiting = asyncio.ensure_future(granted.wait())
             try:
-                await asyncio.wait({task, waiting}, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({task, waiting}, timeout=line_s, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiting.cancel()
             if not task.done() and not granted.is_set():
-                raise NoCapacity(f"record {job.record_id}: waited {limit_s:.0f}s in line for the model endpoint "
-                                 "(MEDQ_WORKER__TASK_TIME_LIMIT_S); put back", retry_after_s=1.0)
+                raise NoCapacity(f"record {job.record_id}: waited {line_s:.0f}s in line for the model endpoint; "
+                                 "put back", retry_after_s=1.0)
             return await asyncio.wait_for(task, limit_s)
         finally:
             if not task.done():

@@ -74,4 +74,21 @@ def test_a_job_past_its_time_limit_is_cut_off_then_dead_lettered(
     [dead] = [json.loads(x) for x in run_cli(["failed", "slow", "--json"], medq_env).stdout.splitlines()]
     assert dead["error_kind"] == "time_limit" and dead["attempts"] == 2
     assert "MEDQ_WORKER__TASK_TIME_LIMIT_S=1" in dead["error_message"]
-    assert _stats(base)["requests"] == 2  # each attempt cut off after its one request
+    stats = _stats(base)
+    assert stats["requests"] == 2  # each attempt cut off after its one request
+    # ... and the cut closed the stream, which stopped the server's work on it (a real server
+    # would otherwise go on generating an answer nobody reads, in a slot the next one needs)
+    assert stats["streams"] == 2 and stats["streams_closed"] == 2 and stats["in_flight"] == 0
+
+
+def test_the_time_limit_counts_from_the_first_model_call_not_the_wait_in_line(
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., object], tmp_path: Path
+) -> None:
+    base = simulator("--latency-ms", "600", "--parallel", "1")  # one request at a time, 0.6 s each
+    # 8 jobs in one message, one in flight: the last waits ~4 s in line, past a 2 s limit
+    worker(base, "-c", "1", env={"MEDQ_WORKER__TASK_TIME_LIMIT_S": "2", "MEDQ_LLM__MAX_IN_FLIGHT": "1"})
+    _enqueue_wait(medq_env, _records(tmp_path / "line.jsonl", 8), "line")
+    docs = _results(medq_env, "line")
+    assert {d["status"] for d in docs} == {"succeeded"}
+    assert [d["attempts"] for d in docs] == [1] * 8 and [d["deliveries"] for d in docs] == [1] * 8
+    assert _stats(base)["requests"] == 8
