@@ -585,14 +585,16 @@ return 0
 """)
 
 # Jobs a live worker holds but runs no lease on (a message waiting for a pool thread or its
-# countdown, a job waiting for its turn at the process's gate): heard of, so the orphan
-# sweep leaves them. Only jobs still watched (started, unfinished: XX), and never earlier
-# than they are watched for now (GT: a countdown due later stays due later).
+# countdown, a job waiting for its turn at the process's gate): heard of for a hold from
+# now, renewed while the worker holds them, so the orphan sweep leaves them. Only jobs still
+# watched (started, unfinished: XX). A job put back is watched until its due time plus
+# the time its message may wait in the broker's queue (RETRY_LUA's caller): once a worker
+# has taken the message, the hold is that worker's heartbeat, and its death shows in a lease.
 HEARD_LUA = _lua("""
 -- KEYS: watch   ARGV: hold_ms, job ids...
 local t = redis.call('TIME')
 local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', 'GT', until_ms, ARGV[i]) end
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[i]) end
 return #ARGV - 1
 """)
 
@@ -736,7 +738,8 @@ async def put_back(
     unsent: bool,
 ) -> Wrote:
     """Count a run that will be tried again (``counter``: ``JobField.FAILURES`` or
-    ``DEFERRALS``), watch for its return by ``due_ms`` and say why (RETRY_LUA), if run
+    ``DEFERRALS``), watch for its return by ``due_ms`` (its countdown's end and the wait its
+    message may have in the broker's queue) and say why (RETRY_LUA), if run
     ``run_id`` still holds the job. ``unsent``: the run sent nothing to the model, a delivery
     and not an attempt."""
     return Wrote(int(await calls.script(
