@@ -81,6 +81,10 @@ def llm_simulate(
         True, "--stream/--no-stream", help="Stream answers when asked (stream: true), chunks spread over --latency-ms; "
         "--no-stream refuses streamed requests with a 400, as a server that does not stream.",
     ),
+    interrupt_streams: bool = typer.Option(
+        False, "--interrupt-streams", help="End a running stream ([DONE], no finish_reason) when another request waits "
+        "for its slot, as llama-cpp-python's server does (interrupt_requests, its default).",
+    ),
 ) -> None:
     """An OpenAI-compatible endpoint that answers schema-valid JSON without a model (load and fault tests)."""
     # the server extra (fastapi, uvicorn): not in the base install
@@ -98,5 +102,6 @@ def llm_simulate(
         context_overflow=context_overflow,
         advertise_context=advertise_context,
         stream=stream,
+        interrupt_streams=interrupt_streams,
     )
     serve(config, host=host, port=port)

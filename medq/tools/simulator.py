@@ -33,7 +33,9 @@ deterministically:
   ``stream_options.include_usage`` asks for it. A client that closes the stream stops
   the work (its slot is free at once; ``/stats`` counts it in ``streams_closed``), as
   llama.cpp's server and vLLM do. ``--no-stream`` refuses streamed requests with a 400,
-  as a server that does not stream would.
+  as a server that does not stream would. ``--interrupt-streams`` ends a running stream
+  (``[DONE]``, no ``finish_reason``) when another request waits for its slot, as
+  llama-cpp-python's server does with ``interrupt_requests`` (its default).
 - ``GET /stats`` tells what arrived and when, for load tests and benchmarks.
 
 Where the schema comes from, in order: ``response_format.json_schema.schema``
@@ -149,6 +151,7 @@ class SimConfig:
     context_overflow: str = "cut"  # "cut" (Ollama) or "refuse" (llama.cpp's 400)
     advertise_context: bool = False  # GET /props and max_model_len say the limits
     stream: bool = True  # streamed answers (False: a stream request gets a 400)
+    interrupt_streams: bool = False  # a waiting request cuts a running stream (llama-cpp-python)
     # Long enough that any sane client timeout fires first.
     timeout_hold_s: float = 300.0
 
@@ -189,6 +192,7 @@ class Stats:
         self.response_formats: Counter[str] = Counter()
         self.streams = 0  # requests answered as a stream
         self.streams_closed = 0  # of those, closed by the client before their end: work stopped
+        self.streams_cut = 0  # of those, ended early for a request waiting (--interrupt-streams)
         # in_flight is a live gauge: zeroing it under running requests would drive it negative.
         self.max_in_flight = self.in_flight
         self.max_waiting = self.waiting
@@ -223,6 +227,7 @@ class Stats:
             "response_formats": dict(self.response_formats),
             "streams": self.streams,
             "streams_closed": self.streams_closed,
+            "streams_cut": self.streams_cut,
         }
 
 
@@ -680,6 +685,11 @@ class _Simulator:
             for i, piece in enumerate(pieces):
                 if gap_s > 0:
                     await asyncio.sleep(gap_s)
+                if self.config.interrupt_streams and self.stats.waiting > 0:
+                    self.stats.streams_cut += 1  # what llama-cpp-python sends: the end, no finish_reason
+                    yield "data: [DONE]\n\n"
+                    finished = True
+                    return
                 last = i == len(pieces) - 1
                 delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
                 event = {**head, "choices": [{"index": 0, "delta": delta,
@@ -839,6 +849,7 @@ def make_config(
     context_overflow: str = "cut",
     advertise_context: bool = False,
     stream: bool = True,
+    interrupt_streams: bool = False,
 ) -> SimConfig:
     """The configuration ``medq llm simulate``'s options describe (named as its parameters:
     ``fault`` as ``KIND:RATE,...``, ``served_model`` repeated or comma-separated). Bad
@@ -862,6 +873,7 @@ def make_config(
             context_overflow=context_overflow,
             advertise_context=advertise_context,
             stream=stream,
+            interrupt_streams=interrupt_streams,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

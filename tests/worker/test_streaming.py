@@ -135,3 +135,20 @@ def test_giving_up_on_a_stream_frees_the_servers_slot_at_once(
             break
         time.sleep(0.02)
     assert stats["streams_closed"] == 1 and stats["in_flight"] == 0
+
+
+def test_a_server_that_cuts_a_stream_for_the_next_request_is_sent_one_at_a_time_from_then_on(
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str], worker: Callable[..., object],
+    tmp_path: Path,
+) -> None:
+    # llama-cpp-python's server as users start it: one slot, and a request that waits ends the
+    # running stream early (interrupt_requests): an answer without its end, work thrown away
+    base = simulator("--parallel", "1", "--latency-ms", "500", "--interrupt-streams")
+    worker(base, "-c", "2", env={"MEDQ_LLM__MAX_IN_FLIGHT": "4"})
+    assert enqueue_wait(medq_env, records(tmp_path / "recs.jsonl", 16), "cut", timeout_s=120) == 0
+    docs = run_cli(["results", "cut"], medq_env).stdout.splitlines()
+    assert len(docs) == 16 and all('"status": "succeeded"' in d for d in docs)
+    assert all('"attempts": 1' in d for d in docs)  # the cut call went again within its job
+    stats = _stats(base)
+    assert 1 <= stats["streams_cut"] <= 2, stats  # learned at the first cut, for every worker
+    assert stats["requests"] == 16 + stats["streams_cut"]
