@@ -33,12 +33,20 @@ def endpoints(as_json: bool = typer.Option(False, "--json", help="Print JSON lin
         return
     table = Table(title="endpoints")
     for col in ("url", "model", "in flight", "cap", "cooling (s)", "ok", "errors", "cap cuts", "latency cuts",
-                "cool-downs"):
+                "cool-downs", "learned"):
         table.add_column(col)
     for row, check in zip(rows, checks, strict=True):
         table.add_row(
             row["url"], escape(f"{check.model}: {check.summary()}"), str(row["in_flight"]), f"{row['limit']:g}",
             f"{row['cooling_s']:g}", str(row["ok"]), str(row["errors"]), str(row["cuts"]), str(row["latency_cuts"]),
-            str(row["trips"]),
+            str(row["trips"]), _learned(row),
         )
     out.print(table)
+
+
+def _learned(row: dict) -> str:
+    """What the endpoint refused, as every worker knows it (``formats_refused``, ``streams``, ``one_at_a_time``)."""
+    said = [f"first {row['formats_refused']} response_format(s) refused"] if row["formats_refused"] else []
+    said += [] if row["streams"] else ["not streamed"]
+    said += ["one request at a time"] if row["one_at_a_time"] else []
+    return "; ".join(said) or "-"

@@ -652,6 +652,7 @@ def _snapshots(urls: list[str], replies: list[Any], max_in_flight: int | None) -
         h = {_s(k): _s(v) for k, v in raw.items()}
         cool_until = float(h.get("cool_until", 0))
         limit = float(h["limit"]) if "limit" in h else float(max_in_flight or 0)
+        learned = float(h.get("learned_at", 0)) + LEARNED_TTL_S * 1000 > now_ms  # see learn_refusal
         out.append({
             "url": redact_url(url),
             "in_flight": int(n),
@@ -662,6 +663,11 @@ def _snapshots(urls: list[str], replies: list[Any], max_in_flight: int | None) -
             "cuts": int(h.get("cuts", 0)),
             "latency_cuts": int(h.get("latency_cuts", 0)),
             "trips": int(h.get("trips", 0)),
+            # what it refused, as every worker knows it: the first N response_formats (in
+            # MEDQ_LLM__RESPONSE_FORMAT's auto order), streamed answers, a second request at once
+            "formats_refused": int(h["fmt"]) + 1 if learned and "fmt" in h else 0,
+            "streams": not (learned and "nostream" in h),
+            "one_at_a_time": learned and "serial" in h,
         })
     return out
 

@@ -110,3 +110,26 @@ def test_a_long_note_on_the_embedded_model_is_read_in_pieces(
     SchemaLoader().get("clinical_note").model.model_validate(doc["data"])
     for path, spans in doc["evidence"].items():  # offsets into the whole note
         assert all(0 <= a < b <= len(note) for a, b in spans), path
+
+
+def test_the_embedded_server_with_default_worker_settings_runs_every_job_once(
+    r: redis.Redis, llama_server: str, medq_env: dict[str, str], worker_process: Callable[..., object],
+    tmp_path: Path,
+) -> None:
+    """Issue 24's scene on the real server: llama-cpp-python (one request at a time, no
+    /props, refuses json_schema) and a worker with the defaults (no MAX_IN_FLIGHT, no
+    CONTEXT_TOKENS; the fixture's TIMEOUT_S of 10 s is tighter than the default 120)."""
+    from medq.state.endpoints import endpoint_snapshot
+
+    worker_process(llama_server, "-c", "2", env={"MEDQ_LLM__MODEL": "smollm2"})
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"id": f"n{i}", "text": NOTE.replace("54", str(40 + i))}) + "\n"
+                             for i in range(6)), encoding="utf-8")
+    res = run_cli(["enqueue", str(notes), "--schema", "clinical_note", "--batch", "defaults", "--wait",
+                   "--timeout-s", "600"], medq_env)
+    assert res.returncode == 0, res.stderr
+    docs = [json.loads(x) for x in run_cli(["results", "defaults"], medq_env).stdout.splitlines()]
+    assert len(docs) == 6 and {d["status"] for d in docs} == {"succeeded"}
+    assert [d["attempts"] for d in docs] == [1] * 6 and sum(d["deliveries"] for d in docs) <= 7
+    snap = endpoint_snapshot(r, llama_server, 1)
+    assert snap["errors"] == 0 and snap["trips"] == 0, snap  # no timeout, no cooling

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from medq.core.errors import EndpointTimeout
-from medq.state.endpoints import EndpointGate, GateConfig, endpoint_keys
+from medq.state.endpoints import EndpointGate, GateConfig, endpoint_keys, endpoint_snapshot
 from tests.helpers import enqueue_wait, records, run_cli
 from worker.llm.client import AsyncLLMClient, Completion
 from worker.pipeline import Batcher
@@ -94,6 +94,7 @@ def test_a_server_that_refuses_streams_is_asked_plainly_and_every_worker_learns_
     assert all(a.finish_reason == "stop" for a in answers)
     stats = _stats(base)
     assert stats["outcomes"] == {"400": 1, "ok": 4}  # one streamed request refused, for all four
+    assert endpoint_snapshot(r, base)["streams"] is False
 
 
 def test_a_refused_response_format_is_asked_once_per_endpoint_not_once_per_job(
@@ -106,6 +107,7 @@ def test_a_refused_response_format_is_asked_once_per_endpoint_not_once_per_job(
     assert enqueue_wait(medq_env, records(tmp_path / "recs.jsonl", 24), "fmt", timeout_s=120) == 0
     formats = _stats(base)["response_formats"]
     assert formats["json_schema"] == 1 and formats["json_object"] == 24, formats
+    assert endpoint_snapshot(r, base)["formats_refused"] == 1  # what `medq endpoints` shows
     docs = run_cli(["results", "fmt"], medq_env).stdout.splitlines()
     assert len(docs) == 24 and all('"attempts": 1' in d for d in docs)
 
@@ -152,3 +154,4 @@ def test_a_server_that_cuts_a_stream_for_the_next_request_is_sent_one_at_a_time_
     stats = _stats(base)
     assert 1 <= stats["streams_cut"] <= 2, stats  # learned at the first cut, for every worker
     assert stats["requests"] == 16 + stats["streams_cut"]
+    assert endpoint_snapshot(r, base)["one_at_a_time"] is True
