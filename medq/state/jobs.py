@@ -529,12 +529,13 @@ return 1
 RETRY_LUA = _lua("""
 -- KEYS: job, watch   ARGV: counter ('failures' or 'deferrals'), due_ms, job_id, error_kind, error_message, now_iso,
 --                         unsent ('1': the run sent nothing to the model), run_id
+--   counter '': neither (a run handed on to a worker that has the job's schema version)
 -- Returns 0, writing nothing, for a job no longer there (purged while it ran); 2, writing
 -- nothing, for a run that no longer holds the job (stale: see FENCE).
 local live = redis.call('HMGET', KEYS[1], $status, $batch, $run_id)
 if not live[1] or not live[2] then return 0 end
 if live[3] ~= ARGV[8] then return 2 end
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[1], 1) end
 if ARGV[7] == '1' then
   -- START_LUA counted the run as an attempt; it was a delivery only (see worker.policy.decide)
   redis.call('HINCRBY', KEYS[1], $attempts, -1)
@@ -724,7 +725,7 @@ async def put_back(
     unsent: bool,
 ) -> Wrote:
     """Count a run that will be tried again (``counter``: ``JobField.FAILURES`` or
-    ``DEFERRALS``), watch for its return by ``due_ms`` and say why (RETRY_LUA), if run
+    ``DEFERRALS``, or "" for neither: handed on uncharged), watch for its return by ``due_ms`` and say why (RETRY_LUA), if run
     ``run_id`` still holds the job. ``unsent``: the run sent nothing to the model, a delivery
     and not an attempt."""
     return Wrote(int(await calls.script(
