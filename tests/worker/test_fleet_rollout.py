@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import InProcessWorker, run_cli
+from tests.helpers import InProcessWorker, Proc, run_cli
 
 V1 = """name: lab_report
 version: 1
@@ -124,3 +124,30 @@ def test_with_no_capable_worker_jobs_fail_clearly_and_requeue_runs_them_once_one
     docs = _docs(producer_env, "labs")
     assert all(d["schema_version"] == 2 and d["error"] is None for d in docs)
     assert all(d["attempts"] == 1 for d in docs), [d["attempts"] for d in docs]
+
+
+def test_real_workers_take_the_queues_of_their_schema_versions(
+    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str],
+    worker_process: Callable[..., Proc], tmp_path: Path,
+) -> None:
+    """The issue's fleet as real ``medq worker`` processes (Celery's own worker adds the
+    queue of each schema version it has): 6 jobs of v2, an old worker with v1 only."""
+    old_dir = _folder(tmp_path / "old", lab_report=V1)
+    new_dir = _folder(tmp_path / "new", lab_report=V2)
+    base_url = simulator("--latency-ms", "100")
+    env = {**medq_env, "MEDQ_JOBS_PER_MESSAGE": "1"}
+    old = worker_process(base_url, "--loglevel", "INFO", env={**env, "MEDQ_SCHEMAS_DIRS": old_dir})
+    worker_process(base_url, env={**env, "MEDQ_SCHEMAS_DIRS": new_dir})
+    notes = tmp_path / "six.jsonl"
+    notes.write_text("".join(json.dumps({"id": f"r{i}", "text": f"HbA1c 7.{i} %."}) + "\n" for i in range(6)),
+                     encoding="utf-8")
+
+    t0 = time.monotonic()
+    res = run_cli(["enqueue", str(notes), "--schema", "lab_report", "--batch", "six", "--wait", "--timeout-s", "60"],
+                  {**env, "MEDQ_SCHEMAS_DIRS": new_dir})
+    took_s = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr + old.log
+    docs = _docs(env, "six")
+    assert all(d["status"] == "succeeded" and d["schema_version"] == 2 for d in docs)
+    assert all(d["attempts"] == 1 and d["deliveries"] <= 2 for d in docs), [(d["attempts"], d["deliveries"]) for d in docs]
+    print(f"6 jobs in {took_s:.1f}s; deliveries {sorted(d['deliveries'] for d in docs)}")
