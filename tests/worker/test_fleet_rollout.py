@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from tests.helpers import InProcessWorker, Proc, run_cli
+from tests.rabbitmq import own_vhost, skip_unless_rabbitmq
 
 V1 = """name: lab_report
 version: 1
@@ -126,8 +127,20 @@ def test_with_no_capable_worker_jobs_fail_clearly_and_requeue_runs_them_once_one
     assert all(d["attempts"] == 1 for d in docs), [d["attempts"] for d in docs]
 
 
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The broker's settings: Redis (the default), or a RabbitMQ vhost of the test's own,
+    made before the workers start and deleted after they stop (first in the arguments)."""
+    if request.param == "redis":
+        yield {}
+        return
+    skip_unless_rabbitmq()
+    with own_vhost() as (_, url):
+        yield {"MEDQ_BROKER_URL": url}
+
+
 def test_real_workers_take_the_queues_of_their_schema_versions(
-    r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str],
+    broker: dict[str, str], r: redis.Redis, medq_env: dict[str, str], simulator: Callable[..., str],
     worker_process: Callable[..., Proc], tmp_path: Path,
 ) -> None:
     """The issue's fleet as real ``medq worker`` processes (Celery's own worker adds the
@@ -135,7 +148,7 @@ def test_real_workers_take_the_queues_of_their_schema_versions(
     old_dir = _folder(tmp_path / "old", lab_report=V1)
     new_dir = _folder(tmp_path / "new", lab_report=V2)
     base_url = simulator("--latency-ms", "100")
-    env = {**medq_env, "MEDQ_JOBS_PER_MESSAGE": "1"}
+    env = {**medq_env, **broker, "MEDQ_JOBS_PER_MESSAGE": "1"}
     old = worker_process(base_url, "--loglevel", "INFO", env={**env, "MEDQ_SCHEMAS_DIRS": old_dir})
     worker_process(base_url, env={**env, "MEDQ_SCHEMAS_DIRS": new_dir})
     notes = tmp_path / "six.jsonl"
