@@ -16,7 +16,7 @@ from celery import Task
 from celery.exceptions import Reject
 
 import worker.signals  # noqa: F401 - registers the worker's signal handlers (start-up checks, the engine)
-from medq.core.contract import QUEUE, TASK_EXTRACT, TASK_EXTRACT_MANY
+from medq.core.contract import TASK_EXTRACT, TASK_EXTRACT_MANY
 from medq.state.connect import connect
 from worker.celery_app import app, settings
 from worker.engine import get_engine
@@ -41,7 +41,7 @@ def extract(self: Task, job_id: str) -> dict[str, Any]:
         later = outcome
         # Task.retry sends the retry and raises Retry, which leaves through while_full
         while_full(_redis, f"the retry of job {job_id} waits",
-                   lambda: self.retry(countdown=later.countdown_s, exc=later.error, queue=later.queue or QUEUE))
+                   lambda: self.retry(countdown=later.countdown_s, exc=later.error, queue=later.queue))
     assert isinstance(outcome, dict)
     return outcome
 
