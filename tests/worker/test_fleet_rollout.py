@@ -8,6 +8,7 @@ worker alive they fail at once, saying which schema and version and what to do, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio
 
+from medq.state import fleet
 from tests.helpers import InProcessWorker, Proc, run_cli
 from tests.rabbitmq import own_vhost, skip_unless_rabbitmq
 
@@ -164,3 +167,30 @@ def test_real_workers_take_the_queues_of_their_schema_versions(
     assert all(d["status"] == "succeeded" and d["schema_version"] == 2 for d in docs)
     assert all(d["attempts"] == 1 and d["deliveries"] <= 2 for d in docs), [(d["attempts"], d["deliveries"]) for d in docs]
     print(f"6 jobs in {took_s:.1f}s; deliveries {sorted(d['deliveries'] for d in docs)}")
+
+
+def test_jobs_handed_to_a_worker_that_then_died_fail_clearly_instead_of_waiting_forever(
+    r: redis.Redis, redis_url: str, medq_env: dict[str, str], simulator: Callable[..., str],
+    worker: Callable[..., InProcessWorker], tmp_path: Path,
+) -> None:
+    """The only capable worker said its schemas and was killed (no word after): the old
+    worker hands the jobs to its queue, where nobody takes them. Once its word runs out (a
+    lease) the orphan sweep sends them again, and the old worker fails them, saying why."""
+    async def a_worker_that_dies_after_saying_its_schemas() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+        await fleet.publish(client, "gone:1", [("lab_report", 2)], ttl_ms=2000)
+        await client.aclose()
+
+    old_dir = _folder(tmp_path / "old", lab_report=V1)
+    new_dir = _folder(tmp_path / "new", lab_report=V2)
+    env = {**medq_env, "MEDQ_WORKER__LEASE_S": "2"}
+    worker(simulator(), env={**env, "MEDQ_SCHEMAS_DIRS": old_dir})
+    asyncio.run(a_worker_that_dies_after_saying_its_schemas())
+
+    res = run_cli(["enqueue", str(_notes(tmp_path)), "--schema", "lab_report", "--batch", "labs",
+                   "--wait", "--timeout-s", "60"], {**env, "MEDQ_SCHEMAS_DIRS": new_dir})
+    assert res.returncode == 1, res.stderr
+    failed = [json.loads(line) for line in run_cli(["failed", "labs", "--json"], env).stdout.splitlines()]
+    assert len(failed) == JOBS
+    assert all(j["error_kind"] == "schema_unavailable" and j["attempts"] == 0 for j in failed)
+    assert all(j["deliveries"] <= 3 for j in failed), [j["deliveries"] for j in failed]
