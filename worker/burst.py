@@ -35,7 +35,7 @@ from kombu.transport.native_delayed_delivery import (
     declare_native_delayed_delivery_exchanges_and_queues,
 )
 
-from medq.core.contract import QUEUE, WATCH_KEY, JobStatus
+from medq.core.contract import QUEUE, WATCH_KEY, JobStatus, schema_queue
 from medq.core.settings import Settings
 from medq.state import jobs
 from medq.state.connect import connect
@@ -161,6 +161,10 @@ def run_burst(app: Any, batch: str | None = None, *, concurrency: int = 4, timeo
                     conn, app.conf.broker_native_delayed_delivery_queue_type)
                 bind_queue_to_native_delayed_delivery_exchange(conn, app.amqp.queues[QUEUE])
             inbox = conn.SimpleQueue(app.amqp.queues[QUEUE])
+            # as a worker does (``worker.signals``): the queues of the schema versions it has
+            # loaded, where a worker without a job's version hands the job on
+            handed = [conn.SimpleQueue(app.amqp.queues[schema_queue(name, version)])
+                      for name, version in engine.runner.processor.schema_loader.pairs()]
             if ready is not None:
                 ready.set()
             while stop is None or not stop.is_set():
@@ -173,10 +177,12 @@ def run_burst(app: Any, batch: str | None = None, *, concurrency: int = 4, timeo
                 if len(running) >= concurrency:
                     time.sleep(poll_s / 4)
                     continue
-                try:
-                    message = inbox.get(block=True, timeout=poll_s)
-                except queue.Empty:
-                    message = None
+                message = _first(handed)
+                if message is None:
+                    try:
+                        message = inbox.get(block=True, timeout=poll_s)
+                    except queue.Empty:
+                        message = None
                 if message is not None:
                     seq += 1
                     heapq.heappush(held, _Held(_due_s(message), seq, message))
@@ -202,7 +208,8 @@ def run_burst(app: Any, batch: str | None = None, *, concurrency: int = 4, timeo
             for fut in done:
                 settle(fut, running.pop(fut))
             engine.close()  # cuts what still runs (before its message goes back below)
-            inbox.close()  # the messages not acknowledged go back to the broker (kombu restores them)
+            for box in (inbox, *handed):
+                box.close()  # the messages not acknowledged go back to the broker (kombu restores them)
     finally:
         engine.close()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -210,6 +217,16 @@ def run_burst(app: Any, batch: str | None = None, *, concurrency: int = 4, timeo
         report.counts = batch_counts(r, batch)
     r.close()
     return report
+
+
+def _first(boxes: list[Any]) -> Any:
+    """A message from the first of ``boxes`` that has one, without waiting; None if none has."""
+    for box in boxes:
+        try:
+            return box.get(block=False)
+        except queue.Empty:
+            continue
+    return None
 
 
 def queued_messages(app: Any) -> int:

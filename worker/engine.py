@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 from collections.abc import Coroutine
 from typing import Any
 
+import redis
+
 from medq.core.settings import Settings, get_settings
+from medq.state import fleet
 from medq.state.dispatch import TaskSender, send_jobs
 from worker.leases import OrphanSweep, orphan_grace_s, sweep_period_s
 from worker.runner import JobRunner, Outcome, RetryLater
 
+log = logging.getLogger("medq.worker")
+
 
 class Engine:
-    """The loop, its :class:`JobRunner` and the sweep for jobs whose message was lost."""
+    """The loop, its :class:`JobRunner`, the sweep for jobs whose message was lost, and this
+    process's word to the fleet: the schema versions it has (``medq.state.fleet``)."""
 
     def __init__(self, settings: Settings, app: TaskSender) -> None:
         self.loop = asyncio.new_event_loop()
@@ -37,6 +44,17 @@ class Engine:
                                    period_s=sweep_period_s(settings), hold_min_s=settings.worker.lease_s,
                                    hold_max_s=settings.visibility_timeout_s)
         self._sweeper = asyncio.run_coroutine_threadsafe(self.orphans.forever(), self.loop)
+        # Said once before the first job, so a worker that lacks a schema version sees this one
+        # from the moment it takes messages; then again until it stops (its word runs out a
+        # lease after, if it dies without a word).
+        self._held = self.runner.processor.schema_loader.pairs()
+        self._fleet_ttl_ms = int(settings.worker.lease_s * 1000)
+        try:
+            self.call(fleet.publish(self.runner.r, self.runner.worker_id, self._held, self._fleet_ttl_ms))
+        except redis.RedisError:
+            pass  # Redis away at start: the publisher below says it, and says the schemas once it is back
+        self._publisher = asyncio.run_coroutine_threadsafe(
+            fleet.publish_forever(self.runner.r, self.runner.worker_id, self._held, self._fleet_ttl_ms), self.loop)
 
     @staticmethod
     async def _make_runner(settings: Settings) -> JobRunner:
@@ -73,6 +91,7 @@ class Engine:
         if not self.loop.is_running():
             return
         self._sweeper.cancel()
+        self._publisher.cancel()
         try:
             self.call(self._aclose())
         finally:
@@ -82,6 +101,11 @@ class Engine:
                 self.loop.close()
 
     async def _aclose(self) -> None:
+        try:  # jobs of its schemas go to the workers that stay, or fail saying so, from now
+            await fleet.withdraw(self.runner.r, self.runner.worker_id, self._held)
+        except redis.RedisError as exc:
+            log.warning("cannot withdraw this worker's schemas from the fleet (%s); they run out in %.0fs",
+                        type(exc).__name__, self._fleet_ttl_ms / 1000)
         await self.runner.aclose()
         # What is still scheduled (a cancelled sweep, a heartbeat) ends before the loop stops.
         pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]

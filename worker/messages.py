@@ -4,7 +4,8 @@
 - The jobs run side by side on the process's engine. Those that Redis refused for want
   of memory wait for room and run again (a full Redis is back-pressure, not the jobs'
   fault); meanwhile the message stays unacknowledged.
-- A job to retry goes back as its own ``medq.extract`` message with its countdown; a job
+- A job to retry goes back as its own ``medq.extract`` message with its countdown (on its
+  schema version's queue when this worker has not loaded that version); a job
   that failed was recorded as failed (dead letters) by the runner.
 - If Redis is unreachable, a job raised outside the runner, or the retries cannot be
   sent, the whole message goes back (:class:`PutBack`): the jobs already finished are
@@ -19,6 +20,7 @@ from typing import Any
 
 import redis
 
+from medq.core.contract import QUEUE
 from medq.core.errors import PermanentError
 from medq.state.dispatch import TaskSender, send_job
 from medq.state.memory import is_full, wait_for_room
@@ -89,7 +91,8 @@ def run_message(engine: Engine, app: TaskSender, client: Callable[[], redis.Redi
     try:
         for job_id, later in retries:
             while_full(client, f"the retry of job {job_id} waits",
-                       lambda: send_job(app, job_id, countdown_s=later.countdown_s))  # noqa: B023 - called at once
+                       lambda: send_job(app, job_id, countdown_s=later.countdown_s,  # noqa: B023 - called at once
+                                        queue=later.queue or QUEUE))  # noqa: B023
     except Exception as exc:  # the broker is gone: keep the message, send nothing twice
         raise PutBack(f"{len(job_ids)} jobs: could not send retries ({type(exc).__name__})") from None
     return counts

@@ -4,16 +4,19 @@ Budgets: charged errors (timeouts, 5xx) count against ``MEDQ_WORKER__MAX_RETRIES
 back-pressure (busy, down, rate-limited, no capacity) only delays the job, for at most
 ``MEDQ_WORKER__MAX_WAIT_S``. :func:`decide` says which, and when the job comes back;
 the runner (``worker.runner``) records it.
+
+A job whose schema version this worker has not loaded is no retry at all: :func:`place`
+says where it goes instead (to a live worker that has it, uncharged, or to dead letters).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from medq.core.contract import JobField
-from medq.core.errors import NoCapacity, RetryableError, SchemaVersionUnavailable
+from medq.core.contract import JobField, schema_queue
+from medq.core.errors import NoCapacity, RetryableError, SchemaUnavailable, SchemaVersionUnavailable
 from medq.core.settings import Settings
 
 # A job deferred this often waits the longest backoff; counting on would only overflow.
@@ -125,3 +128,39 @@ def decide(
     if why is not None:
         return GiveUp(why, countdown_s, counter, unsent)
     return Retry(countdown_s, counter, unsent)
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """Put the job back on ``queue``, which only the workers that have its schema version
+    take, at once and uncharged: a delivery, neither an attempt nor a deferral (no backoff
+    grows with it). ``error`` says why, on the job while it waits."""
+
+    queue: str
+    error: SchemaVersionUnavailable
+
+
+def _versions_text(versions: list[int]) -> str:
+    return ("version " if len(versions) == 1 else "versions ") + ", ".join(str(v) for v in versions)
+
+
+def place(schema: str, version: int, batch: str, here: list[int], live: Mapping[int, int]) -> HandOff | SchemaUnavailable:
+    """Where a job of ``schema`` ``version`` goes from a worker that has not loaded that
+    version (``here``: the versions it has, none for a schema it does not know). ``live``:
+    the versions live workers have loaded (``medq.state.fleet.live_versions``), each with
+    how many workers. Handed on if one of them has it; else a dead letter that says what
+    to do, which plain ``medq requeue`` runs again once a worker has it."""
+    has_here = _versions_text(here) if here else f"no schema {schema}"
+    if live.get(version, 0) > 0:
+        return HandOff(schema_queue(schema, version), SchemaVersionUnavailable(
+            f"schema {schema} version {version} is not loaded in the worker that took the job (it has {has_here}); "
+            f"handed on to the {live[version]} live worker(s) that have it"
+        ))
+    in_fleet = sorted(v for v, n in live.items() if n > 0)
+    fleet_has = _versions_text(in_fleet) if in_fleet else "none"
+    return SchemaUnavailable(
+        f"schema {schema} version {version} is not loaded in any live worker (this worker has {has_here}; "
+        f"live workers have {fleet_has} of {schema}). Start a worker whose schema folders (configs/schemas, "
+        f"MEDQ_SCHEMAS_DIRS) hold {schema} version {version} (e.g. the old file kept as {schema}.v{version}.yaml), "
+        f"then run `medq requeue {batch}`"
+    )

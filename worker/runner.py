@@ -20,6 +20,11 @@ Exactly one result per job, whatever the broker does:
   delivery has taken the job over, its retry or failure writes nothing (``FENCE`` in
   ``medq.state.jobs``), and the result store keeps the first success.
 
+A job of a schema version this worker has not loaded (a fleet in a rolling schema upgrade)
+is not run here: it goes back uncharged on that version's queue, which only the workers
+that have it take, or, when no live worker has it (``medq.state.fleet``), fails at once as
+``schema_unavailable``, saying which worker to start (``worker.policy.place``).
+
 Budgets: charged errors (timeouts, 5xx) count against ``MEDQ_WORKER__MAX_RETRIES``;
 back-pressure (busy, down, rate-limited, no capacity) only delays the job, for at most
 ``MEDQ_WORKER__MAX_WAIT_S``. Dead letters keep their payload until the job succeeds
@@ -57,6 +62,7 @@ from medq.core.errors import (
     PayloadMissing,
     PermanentError,
     RetryableError,
+    SchemaUnavailable,
     ServerError,
     StoreUnavailable,
     TimeLimitExceeded,
@@ -64,7 +70,7 @@ from medq.core.errors import (
 )
 from medq.core.ids import new_id
 from medq.core.settings import Settings
-from medq.state import jobs
+from medq.state import fleet, jobs
 from medq.state.connect import connect
 from medq.state.endpoints import watch_grants
 from medq.state.jobs import Job, Run, Wrote
@@ -76,7 +82,7 @@ from worker.extract.processor import Extraction, MedicalDataProcessor
 from worker.isolation import SuspectGate, Turn
 from worker.leases import Leases
 from worker.pipeline import Batcher
-from worker.policy import GiveUp, Limits, RunFacts, compute_backoff, decide
+from worker.policy import GiveUp, Limits, RunFacts, compute_backoff, decide, place
 
 log = logging.getLogger("medq.worker")
 
@@ -98,8 +104,12 @@ class _NeedsGate:
 
 @dataclass(frozen=True)
 class RetryLater:
+    """Send the job again in ``countdown_s``, on ``queue`` when it is not the ``medq`` one
+    (a schema version's: ``worker.policy.HandOff``)."""
+
     countdown_s: float
     error: RetryableError
+    queue: str | None = None
 
 
 class JobRunner:
@@ -126,6 +136,8 @@ class JobRunner:
         self.gate = SuspectGate()  # a job whose worker died runs alone in the process
         self._flusher: asyncio.Task[None] | None = None
         self._who = f"{socket.gethostname()}:{os.getpid()}"
+        # in the fleet (``medq.state.fleet``): one per runner, two in one process included
+        self.worker_id = f"{self._who}:{new_id()[:8]}"
 
     @property
     def processor(self) -> MedicalDataProcessor:
@@ -220,6 +232,9 @@ class JobRunner:
             await self._fail(job, "", st.attempts, exc)
             raise exc
         assert st.run is not None
+        handed = await self._unless_loaded(job, st.run)
+        if handed is not None:
+            return handed
         self.leases.hold(job_id, run_id)
         self.keep_flushing_metrics()
         try:
@@ -304,6 +319,30 @@ class JobRunner:
                     log.info("job %s: %s from %s; trying the next endpoint", job.job_id, exc.kind, endpoint.url)
         assert last is not None
         raise last
+
+    async def _unless_loaded(self, job: Job, run: Run) -> Outcome | RetryLater | None:
+        """None if this worker has the job's schema version loaded. Else, as
+        ``worker.policy.place`` says: back uncharged on the queue of the workers that have it,
+        or, when no live worker has it, a dead letter (``SchemaUnavailable``, raised)."""
+        here = self.processor.schema_loader.versions(job.schema)
+        if job.schema_version in here:
+            return None
+        where = place(job.schema, job.schema_version, job.batch, here, await fleet.live_versions(self.r, job.schema))
+        exc = where.error if not isinstance(where, SchemaUnavailable) else where
+        # Counted first, also when failing: a delivery, not an attempt (START_LUA counted one).
+        wrote = await jobs.put_back(self.batch, job, run.run_id, counter="",
+                                    due_ms=time.time() * 1000 + self.leases.lease_ms,
+                                    error_kind=exc.kind, error_message=exc.message, unsent=True)
+        if wrote is Wrote.STALE:
+            return self._stale(job)
+        if isinstance(where, SchemaUnavailable):
+            if await self._fail(job, run.run_id, run.attempts - 1, where) is Wrote.STALE:
+                return self._stale(job)
+            raise where
+        metrics.incr("medq_retries_total", schema=job.schema, kind=where.error.kind)
+        log.info("job %s record %s: schema %s version %s not loaded here; handed on to %s",
+                 job.job_id, job.record_id, job.schema, job.schema_version, where.queue)
+        return RetryLater(0.0, where.error, queue=where.queue)
 
     async def _retry_later(self, job: Job, run: Run, exc: RetryableError) -> Outcome | RetryLater:
         """Put the job back as ``worker.policy.decide`` says, or make it a dead letter

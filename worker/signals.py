@@ -1,4 +1,5 @@
-"""The worker's Celery signal handlers: start-up checks, the engine made at start, quiet SDK loggers.
+"""The worker's Celery signal handlers: start-up checks, the queues of its schema versions, the
+engine made at start, quiet SDK loggers.
 
 Imported by ``worker.tasks`` (which the worker loads before it sends ``worker_init``), so
 ``celery -A worker.celery_app worker`` registers them; the app is passed to the engine,
@@ -15,6 +16,7 @@ import redis
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    celeryd_after_setup,
     task_postrun,
     task_received,
     worker_init,
@@ -22,7 +24,7 @@ from celery.signals import (
     worker_ready,
 )
 
-from medq.core.contract import TASK_EXTRACT, TASK_EXTRACT_MANY
+from medq.core.contract import TASK_EXTRACT, TASK_EXTRACT_MANY, schema_queue
 from medq.core.crypto import Sealer
 from medq.core.errors import MedqError, SchemaError  # MedqError: RemoteEndpointRefused among them
 from medq.core.privacy import check_endpoints
@@ -75,6 +77,15 @@ def _wait_for_room(**_: Any) -> None:
                 return  # unreachable: Celery's own connection retries say so
     finally:
         client.close()
+
+
+@celeryd_after_setup.connect
+def _take_schema_queues(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """Besides ``medq``, take the queue of every schema version this worker has loaded: a
+    worker without a job's version hands the job on there (``worker.runner``), so it comes
+    only to workers that can run it. (Celery's documented way to add a worker's queues.)"""
+    for name, version in SchemaLoader(settings.schema_dirs).pairs():
+        instance.app.amqp.queues.select_add(schema_queue(name, version))
 
 
 def _report_schema_problems(loader: SchemaLoader) -> None:

@@ -41,7 +41,7 @@ def extract(self: Task, job_id: str) -> dict[str, Any]:
         later = outcome
         # Task.retry sends the retry and raises Retry, which leaves through while_full
         while_full(_redis, f"the retry of job {job_id} waits",
-                   lambda: self.retry(countdown=later.countdown_s, exc=later.error))
+                   lambda: self.retry(countdown=later.countdown_s, exc=later.error, queue=later.queue))
     assert isinstance(outcome, dict)
     return outcome
 

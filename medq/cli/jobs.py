@@ -227,7 +227,8 @@ def failed(
 def requeue(
     batch: str = typer.Argument(..., help="Batch id."),
     all_failed: bool = typer.Option(
-        False, "--all-failed", help="Every failed job; default: only those that failed on endpoint errors."
+        False, "--all-failed", help="Every failed job; default: only those that failed on endpoint errors, "
+                                    "or for want of a worker with their schema version once one is running."
     ),
 ) -> None:
     """Run failed jobs again."""
@@ -237,6 +238,11 @@ def requeue(
     _warn_schema_problems(producer.schema_loader)
     report = requeue_jobs(producer, batch, all_failed=all_failed)
     err.print(f"requeued {len(report.requeued)} job(s)", highlight=False)
+    for (schema, version), n in sorted(report.no_worker.items()):
+        err.print(f"[yellow]not requeued:[/yellow] {n} job(s) of schema {escape(schema)} version {version}: no live "
+                  f"worker has that version loaded. Start a worker whose schema folders hold it (e.g. "
+                  f"{escape(schema)}.v{version}.yaml in MEDQ_SCHEMAS_DIRS), then run `medq requeue {escape(batch)}` "
+                  "again", highlight=False, soft_wrap=True)
     if report.payload_missing:
         raise fail(
             f"{len(report.payload_missing)} job(s) cannot run again, their stored record expired: "

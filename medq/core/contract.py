@@ -110,6 +110,19 @@ def upload_key(upload_id: str) -> str:
     return f"{KEY_PREFIX}:upload:{upload_id}"
 
 
+def schema_queue(schema: str, version: int) -> str:
+    """The broker queue of the jobs of one schema version: every worker that has that version
+    loaded takes it besides ``QUEUE``, so a worker without it hands a job on there."""
+    return f"{QUEUE}.schema.{schema}.v{version}"
+
+
+def fleet_key(schema: str) -> str:
+    """Sorted set of the live workers that have schema ``schema`` loaded: members
+    ``<version>:<worker id>``, scored by when (ms, Redis's clock) the worker's word runs out
+    (``medq.state.fleet``)."""
+    return f"{KEY_PREFIX}:fleet:{schema}"
+
+
 WATCH_KEY = f"{KEY_PREFIX}:watch"
 """Sorted set of the unfinished jobs that have started (running, or waiting to retry),
 scored by the time (ms) by which something must happen to them again."""

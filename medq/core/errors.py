@@ -20,6 +20,8 @@
     │   ├── InvalidRecord         the record itself is unusable (empty, too large, bad UTF-8)
     │   ├── PayloadMissing        the stored record expired (MEDQ_PAYLOAD_TTL_S) or was purged
     │   ├── UnknownSchema         no schema by that name
+    │   ├── SchemaUnavailable     no live worker has the job's schema version loaded: start one
+    │   │                         that has it, then plain `medq requeue` runs the job again
     │   ├── SchemaError           a schema file is malformed
     │   ├── RequestRejected       HTTP 4xx other than 429: the request is wrong for the endpoint
     │   ├── EndpointMisconfigured the endpoint is set up wrong for medq, not the record: fix the
@@ -158,6 +160,14 @@ class PayloadMissing(PermanentError):
 
 class UnknownSchema(PermanentError):
     kind = "unknown_schema"
+
+
+class SchemaUnavailable(PermanentError):
+    """No live worker has the job's schema version loaded (``medq.state.fleet``), this one
+    included: handing it on would only bounce it. Permanent until a worker with that
+    version starts; then plain ``medq requeue`` takes it (``medq.state.jobs.requeue``)."""
+
+    kind = "schema_unavailable"
 
 
 class SchemaError(PermanentError):

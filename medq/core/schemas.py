@@ -96,6 +96,10 @@ class SchemaLoader:
     def all_versions(self) -> list[ExtractionSchema]:
         return [self._schemas[n][v] for n in self.names() for v in sorted(self._schemas[n])]
 
+    def pairs(self) -> list[tuple[str, int]]:
+        """Every loaded ``(name, version)``: what a worker with this loader can run."""
+        return [(s.name, s.version) for s in self.all_versions()]
+
     def versions(self, name: str) -> list[int]:
         return sorted(self._schemas.get(name, {}))
 

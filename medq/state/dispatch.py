@@ -19,10 +19,13 @@ class TaskSender(Protocol):
     def send_task(self, name: str, args: Any = None, **options: Any) -> Any: ...
 
 
-def send_job(app: TaskSender, job_id: str, *, countdown_s: float | None = None, producer: Any = None) -> None:
+def send_job(app: TaskSender, job_id: str, *, countdown_s: float | None = None, producer: Any = None,
+             queue: str = QUEUE) -> None:
     """One job as ``medq.extract``, as another service would send it. Its task id is the
-    job id, so Flower and Celery's result name the job. ``countdown_s``: run it no sooner."""
-    options: dict[str, Any] = {"task_id": job_id, "queue": QUEUE, "producer": producer}
+    job id, so Flower and Celery's result name the job. ``countdown_s``: run it no sooner.
+    ``queue``: another than ``medq`` (``medq.core.contract.schema_queue``: only the workers
+    that have the job's schema version take it)."""
+    options: dict[str, Any] = {"task_id": job_id, "queue": queue, "producer": producer}
     if countdown_s is not None:
         options["countdown"] = countdown_s
     app.send_task(TASK_EXTRACT, args=[job_id], **options)

@@ -43,7 +43,8 @@ from medq.core.contract import (
     revision_job_id,
     split_revision,
 )
-from medq.core.errors import EndpointMisconfigured, RetryableError
+from medq.core.errors import EndpointMisconfigured, RetryableError, SchemaUnavailable, UnknownSchema
+from medq.state import fleet
 
 _CHUNK = 1000
 _FIELDS = (JobField.RECORD_ID, JobField.STATUS, JobField.ATTEMPTS, JobField.ERROR_KIND, JobField.ERROR_MESSAGE,
@@ -61,6 +62,10 @@ ENDPOINT_FIX_KINDS: frozenset[str] = frozenset(
 )
 # What plain `medq requeue` takes.
 REQUEUE_KINDS: frozenset[str] = TRANSIENT_KINDS | ENDPOINT_FIX_KINDS
+# No worker had the job's schema version (``unknown_schema``: a dead letter of a worker from
+# before the fleet said its schemas): plain `medq requeue` takes them once a live worker has
+# that version loaded (``medq.state.fleet``), and says which still wait for one.
+FLEET_KINDS: frozenset[str] = frozenset({SchemaUnavailable.kind, UnknownSchema.kind})
 
 
 @dataclass(frozen=True)
@@ -137,15 +142,31 @@ def failed(r: redis.Redis, batch: str) -> list[JobState]:
 class RequeueReport:
     requeued: list[str]
     payload_missing: list[str]  # record ids that cannot run again: their record expired
+    # (schema, version) -> jobs not requeued: no live worker has that version loaded (FLEET_KINDS)
+    no_worker: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 def requeue(producer: Any, batch: str, all_failed: bool = False) -> RequeueReport:
     """Send failed jobs again: by default those whose error was transient or the
-    endpoint's set-up (``REQUEUE_KINDS``); with ``all_failed`` every failed job. A job
-    whose stored record is gone is reported. A job whose worker died while it ran goes in
-    a message of its own: if its record kills workers, it takes no companions down."""
+    endpoint's set-up (``REQUEUE_KINDS``), and those that no worker had the schema version
+    of (``FLEET_KINDS``) once a live worker has it; with ``all_failed`` every failed job. A
+    job whose stored record is gone is reported, and so are those still waiting for a
+    worker with their schema version (``no_worker``). A job whose worker died while it ran
+    goes in a message of its own: if its record kills workers, it takes no companions down."""
     r = producer.r
-    chosen = [st for st in failed(r, batch) if all_failed or st.error_kind in REQUEUE_KINDS]
+    chosen = []
+    live: dict[str, Counter[int]] = {}
+    no_worker: Counter[tuple[str, int]] = Counter()
+    for st in failed(r, batch):
+        if not all_failed and st.error_kind in FLEET_KINDS:
+            if st.schema not in live:
+                live[st.schema] = fleet.live_versions_sync(r, st.schema)
+            if not live[st.schema][st.schema_version]:
+                no_worker[(st.schema, st.schema_version)] += 1
+                continue
+        elif not all_failed and st.error_kind not in REQUEUE_KINDS:
+            continue
+        chosen.append(st)
     pipe = r.pipeline(transaction=False)
     for st in chosen:
         pipe.exists(payload_key(st.job_id))
@@ -168,7 +189,7 @@ def requeue(producer: Any, batch: str, all_failed: bool = False) -> RequeueRepor
     for st in ready:
         if st.job_id in suspects:
             producer.send([st.job_id])  # one job: a medq.extract message of its own
-    return RequeueReport([st.job_id for st in ready], missing)
+    return RequeueReport([st.job_id for st in ready], missing, dict(no_worker))
 
 
 @dataclass
@@ -529,12 +550,13 @@ return 1
 RETRY_LUA = _lua("""
 -- KEYS: job, watch   ARGV: counter ('failures' or 'deferrals'), due_ms, job_id, error_kind, error_message, now_iso,
 --                         unsent ('1': the run sent nothing to the model), run_id
+--   counter '': neither (a run handed on to a worker that has the job's schema version)
 -- Returns 0, writing nothing, for a job no longer there (purged while it ran); 2, writing
 -- nothing, for a run that no longer holds the job (stale: see FENCE).
 local live = redis.call('HMGET', KEYS[1], $status, $batch, $run_id)
 if not live[1] or not live[2] then return 0 end
 if live[3] ~= ARGV[8] then return 2 end
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[1], 1) end
 if ARGV[7] == '1' then
   -- START_LUA counted the run as an attempt; it was a delivery only (see worker.policy.decide)
   redis.call('HINCRBY', KEYS[1], $attempts, -1)
@@ -738,8 +760,9 @@ async def put_back(
     unsent: bool,
 ) -> Wrote:
     """Count a run that will be tried again (``counter``: ``JobField.FAILURES`` or
-    ``DEFERRALS``), watch for its return by ``due_ms`` (its countdown's end and the wait its
-    message may have in the broker's queue) and say why (RETRY_LUA), if run
+    ``DEFERRALS``, or "" for neither: handed on uncharged), watch for its return by ``due_ms``
+    (its countdown's end and the wait its message may have in the broker's queue) and say
+    why (RETRY_LUA), if run
     ``run_id`` still holds the job. ``unsent``: the run sent nothing to the model, a delivery
     and not an attempt."""
     return Wrote(int(await calls.script(

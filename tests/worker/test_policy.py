@@ -1,4 +1,5 @@
-"""worker.policy.decide: what a run that hit a retryable error does next, one row per case.
+"""worker.policy.decide: what a run that hit a retryable error does next, one row per case;
+worker.policy.place: where a job goes from a worker without its schema version.
 
 Each row: the error (its kind and Retry-After), what the job's state says of its earlier
 runs (failures, deferrals, seconds since its first run), the limits, and the decision.
@@ -17,12 +18,13 @@ from medq.core.errors import (
     Overloaded,
     RateLimited,
     RetryableError,
+    SchemaUnavailable,
     SchemaVersionUnavailable,
     ServerError,
     TimeLimitExceeded,
 )
 from medq.core.settings import Settings
-from worker.policy import GiveUp, Limits, Retry, RetryPolicy, RunFacts, decide
+from worker.policy import GiveUp, HandOff, Limits, Retry, RetryPolicy, RunFacts, decide, place
 
 F, D = JobField.FAILURES, JobField.DEFERRALS
 
@@ -76,3 +78,28 @@ def test_limits_come_from_the_settings() -> None:
     assert decide(ServerError("s"), RunFacts(2, 0, 0.0), lims, rand=lambda: 0.5) == GiveUp(
         "gave up after 3 failed attempts (MEDQ_WORKER__MAX_RETRIES=2)", 3.0, F, False
     )
+
+
+# worker.policy.place: a job of a schema version the worker has not loaded. Each row: the
+# versions here, the live workers per version in the fleet, and where the job goes.
+PLACES: list[tuple[str, list[int], dict[int, int], str | None]] = [
+    ("an upgraded worker, an old one alive", [2], {1: 1, 2: 1}, "medq.schema.lab_report.v1"),
+    ("a worker without the schema, a capable one alive", [], {1: 2}, "medq.schema.lab_report.v1"),
+    ("only newer versions alive", [2], {2: 3}, None),
+    ("no worker has the schema at all", [], {}, None),
+    ("a version that ran out is no worker", [], {1: 0}, None),
+]
+
+
+@pytest.mark.parametrize(("here", "live", "queue"), [p[1:] for p in PLACES], ids=[p[0] for p in PLACES])
+def test_place(here: list[int], live: dict[int, int], queue: str | None) -> None:
+    where = place("lab_report", 1, "ward-3", here, live)
+    if queue is not None:
+        assert isinstance(where, HandOff) and where.queue == queue
+        assert where.error.kind == "schema_version_unavailable" and not where.error.charged
+        return
+    # no live worker has it: a dead letter that names the schema, the version and what to do
+    assert isinstance(where, SchemaUnavailable) and where.kind == "schema_unavailable"
+    assert "schema lab_report version 1 is not loaded in any live worker" in where.message
+    assert "lab_report.v1.yaml" in where.message and "`medq requeue ward-3`" in where.message
+    assert ("this worker has version 2" if here else "this worker has no schema lab_report") in where.message

@@ -1,5 +1,6 @@
 """A rolling schema upgrade: each job runs under the version it was enqueued with, and
-its result says that version. A worker without that version hands the job on."""
+its result says that version. A worker without that version hands the job on to one that
+has it, or, with none alive, makes it a dead letter that `medq requeue` runs later."""
 
 from __future__ import annotations
 
@@ -63,17 +64,20 @@ def test_each_job_runs_under_its_own_schema_version(
                   {**medq_env, "MEDQ_SCHEMAS_DIRS": v1_only})
     assert old.returncode == 0, old.stderr
 
-    # An upgraded worker has only v2: it must not answer v1's jobs with v2's fields.
+    # An upgraded worker has only v2: it must not answer v1's jobs with v2's fields. With no
+    # worker alive that has v1, they fail at once, saying so (tests/worker/test_fleet_rollout.py).
     upgraded = worker(base_url, env={"MEDQ_SCHEMAS_DIRS": v2_only})
-    _until(lambda: all(d["error"] and d["error"]["kind"] == "schema_version_unavailable"
+    _until(lambda: all(d["error"] and d["error"]["kind"] == "schema_unavailable"
                        for d in _docs(medq_env, "labs-v1")))
     docs = _docs(medq_env, "labs-v1")
-    assert all(d["status"] == "retrying" and d["data"] is None for d in docs)
-    assert "schema lab_report version 1 is not loaded here" in docs[0]["error"]["message"]
+    assert all(d["status"] == "failed" and d["data"] is None for d in docs)
+    assert "schema lab_report version 1 is not loaded in any live worker" in docs[0]["error"]["message"]
     upgraded.stop()  # type: ignore[attr-defined]
 
-    # A worker with both files takes them, under v1; new jobs get v2.
+    # A worker with both files takes them again, under v1; new jobs get v2.
     worker(base_url, env={"MEDQ_SCHEMAS_DIRS": both})
+    again = run_cli(["requeue", "labs-v1"], {**medq_env, "MEDQ_SCHEMAS_DIRS": both})
+    assert "requeued 3 job(s)" in again.stderr, again.stderr
     new = run_cli(["enqueue", str(notes), "--schema", "lab_report", "--batch", "labs-v2", "--wait", "--timeout-s", "60"],
                   {**medq_env, "MEDQ_SCHEMAS_DIRS": both})
     assert new.returncode == 0, new.stderr
