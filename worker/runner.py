@@ -89,8 +89,8 @@ Outcome = dict[str, Any]  # a run's summary (``medq.state.results.document.summa
 
 @dataclass(frozen=True)
 class _NeedsGate:
-    """_run's answer for a suspect alone in its message: run it again once its turn at the
-    process's gate comes, ``alone`` or among suspects only."""
+    """_run's answer for a suspect: run it again once its turn at the process's gate comes,
+    ``alone`` or among suspects only."""
 
     alone: bool
 
@@ -159,16 +159,18 @@ class JobRunner:
     async def run(self, job_id: str, shared: bool = False) -> Outcome | RetryLater:
         """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
         after recording the failure, so Celery and Flower show it as failed. ``shared``: the
-        job came in a message of several; one whose worker died before is then not run
-        (``worker.isolation``), and alone it runs with no other job in this process.
+        job came in a message of several; one whose worker died before then runs among
+        suspects only, or is sent on to run alone (``worker.isolation``); alone in its
+        message it runs among suspects if others are here, else with no other job in this process.
 
         START_LUA tells a suspect apart in the same round trip that starts a job, so only a
         suspect pays a second call (after its turn at the gate)."""
         async with self.gate.turn(Turn.NORMAL):
             outcome = await self._run(job_id, "1" if shared else "0")
-        if isinstance(outcome, _NeedsGate) and not outcome.alone and self.gate.suspects():
-            # among other suspects (a worker died with many jobs): together, apart from healthy jobs;
-            # a suspect on its own takes the process alone, so that its death is its own
+        if isinstance(outcome, _NeedsGate) and not outcome.alone and (shared or self.gate.suspects()):
+            # among other suspects (a worker died with many jobs; the orphan sweep sends them
+            # together): side by side, apart from healthy jobs. A suspect on its own takes the
+            # process alone, so that its death is its own
             async with self.gate.turn(Turn.COMPANY):
                 outcome = await self._run(job_id, "3")  # asks for the gate again if it must run alone now
         if isinstance(outcome, _NeedsGate):
@@ -201,9 +203,10 @@ class JobRunner:
         if st.verdict == "gate":
             return _NeedsGate(st.alone)
         if st.verdict == "alone":
-            # A worker died while it ran (with companions, so nobody knows whose record killed
-            # it): it goes on as a message of its own (what the message does with RetryLater),
-            # so that a poison record takes down only itself and is charged alone.
+            # A suspect that must run alone (it died among suspects, or is a death from poison)
+            # came in a message of many: it goes on as a message of its own (what the message
+            # does with RetryLater), so that a poison record takes down only itself and is
+            # charged alone, and the message's other jobs do not wait for its turn.
             log.warning("job %s record %s: a worker died during %s run(s) of it; sent on to run alone",
                         job_id, job.record_id, st.lost)
             return RetryLater(0.0, RetryableError(f"job {job_id} lost a worker before; runs in a message of its own"))

@@ -462,10 +462,13 @@ local lost = tonumber(h[10]) or 0
 local spared = tonumber(h[11]) or 0
 local lost_after = lost + ((died and not spared_now) and 1 or 0)
 local alone = spared > 0 or spared_now or lost_after >= tonumber(ARGV[3]) - 1
--- a suspect alone in its message first takes its turn at the process's gate (alone, or
--- among suspects), then comes back in mode '2' or '3'; nothing is written now, so its
--- death is counted once, on that call
-if ARGV[6] == '0' and (died or lost > 0 or spared > 0) then return reply('gate', alone and '1' or '0') end
+-- a suspect first takes its turn at the process's gate (alone, or among suspects), then
+-- comes back in mode '2' or '3'; nothing is written now, so its death is counted once, on
+-- that call. In a message of many (the orphan sweep sends lost jobs together) only one
+-- that may run among suspects does: those must not wait for each other's turns alone.
+local suspect = died or lost > 0 or spared > 0
+if ARGV[6] == '0' and suspect then return reply('gate', alone and '1' or '0') end
+if ARGV[6] == '1' and suspect and not alone then return reply('gate', '0') end
 if ARGV[6] == '3' and alone then return reply('gate', '1') end
 if died then
   if spared_now then
@@ -477,8 +480,9 @@ if died then
   end
 end
 if ARGV[6] == '1' and (lost > 0 or spared > 0) then
-  -- a suspect (a worker died while it ran): not run beside others, so that its next death
-  -- is charged to it alone; the message sends it on as its own medq.extract
+  -- a suspect that must run alone (it died among suspects, or is a death from poison):
+  -- not held in this message, whose other jobs would wait for its turn alone; the message
+  -- sends it on as its own medq.extract, so that another process may take it meanwhile
   redis.call('HSET', KEYS[1], $status, 'retrying', $updated_at, ARGV[4])
   redis.call('HDEL', KEYS[1], $lease_until, $run_id)
   redis.call('ZADD', KEYS[3], now, ARGV[5])
@@ -648,8 +652,8 @@ class Start:
 
     ``missing`` (no job state) and ``superseded`` (``superseded_by``) carry no job; the
     others do: ``final`` (``status``, ``attempts``), ``busy`` (``lease_left_ms``),
-    ``gate`` (a suspect alone in its message: take its turn at the process's gate, ``alone``
-    or among suspects, then start in mode '2' or '3'),
+    ``gate`` (a suspect: take its turn at the process's gate, ``alone`` or among suspects,
+    then start in mode '2' or '3'; in a message of many only one that may run among suspects),
     ``alone`` and ``poison`` (``lost``; poison also ``attempts``), ``run`` (``run``)."""
 
     verdict: str

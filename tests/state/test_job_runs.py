@@ -93,6 +93,27 @@ def test_a_death_among_suspects_is_charged_to_none_and_sends_each_to_run_alone(r
     assert (poison.verdict, poison.lost) == ("poison", 3)
 
 
+def test_suspects_sent_together_run_among_suspects_and_one_that_must_run_alone_is_sent_on(
+    r: redis.Redis, redis_url: str
+) -> None:
+    calls = Calls(redis_url)
+    job = _job(r)
+    assert _start(calls, job, "run-a", "1").verdict == "run"
+    _lapse()  # its worker was killed: the orphan sweep sends it with the other lost jobs, in one message
+    gate = _start(calls, job, "run-b", "1")
+    assert (gate.verdict, gate.alone) == ("gate", False)  # held in the message: it runs among suspects
+    assert _field(r, job, JobField.LOST) == 0  # nothing written before its turn: the death is counted once
+    assert _start(calls, job, "run-b", "3").verdict == "run"
+    assert _field(r, job, JobField.LOST) == 1
+    _lapse()  # died again, among suspects: nobody can pin it
+    sent_on = _start(calls, job, "run-c", "1")
+    assert sent_on.verdict == "alone"  # not held: the message's other jobs would wait for its turn alone
+    assert (_field(r, job, JobField.LOST), _field(r, job, JobField.SPARED)) == (1, 1)
+    gate = _start(calls, job, "run-c", "0")  # its message of its own
+    assert (gate.verdict, gate.alone) == ("gate", True)
+    assert _start(calls, job, "run-c", "2").verdict == "run"
+
+
 def test_a_job_sent_again_is_sent_once_more_only_after_a_hold_that_doubles(r: redis.Redis, redis_url: str) -> None:
     calls = Calls(redis_url)
     job = _job(r)
