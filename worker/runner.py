@@ -165,8 +165,17 @@ class JobRunner:
 
         START_LUA tells a suspect apart in the same round trip that starts a job, so only a
         suspect pays a second call (after its turn at the gate)."""
-        async with self.gate.turn(Turn.NORMAL):
-            outcome = await self._run(job_id, "1" if shared else "0")
+        mode = "1" if shared else "0"
+        outcome: Outcome | RetryLater | _NeedsGate | None = None
+        if self.gate.suspects():
+            # Healthy jobs wait while suspects are here, but a suspect need not wait for the
+            # suspects before it to finish: it joins them, or is sent on to run alone, at once.
+            # (No turn: a peek starts no healthy job; a healthy job pays one round trip more.)
+            outcome = await self._run(job_id, mode, peek=True)
+        if outcome is None:
+            async with self.gate.turn(Turn.NORMAL):
+                outcome = await self._run(job_id, mode)
+        assert outcome is not None  # only a peek answers None
         if isinstance(outcome, _NeedsGate) and not outcome.alone and (shared or self.gate.suspects()):
             # among other suspects (a worker died with many jobs; the orphan sweep sends them
             # together): side by side, apart from healthy jobs. A suspect on its own takes the
@@ -176,13 +185,14 @@ class JobRunner:
         if isinstance(outcome, _NeedsGate):
             async with self.gate.turn(Turn.ALONE):
                 outcome = await self._run(job_id, "2")
-        assert not isinstance(outcome, _NeedsGate)  # mode 2 never asks for the gate
+        assert outcome is not None and not isinstance(outcome, _NeedsGate)  # mode 2 never asks for the gate
         return outcome
 
-    async def _run(self, job_id: str, mode: str) -> Outcome | RetryLater | _NeedsGate:
+    async def _run(self, job_id: str, mode: str, peek: bool = False) -> Outcome | RetryLater | _NeedsGate | None:
+        """One START_LUA and what follows; None: a ``peek`` at a healthy job, which did not start it."""
         run_id = new_id()
         st = await jobs.start(self.batch, job_id, run_id, lease_ms=self.leases.lease_ms,
-                              max_lost_runs=self.settings.worker.max_lost_runs, mode=mode)
+                              max_lost_runs=self.settings.worker.max_lost_runs, mode=mode, peek=peek)
         if st.verdict == "missing":
             # Nothing to record the failure in: the job was purged or never written.
             log.warning("job %s: no job state in Redis (purged, expired or foreign); dropped", job_id)
@@ -200,6 +210,8 @@ class JobRunner:
             wait_s = min(st.lease_left_ms / 1000 + 1, self.settings.max_countdown_s)
             log.info("job %s: already running elsewhere; checking again in %.1fs", job_id, wait_s)
             return RetryLater(wait_s, RetryableError(f"job {job_id} is running in another worker"))
+        if st.verdict == "healthy":
+            return None
         if st.verdict == "gate":
             return _NeedsGate(st.alone)
         if st.verdict == "alone":
