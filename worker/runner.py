@@ -99,6 +99,7 @@ class _NeedsGate:
 class RetryLater:
     countdown_s: float
     error: RetryableError
+    own_message: bool = False  # sent as a message of its own (a suspect that must run alone), never with others
 
 
 class JobRunner:
@@ -221,7 +222,8 @@ class JobRunner:
             # charged alone, and the message's other jobs do not wait for its turn.
             log.warning("job %s record %s: a worker died during %s run(s) of it; sent on to run alone",
                         job_id, job.record_id, st.lost)
-            return RetryLater(0.0, RetryableError(f"job {job_id} lost a worker before; runs in a message of its own"))
+            return RetryLater(0.0, RetryableError(f"job {job_id} lost a worker before; runs in a message of its own"),
+                              own_message=True)
         if st.verdict == "poison":
             exc = WorkerLost(
                 f"record {job.record_id}: its worker died during {st.lost} runs (MEDQ_WORKER__MAX_LOST_RUNS); "
