@@ -10,7 +10,7 @@ held by the killed worker):
 - before: 89 s (95 s in the issue). The orphan sweep sent each lost job as its own
   message; a suspect alone in its message took the process alone (``Turn.ALONE``)
   whenever no other suspect was there yet, so the suspects took turns, a 2 s call each;
-- after: 21-30 s (the bound below is ~34 s; re-sending starts 13-15 s after the kill, a
+- after: 21-31 s (the bound below is ~34 s; re-sending starts 13-15 s after the kill, a
   lease and a grace after the last heartbeat). The sweep sends lost jobs together,
   MEDQ_JOBS_PER_MESSAGE a message; suspects run side by side, among suspects only
   (``worker.isolation``), and one arriving while others run joins them; jobs put back
