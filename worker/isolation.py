@@ -23,7 +23,10 @@ remembers how each run shared its process):
   take it. Only deaths alone make a poison job, however the job comes back after them.
 
 The price of running suspects together: a worker killed again while it runs them sends
-every one of them to run alone, one at a time in a process.
+every one of them to run alone, one at a time in a process. So a company holds no more
+suspects than the process can have requests in flight (``company_max``): more would only
+wait for an endpoint slot, exposed to that death; the others wait at the gate, not yet
+started, and a death charges nothing to them.
 
 A prefork child runs one message at a time anyway; the threads pool runs several
 messages on one loop, and one death takes all of them. Jobs waiting at the gate have
@@ -48,11 +51,12 @@ class Turn(Enum):
 
 class SuspectGate:
     """A three-way lock over a process's runs: healthy jobs share it with each other,
-    suspects with each other, and a lone suspect with nobody. Suspects go first (under
-    steady load the process would never be free of healthy jobs), a lone suspect before
-    the company. Use it on the engine's loop."""
+    suspects with each other (at most ``company_max`` at once; 0: no limit), and a lone
+    suspect with nobody. Suspects go first (under steady load the process would never be
+    free of healthy jobs), a lone suspect before the company. Use it on the engine's loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, company_max: int = 0) -> None:
+        self.company_max = company_max
         self._changed = asyncio.Condition()
         self._running: Counter[Turn] = Counter()
         self._waiting: Counter[Turn] = Counter()
@@ -64,7 +68,8 @@ class SuspectGate:
         if running[Turn.ALONE]:
             return False
         if turn is Turn.COMPANY:
-            return not running[Turn.NORMAL] and not waiting[Turn.ALONE]
+            full = bool(self.company_max) and running[Turn.COMPANY] >= self.company_max
+            return not running[Turn.NORMAL] and not waiting[Turn.ALONE] and not full
         return not running[Turn.COMPANY] and not waiting[Turn.ALONE] and not waiting[Turn.COMPANY]
 
     def suspects(self) -> int:

@@ -123,7 +123,10 @@ class JobRunner:
         )
         self.limits = Limits.from_settings(settings)
         self.leases = Leases(self.r, int(settings.worker.lease_s * 1000))
-        self.gate = SuspectGate()  # a job whose worker died runs alone in the process
+        # a job whose worker died runs apart from healthy jobs; suspects together, at most as
+        # many as may be in flight from this process (more would only wait, exposed to a death)
+        in_flight = settings.llm.max_in_flight * len(settings.llm.all_endpoints)
+        self.gate = SuspectGate(company_max=in_flight)
         self._flusher: asyncio.Task[None] | None = None
         self._who = f"{socket.gethostname()}:{os.getpid()}"
 
