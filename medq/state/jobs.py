@@ -467,8 +467,9 @@ local lost_after = lost + ((died and not spared_now) and 1 or 0)
 local alone = spared > 0 or spared_now or lost_after >= tonumber(ARGV[3]) - 1
 -- a suspect first takes its turn at the process's gate (alone, or among suspects), then
 -- comes back in mode '2' or '3'; nothing is written now, so its death is counted once, on
--- that call. In a message of many (the orphan sweep sends lost jobs together) only one
--- that may run among suspects does: those must not wait for each other's turns alone.
+-- that call. In a message of many (the orphan sweep sends lost jobs together) too, unless
+-- it must run alone: the message sends that one on (below), so that the others do not
+-- wait for its turn alone.
 local suspect = died or lost > 0 or spared > 0
 if ARGV[7] == '1' and not suspect then return reply('healthy') end
 if ARGV[6] == '0' and suspect then return reply('gate', alone and '1' or '0') end
