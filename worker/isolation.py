@@ -12,7 +12,7 @@ remembers how each run shared its process):
   job shares their process, so a second death harms no healthy job, and it is not charged
   to anyone (nobody can pin it) but makes each of them run alone from then on. A worker
   killed with hundreds of jobs in flight gets them all back at full speed, not one at a
-  time (issue 24: 89 s from the kill to the last job became 21-31 s). While suspects are
+  time (issue 24: 89-99 s from the kill to the last job became 20-31 s). While suspects are
   in the process a job arriving *peeks* first (START_LUA starts no healthy job then), so a
   suspect joins the suspects running at once instead of waiting for their end. A suspect
   on its own runs alone at once;
