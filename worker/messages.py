@@ -4,9 +4,12 @@
 - The jobs run side by side on the process's engine. Those that Redis refused for want
   of memory wait for room and run again (a full Redis is back-pressure, not the jobs'
   fault); meanwhile the message stays unacknowledged.
-- A job to retry goes back as its own ``medq.extract`` message with its countdown (on its
-  schema version's queue when this worker has not loaded that version); a job
-  that failed was recorded as failed (dead letters) by the runner.
+- Jobs to retry go back with their countdown, together when their countdowns end within
+  the same second (``retry_messages``): sent one a message, each would hold a pool thread
+  for a whole call, and a process of ``-c 4`` would run 4 of them at a time whatever the
+  endpoint takes. A suspect that must run alone goes back as its own ``medq.extract``; a
+  job of a schema version this worker has not loaded goes to that version's queue.
+  A job that failed was recorded as failed (dead letters) by the runner.
 - If Redis is unreachable, a job raised outside the runner, or the retries cannot be
   sent, the whole message goes back (:class:`PutBack`): the jobs already finished are
   then found finished and not run again.
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +26,7 @@ import redis
 
 from medq.core.contract import QUEUE
 from medq.core.errors import PermanentError
-from medq.state.dispatch import TaskSender, send_job
+from medq.state.dispatch import TaskSender, send_jobs
 from medq.state.memory import is_full, wait_for_room
 from worker.engine import Engine
 from worker.runner import Outcome, RetryLater
@@ -89,10 +93,28 @@ def run_message(engine: Engine, app: TaskSender, client: Callable[[], redis.Redi
         else:
             counts["other"] += 1
     try:
+        queues: dict[str, list[tuple[str, RetryLater]]] = {}
         for job_id, later in retries:
-            while_full(client, f"the retry of job {job_id} waits",
-                       lambda: send_job(app, job_id, countdown_s=later.countdown_s,  # noqa: B023 - called at once
-                                        queue=later.queue or QUEUE))  # noqa: B023
+            queues.setdefault(later.queue or QUEUE, []).append((job_id, later))
+        for queue, queued in queues.items():
+            for ids, countdown_s in retry_messages(queued):
+                while_full(client, f"the retry of job(s) {', '.join(ids[:3])} waits",
+                           lambda: send_jobs(app, ids, per_message=len(ids),  # noqa: B023 - called at once
+                                             countdown_s=countdown_s, queue=queue))  # noqa: B023
     except Exception as exc:  # the broker is gone: keep the message, send nothing twice
         raise PutBack(f"{len(job_ids)} jobs: could not send retries ({type(exc).__name__})") from None
     return counts
+
+
+def retry_messages(retries: list[tuple[str, RetryLater]]) -> list[tuple[list[str], float]]:
+    """The messages that send a message's retries again: ``(job ids, countdown)``. Jobs whose
+    countdowns end within the same second go together, with the latest of their countdowns
+    (none runs sooner than it was told, at most a second later); one that must run alone
+    goes on its own."""
+    alone = [([job_id], later.countdown_s) for job_id, later in retries if later.own_message]
+    by_second: dict[int, list[tuple[str, float]]] = {}
+    for job_id, later in retries:
+        if not later.own_message:
+            by_second.setdefault(math.ceil(later.countdown_s), []).append((job_id, later.countdown_s))
+    together = [([j for j, _ in group], max(c for _, c in group)) for _, group in sorted(by_second.items())]
+    return alone + together

@@ -96,8 +96,8 @@ Outcome = dict[str, Any]  # a run's summary (``medq.state.results.document.summa
 
 @dataclass(frozen=True)
 class _NeedsGate:
-    """_run's answer for a suspect alone in its message: run it again once its turn at the
-    process's gate comes, ``alone`` or among suspects only."""
+    """_run's answer for a suspect: run it again once its turn at the process's gate comes,
+    ``alone`` or among suspects only."""
 
     alone: bool
 
@@ -110,6 +110,7 @@ class RetryLater:
     countdown_s: float
     error: RetryableError
     queue: str | None = None
+    own_message: bool = False  # sent as a message of its own (a suspect that must run alone), never with others
 
 
 class JobRunner:
@@ -133,7 +134,10 @@ class JobRunner:
         )
         self.limits = Limits.from_settings(settings)
         self.leases = Leases(self.r, int(settings.worker.lease_s * 1000))
-        self.gate = SuspectGate()  # a job whose worker died runs alone in the process
+        # a job whose worker died runs apart from healthy jobs; suspects together, at most as
+        # many as may be in flight from this process (more would only wait, exposed to a death)
+        in_flight = settings.llm.max_in_flight * len(settings.llm.all_endpoints)
+        self.gate = SuspectGate(company_max=in_flight)
         self._flusher: asyncio.Task[None] | None = None
         self._who = f"{socket.gethostname()}:{os.getpid()}"
         # in the fleet (``medq.state.fleet``): one per runner, two in one process included
@@ -176,28 +180,40 @@ class JobRunner:
     async def run(self, job_id: str, shared: bool = False) -> Outcome | RetryLater:
         """Run a job once. Returns its summary, or ``RetryLater``; raises ``PermanentError``
         after recording the failure, so Celery and Flower show it as failed. ``shared``: the
-        job came in a message of several; one whose worker died before is then not run
-        (``worker.isolation``), and alone it runs with no other job in this process.
+        job came in a message of several; one whose worker died before then runs among
+        suspects only, or is sent on to run alone (``worker.isolation``); alone in its
+        message it runs among suspects if others are here, else with no other job in this process.
 
         START_LUA tells a suspect apart in the same round trip that starts a job, so only a
         suspect pays a second call (after its turn at the gate)."""
-        async with self.gate.turn(Turn.NORMAL):
-            outcome = await self._run(job_id, "1" if shared else "0")
-        if isinstance(outcome, _NeedsGate) and not outcome.alone and self.gate.suspects():
-            # among other suspects (a worker died with many jobs): together, apart from healthy jobs;
-            # a suspect on its own takes the process alone, so that its death is its own
+        mode = "1" if shared else "0"
+        outcome: Outcome | RetryLater | _NeedsGate | None = None
+        if self.gate.suspects():
+            # Healthy jobs wait while suspects are here, but a suspect need not wait for the
+            # suspects before it to finish: it joins them, or is sent on to run alone, at once.
+            # (No turn: a peek starts no healthy job; a healthy job pays one round trip more.)
+            outcome = await self._run(job_id, mode, peek=True)
+        if outcome is None:
+            async with self.gate.turn(Turn.NORMAL):
+                outcome = await self._run(job_id, mode)
+        assert outcome is not None  # only a peek answers None
+        if isinstance(outcome, _NeedsGate) and not outcome.alone and (shared or self.gate.suspects()):
+            # among other suspects (a worker died with many jobs; the orphan sweep sends them
+            # together): side by side, apart from healthy jobs. A suspect on its own takes the
+            # process alone, so that its death is its own
             async with self.gate.turn(Turn.COMPANY):
                 outcome = await self._run(job_id, "3")  # asks for the gate again if it must run alone now
         if isinstance(outcome, _NeedsGate):
             async with self.gate.turn(Turn.ALONE):
                 outcome = await self._run(job_id, "2")
-        assert not isinstance(outcome, _NeedsGate)  # mode 2 never asks for the gate
+        assert outcome is not None and not isinstance(outcome, _NeedsGate)  # mode 2 never asks for the gate
         return outcome
 
-    async def _run(self, job_id: str, mode: str) -> Outcome | RetryLater | _NeedsGate:
+    async def _run(self, job_id: str, mode: str, peek: bool = False) -> Outcome | RetryLater | _NeedsGate | None:
+        """One START_LUA and what follows; None: a ``peek`` at a healthy job, which did not start it."""
         run_id = new_id()
         st = await jobs.start(self.batch, job_id, run_id, lease_ms=self.leases.lease_ms,
-                              max_lost_runs=self.settings.worker.max_lost_runs, mode=mode)
+                              max_lost_runs=self.settings.worker.max_lost_runs, mode=mode, peek=peek)
         if st.verdict == "missing":
             # Nothing to record the failure in: the job was purged or never written.
             log.warning("job %s: no job state in Redis (purged, expired or foreign); dropped", job_id)
@@ -215,15 +231,19 @@ class JobRunner:
             wait_s = min(st.lease_left_ms / 1000 + 1, self.settings.max_countdown_s)
             log.info("job %s: already running elsewhere; checking again in %.1fs", job_id, wait_s)
             return RetryLater(wait_s, RetryableError(f"job {job_id} is running in another worker"))
+        if st.verdict == "healthy":
+            return None
         if st.verdict == "gate":
             return _NeedsGate(st.alone)
         if st.verdict == "alone":
-            # A worker died while it ran (with companions, so nobody knows whose record killed
-            # it): it goes on as a message of its own (what the message does with RetryLater),
-            # so that a poison record takes down only itself and is charged alone.
+            # A suspect that must run alone (it died among suspects, or is a death from poison)
+            # came in a message of many: it goes on as a message of its own (what the message
+            # does with RetryLater), so that a poison record takes down only itself and is
+            # charged alone, and the message's other jobs do not wait for its turn.
             log.warning("job %s record %s: a worker died during %s run(s) of it; sent on to run alone",
                         job_id, job.record_id, st.lost)
-            return RetryLater(0.0, RetryableError(f"job {job_id} lost a worker before; runs in a message of its own"))
+            return RetryLater(0.0, RetryableError(f"job {job_id} lost a worker before; runs in a message of its own"),
+                              own_message=True)
         if st.verdict == "poison":
             exc = WorkerLost(
                 f"record {job.record_id}: its worker died during {st.lost} runs (MEDQ_WORKER__MAX_LOST_RUNS); "
@@ -330,6 +350,8 @@ class JobRunner:
         where = place(job.schema, job.schema_version, job.batch, here, await fleet.live_versions(self.r, job.schema))
         exc = where.error if not isinstance(where, SchemaUnavailable) else where
         # Counted first, also when failing: a delivery, not an attempt (START_LUA counted one).
+        # Watched again a lease from now, not the broker's visibility timeout as a retry is:
+        # the version's queue may lose its last reader, and then the sweep sends it back here.
         wrote = await jobs.put_back(self.batch, job, run.run_id, counter="",
                                     due_ms=time.time() * 1000 + self.leases.lease_ms,
                                     error_kind=exc.kind, error_message=exc.message, unsent=True)

@@ -31,14 +31,19 @@ def send_job(app: TaskSender, job_id: str, *, countdown_s: float | None = None, 
     app.send_task(TASK_EXTRACT, args=[job_id], **options)
 
 
-def send_jobs(app: TaskSender, job_ids: list[str], *, per_message: int = 1, producer: Any = None) -> None:
+def send_jobs(app: TaskSender, job_ids: list[str], *, per_message: int = 1, countdown_s: float | None = None,
+              producer: Any = None, queue: str = QUEUE) -> None:
     """``job_ids`` in groups of ``per_message`` as ``medq.extract_many`` messages (run side
-    by side by one worker); a group of one goes as ``medq.extract``. ``producer``: a kombu
-    producer to reuse for all of them (``app.producer_or_acquire()``)."""
+    by side by one worker); a group of one goes as ``medq.extract``. ``countdown_s``: run
+    them no sooner. ``producer``: a kombu producer to reuse for all of them
+    (``app.producer_or_acquire()``). ``queue``: as for :func:`send_job`."""
     per = max(per_message, 1)
+    options: dict[str, Any] = {"queue": queue, "producer": producer}
+    if countdown_s is not None:
+        options["countdown"] = countdown_s
     for i in range(0, len(job_ids), per):
         group = job_ids[i : i + per]
         if len(group) == 1:
-            send_job(app, group[0], producer=producer)
+            send_job(app, group[0], countdown_s=countdown_s, producer=producer, queue=queue)
         else:
-            app.send_task(TASK_EXTRACT_MANY, args=[group], queue=QUEUE, producer=producer)
+            app.send_task(TASK_EXTRACT_MANY, args=[group], **options)

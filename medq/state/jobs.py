@@ -450,7 +450,10 @@ def mark_sent(r: redis.Redis, job_ids: list[str]) -> None:
 START_LUA = _lua("""
 -- KEYS: job, payload, watch   ARGV: run_id, lease_ms, max_lost_runs, now_iso, job_id,
 --   mode: '1' a many-job message; '0' a job alone in its message; then, for a suspect that
---   came back from the gate (worker.isolation), '2' holding the process alone or '3' among suspects only
+--   came back from the gate (worker.isolation), '2' holding the process alone or '3' among suspects only;
+--   peek: '1' when suspects are in the process, so healthy jobs may not start now: a healthy
+--   job is answered 'healthy' (nothing written; it waits for its turn and asks again), a
+--   suspect as in its mode, at once, so that it joins the suspects or is sent on
 -- Returns {verdict, batch, record_id, schema, schema_version, ...}: one round trip
 -- reads the job, decides, takes the lease and fetches the record.
 local t = redis.call('TIME')
@@ -483,23 +486,33 @@ local lost = tonumber(h[10]) or 0
 local spared = tonumber(h[11]) or 0
 local lost_after = lost + ((died and not spared_now) and 1 or 0)
 local alone = spared > 0 or spared_now or lost_after >= tonumber(ARGV[3]) - 1
--- a suspect alone in its message first takes its turn at the process's gate (alone, or
--- among suspects), then comes back in mode '2' or '3'; nothing is written now, so its
--- death is counted once, on that call
-if ARGV[6] == '0' and (died or lost > 0 or spared > 0) then return reply('gate', alone and '1' or '0') end
+-- a suspect first takes its turn at the process's gate (alone, or among suspects), then
+-- comes back in mode '2' or '3'; nothing is written now, so its death is counted once, on
+-- that call. In a message of many (the orphan sweep sends lost jobs together) too, unless
+-- it must run alone: the message sends that one on (below), so that the others do not
+-- wait for its turn alone.
+local suspect = died or lost > 0 or spared > 0
+if ARGV[7] == '1' and not suspect then return reply('healthy') end
+if ARGV[6] == '0' and suspect then return reply('gate', alone and '1' or '0') end
+if ARGV[6] == '1' and suspect and not alone then return reply('gate', '0') end
 if ARGV[6] == '3' and alone then return reply('gate', '1') end
 if died then
   if spared_now then
     spared = redis.call('HINCRBY', KEYS[1], $spared, 1)
   else
     lost = redis.call('HINCRBY', KEYS[1], $lost, 1)
-    -- in a shared message the death may have been a companion's: only a job that died alone is poison
-    if lost >= tonumber(ARGV[3]) and ARGV[6] ~= '1' then return reply('poison', tostring(lost), h[8] or '0') end
+    -- found in a shared message, a death beside healthy jobs may have been a companion's: that
+    -- job runs alone once more first. A death alone ('a') was its own, however it comes back
+    -- (the orphan sweep sends lost jobs together): poison now, not one more death later
+    if lost >= tonumber(ARGV[3]) and (ARGV[6] ~= '1' or h[12] == 'a') then
+      return reply('poison', tostring(lost), h[8] or '0')
+    end
   end
 end
 if ARGV[6] == '1' and (lost > 0 or spared > 0) then
-  -- a suspect (a worker died while it ran): not run beside others, so that its next death
-  -- is charged to it alone; the message sends it on as its own medq.extract
+  -- a suspect that must run alone (it died among suspects, or is a death from poison):
+  -- not held in this message, whose other jobs would wait for its turn alone; the message
+  -- sends it on as its own medq.extract, so that another process may take it meanwhile
   redis.call('HSET', KEYS[1], $status, 'retrying', $updated_at, ARGV[4])
   redis.call('HDEL', KEYS[1], $lease_until, $run_id)
   redis.call('ZADD', KEYS[3], now, ARGV[5])
@@ -684,8 +697,9 @@ class Start:
 
     ``missing`` (no job state) and ``superseded`` (``superseded_by``) carry no job; the
     others do: ``final`` (``status``, ``attempts``), ``busy`` (``lease_left_ms``),
-    ``gate`` (a suspect alone in its message: take its turn at the process's gate, ``alone``
-    or among suspects, then start in mode '2' or '3'),
+    ``gate`` (a suspect: take its turn at the process's gate, ``alone`` or among suspects,
+    then start in mode '2' or '3'; in a message of many only one that may run among suspects),
+    ``healthy`` (a peek at a job that is no suspect: it waits for its turn, then starts),
     ``alone`` and ``poison`` (``lost``; poison also ``attempts``), ``run`` (``run``)."""
 
     verdict: str
@@ -699,11 +713,13 @@ class Start:
     alone: bool = False
 
 
-async def start(calls: ScriptCalls, job_id: str, run_id: str, *, lease_ms: int, max_lost_runs: int, mode: str) -> Start:
-    """Decide whether this delivery runs the job and, if so, take its lease (START_LUA)."""
+async def start(calls: ScriptCalls, job_id: str, run_id: str, *, lease_ms: int, max_lost_runs: int, mode: str,
+                peek: bool = False) -> Start:
+    """Decide whether this delivery runs the job and, if so, take its lease (START_LUA).
+    ``peek``: start no healthy job (verdict ``healthy``, nothing written)."""
     res = await calls.script(
         START_LUA, [job_key(job_id), payload_key(job_id), WATCH_KEY],
-        [run_id, lease_ms, max_lost_runs, now_iso(), job_id, mode],
+        [run_id, lease_ms, max_lost_runs, now_iso(), job_id, mode, "1" if peek else "0"],
     )
     verdict = res[0]
     if verdict == "missing":
@@ -720,6 +736,8 @@ async def start(calls: ScriptCalls, job_id: str, run_id: str, *, lease_ms: int, 
         return Start(verdict, job, lost=int(rest[0]))
     if verdict == "poison":
         return Start(verdict, job, lost=int(rest[0]), attempts=int(rest[1]))
+    if verdict == "healthy":
+        return Start(verdict, job)
     if verdict != "run":
         return Start(verdict, job, alone=rest[0] == "1")  # gate
     # rest: attempts, failures, lost, first_run_ms, deferrals, now_ms, unsent_runs[, payload]

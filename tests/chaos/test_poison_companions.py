@@ -1,9 +1,9 @@
 """A record that kills its worker, sent 16 jobs to a message: only it is dead-lettered.
 
 Its companions were running when the worker died, so the first death is charged to
-each of them (nobody can know whose record it was); from then on each of them runs
-in a message of its own, apart from healthy jobs. Suspects that meet in a process run
-together; a death among them is charged to nobody but sends each to run alone, and the
+each of them (nobody can know whose record it was); from then on they run apart from
+healthy jobs. The orphan sweep sends them back together and they run among suspects
+only; a death among them is charged to nobody but sends each to run alone, and the
 poison record's deaths alone are its own.
 """
 

@@ -27,11 +27,11 @@ class Calls:
         return self.r.eval(source, len(keys), *keys, *args)
 
 
-def _job(r: redis.Redis) -> jobs.Job:
+def _job(r: redis.Redis, record_id: str = "rec-1") -> jobs.Job:
     run = JobDefaults(batch="runs", schema="clinical_note", schema_version=1, now_iso=jobs.now_iso(),
                       payload_ttl_s=600, replaced_ttl_s=600)
-    [(_, job_id)] = jobs.create_jobs(r, run, [("rec-1", '{"text": "x"}', "d1")], 0)
-    return jobs.Job(job_id, "runs", "rec-1", "clinical_note", 1)
+    [(_, job_id)] = jobs.create_jobs(r, run, [(record_id, '{"text": "x"}', "d1")], 0)
+    return jobs.Job(job_id, "runs", record_id, "clinical_note", 1)
 
 
 def _start(calls: Calls, job: jobs.Job, run_id: str, mode: str) -> jobs.Start:
@@ -91,6 +91,64 @@ def test_a_death_among_suspects_is_charged_to_none_and_sends_each_to_run_alone(r
     _lapse()
     poison = _start(calls, job, "run-e", "2")
     assert (poison.verdict, poison.lost) == ("poison", 3)
+
+
+def test_suspects_sent_together_run_among_suspects_and_one_that_must_run_alone_is_sent_on(
+    r: redis.Redis, redis_url: str
+) -> None:
+    calls = Calls(redis_url)
+    job = _job(r)
+    assert _start(calls, job, "run-a", "1").verdict == "run"
+    _lapse()  # its worker was killed: the orphan sweep sends it with the other lost jobs, in one message
+    gate = _start(calls, job, "run-b", "1")
+    assert (gate.verdict, gate.alone) == ("gate", False)  # held in the message: it runs among suspects
+    assert _field(r, job, JobField.LOST) == 0  # nothing written before its turn: the death is counted once
+    assert _start(calls, job, "run-b", "3").verdict == "run"
+    assert _field(r, job, JobField.LOST) == 1
+    _lapse()  # died again, among suspects: nobody can pin it
+    sent_on = _start(calls, job, "run-c", "1")
+    assert sent_on.verdict == "alone"  # not held: the message's other jobs would wait for its turn alone
+    assert (_field(r, job, JobField.LOST), _field(r, job, JobField.SPARED)) == (1, 1)
+    gate = _start(calls, job, "run-c", "0")  # its message of its own
+    assert (gate.verdict, gate.alone) == ("gate", True)
+    assert _start(calls, job, "run-c", "2").verdict == "run"
+
+
+def test_a_peek_while_suspects_run_starts_no_healthy_job_but_answers_a_suspect_at_once(
+    r: redis.Redis, redis_url: str
+) -> None:
+    calls = Calls(redis_url)
+    healthy, suspect = _job(r), _job(r, "rec-2")
+
+    def peek(job: jobs.Job, mode: str) -> jobs.Start:
+        return asyncio.run(jobs.start(calls, job.job_id, "run-p", lease_ms=LEASE_MS, max_lost_runs=3, mode=mode,
+                                      peek=True))
+
+    assert peek(healthy, "1").verdict == "healthy"
+    assert r.hget(job_key(healthy.job_id), JobField.STATUS) == b"queued"  # not started: it waits for its turn
+    assert _start(calls, suspect, "run-a", "1").verdict == "run"
+    _lapse()  # its worker died
+    gate = peek(suspect, "1")
+    assert (gate.verdict, gate.alone) == ("gate", False)  # joins the suspects at once
+    assert _field(r, suspect, JobField.LOST) == 0
+
+
+def test_a_job_whose_own_deaths_reach_the_limit_is_poison_also_when_sent_again_among_others(
+    r: redis.Redis, redis_url: str
+) -> None:
+    calls = Calls(redis_url)
+    job = _job(r)
+    assert _start(calls, job, "run-a", "1").verdict == "run"
+    _lapse()  # died beside healthy jobs: lost run 1
+    assert _start(calls, job, "run-b", "0").alone is False
+    assert _start(calls, job, "run-b", "2").verdict == "run"  # alone (as a suspect on its own runs)
+    _lapse()  # died alone: lost run 2; the orphan sweep sends it with other lost jobs
+    assert _start(calls, job, "run-c", "1").verdict == "alone"  # a death from poison: sent on to run alone
+    assert _start(calls, job, "run-c", "0").alone is True
+    assert _start(calls, job, "run-c", "2").verdict == "run"
+    _lapse()  # died alone again, and comes back in a message of many
+    poison = _start(calls, job, "run-d", "1")
+    assert (poison.verdict, poison.lost) == ("poison", 3)  # not run once more
 
 
 def test_a_job_sent_again_is_sent_once_more_only_after_a_hold_that_doubles(r: redis.Redis, redis_url: str) -> None:

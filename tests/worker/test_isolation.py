@@ -47,3 +47,29 @@ def test_a_suspect_counts_as_company_only_while_it_waits_or_runs() -> None:
         return before, during, gate.suspects()
 
     assert asyncio.run(scenario()) == (0, 1, 0)
+
+
+def test_a_company_holds_no_more_suspects_than_may_be_in_flight_and_the_rest_wait_unstarted() -> None:
+    async def scenario() -> tuple[int, list[str]]:
+        gate = SuspectGate(company_max=2)
+        running: set[str] = set()
+        most = 0
+        order: list[str] = []
+
+        async def job(name: str, turn: Turn, after_s: float = 0.0) -> None:
+            nonlocal most
+            await asyncio.sleep(after_s)
+            async with gate.turn(turn):
+                order.append(name)
+                running.add(name)
+                most = max(most, len({n for n in running if n.startswith("suspect")}))
+                await asyncio.sleep(0.02)
+                running.discard(name)
+
+        await asyncio.gather(*(job(f"suspect-{i}", Turn.COMPANY) for i in range(5)),
+                             job("healthy", Turn.NORMAL, after_s=0.005))
+        return most, order
+
+    most, order = asyncio.run(scenario())
+    assert most == 2  # a second death would spare two, not five
+    assert order[-1] == "healthy"  # and healthy jobs still wait for every suspect
