@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from medq.core.settings import Settings, get_settings
-from medq.state import fleet
+from medq.state import fleet, jobs
 from medq.state.dispatch import TaskSender, send_jobs
 from worker.leases import OrphanSweep, orphan_grace_s, sweep_period_s
 from worker.runner import JobRunner, Outcome, RetryLater
@@ -87,6 +87,17 @@ class Engine:
 
     def unreserve(self, job_ids: list[str]) -> None:
         self.loop.call_soon_threadsafe(self.runner.leases.unreserve, list(job_ids))
+
+    def sent_back(self, job_ids: list[str], countdown_s: float) -> None:
+        """These jobs' retries go to the broker now (from any thread): this process holds them
+        no more, and a message waiting in the broker's queue behind busy workers is not lost:
+        they are watched until the countdown's end plus the broker's visibility timeout."""
+        self.call(self._sent_back(list(job_ids), countdown_s))
+
+    async def _sent_back(self, job_ids: list[str], countdown_s: float) -> None:
+        self.runner.leases.forget(job_ids)
+        await jobs.watch_queued(self.runner.r, job_ids,
+                                int((countdown_s + self.runner.settings.visibility_timeout_s) * 1000))
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the sweep, close the runner's connections, stop the loop and its thread.

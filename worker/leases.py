@@ -71,10 +71,16 @@ class Leases:
             loop.create_task(self._heard_of(fresh))
 
     def unreserve(self, job_ids: list[str]) -> None:
-        self._reserved.subtract(job_ids)
         for j in job_ids:
-            if self._reserved[j] <= 0:
-                del self._reserved[j]
+            if j in self._reserved:
+                self._reserved[j] -= 1
+                if self._reserved[j] <= 0:
+                    del self._reserved[j]
+
+    def forget(self, job_ids: list[str]) -> None:
+        """These jobs' retries are in the broker: this process holds them no more."""
+        for j in job_ids:
+            self._reserved.pop(j, None)
 
     def _beating(self) -> None:
         if self._heartbeat is None or self._heartbeat.done():

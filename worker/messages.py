@@ -98,6 +98,8 @@ def run_message(engine: Engine, app: TaskSender, client: Callable[[], redis.Redi
             queues.setdefault(later.queue or QUEUE, []).append((job_id, later))
         for queue, queued in queues.items():
             for ids, countdown_s in retry_messages(queued):
+                if queue == QUEUE:  # (a schema version's queue may lose its last reader: watched by lease)
+                    engine.sent_back(ids, countdown_s)
                 while_full(client, f"the retry of job(s) {', '.join(ids[:3])} waits",
                            lambda: send_jobs(app, ids, per_message=len(ids),  # noqa: B023 - called at once
                                              countdown_s=countdown_s, queue=queue))  # noqa: B023

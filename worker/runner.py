@@ -370,10 +370,10 @@ class JobRunner:
         """Put the job back as ``worker.policy.decide`` says, or make it a dead letter
         (raising the error, with why) when a budget is spent."""
         decision = decide(exc, RunFacts(run.failures, run.deferrals, run.waited_s), self.limits)
-        # Watched for its return by its due time plus the wait its message may have in the
-        # broker's queue behind busy workers: a message no worker has taken is not lost (the
-        # broker keeps it); one a worker took is kept heard of by it (worker.leases).
-        due_ms = time.time() * 1000 + (decision.countdown_s + self.settings.visibility_timeout_s) * 1000
+        # Watched for its return by its due time; while this process holds it (its message
+        # runs here), its heartbeat keeps it heard of, and once its retry's message is in the
+        # broker, for the wait it may have there too (Engine.sent_back).
+        due_ms = time.time() * 1000 + decision.countdown_s * 1000
         # Counted first, also when giving up, so the dead letter's attempts are the runs that reached the model.
         wrote = await jobs.put_back(self.batch, job, run.run_id, counter=decision.counter, due_ms=due_ms,
                                     error_kind=exc.kind, error_message=exc.message, unsent=decision.unsent)

@@ -39,6 +39,8 @@ def extract(self: Task, job_id: str) -> dict[str, Any]:
         raise outcome
     if isinstance(outcome, RetryLater):
         later = outcome
+        if not later.queue:  # (a schema version's queue may lose its last reader: watched by lease)
+            get_engine(app).sent_back([job_id], later.countdown_s)
         # Task.retry sends the retry and raises Retry, which leaves through while_full
         while_full(_redis, f"the retry of job {job_id} waits",
                    lambda: self.retry(countdown=later.countdown_s, exc=later.error, queue=later.queue))

@@ -622,15 +622,32 @@ return 0
 # Jobs a live worker holds but runs no lease on (a message waiting for a pool thread or its
 # countdown, a job waiting for its turn at the process's gate): heard of for a hold from
 # now, renewed while the worker holds them, so the orphan sweep leaves them. Only jobs still
-# watched (started, unfinished: XX). A job put back is watched until its due time plus
-# the time its message may wait in the broker's queue (RETRY_LUA's caller): once a worker
-# has taken the message, the hold is that worker's heartbeat, and its death shows in a lease.
+# watched (started, unfinished: XX); a hold may be shorter than a countdown: the worker
+# holding the message is alive as long as it renews it, and its death shows in a lease.
 HEARD_LUA = _lua("""
 -- KEYS: watch   ARGV: hold_ms, job ids...
 local t = redis.call('TIME')
 local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[i]) end
 return #ARGV - 1
+""")
+
+# Jobs put back whose retry message is now in the broker: watched until its countdown's end
+# plus the wait the message may have in the broker's queue behind busy workers (the broker
+# keeps it: it is not lost). Only jobs still waiting to run ('retrying'): one that another
+# worker has taken meanwhile is watched by its lease.
+QUEUED_LUA = _lua("""
+-- KEYS: watch   ARGV: wait_ms, job key prefix, job ids...
+local t = redis.call('TIME')
+local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+local n = 0
+for i = 3, #ARGV do
+  if redis.call('HGET', ARGV[2] .. ARGV[i], $status) == 'retrying' then
+    redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[i])
+    n = n + 1
+  end
+end
+return n
 """)
 
 # Claim the started jobs not heard of for `grace` past their watch time (a lease's end, a
@@ -779,8 +796,8 @@ async def put_back(
 ) -> Wrote:
     """Count a run that will be tried again (``counter``: ``JobField.FAILURES`` or
     ``DEFERRALS``, or "" for neither: handed on uncharged), watch for its return by ``due_ms``
-    (its countdown's end and the wait its message may have in the broker's queue) and say
-    why (RETRY_LUA), if run
+    (its countdown's end; :func:`watch_queued` adds the wait in the broker once the message is
+    sent) and say why (RETRY_LUA), if run
     ``run_id`` still holds the job. ``unsent``: the run sent nothing to the model, a delivery
     and not an attempt."""
     return Wrote(int(await calls.script(
@@ -823,6 +840,13 @@ async def keep_heard_of(r: redis.asyncio.Redis, job_ids: list[str], hold_ms: int
 
 
 _HEARD_CHUNK = 1000
+
+
+async def watch_queued(r: redis.asyncio.Redis, job_ids: list[str], wait_ms: int) -> None:
+    """The retries of these jobs are in the broker: watch them ``wait_ms`` from now (QUEUED_LUA)."""
+    script = r.register_script(QUEUED_LUA)
+    for i in range(0, len(job_ids), _HEARD_CHUNK):
+        await script(keys=[WATCH_KEY], args=[wait_ms, job_key(""), *job_ids[i:i + _HEARD_CHUNK]])
 
 
 async def claim_orphans(
