@@ -204,6 +204,7 @@ def run_burst(app: Any, batch: str | None = None, *, concurrency: int = 4, timeo
                 quiet = quiet + 1 if left == 0 and (batch is not None or not held) else 0
                 if quiet >= 2:
                     break
+            engine.stop_taking()  # jobs still in line for the model go back now, uncharged
             done, _ = wait(list(running), timeout=stop_grace_s)
             for fut in done:
                 settle(fut, running.pop(fut))

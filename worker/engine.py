@@ -88,6 +88,12 @@ class Engine:
     def unreserve(self, job_ids: list[str]) -> None:
         self.loop.call_soon_threadsafe(self.runner.leases.unreserve, list(job_ids))
 
+    def stop_taking(self) -> None:
+        """The worker is stopping (from any thread): jobs still in line for a model call go
+        back to the broker now, uncharged, instead of holding the shutdown up; calls under
+        way finish."""
+        self.loop.call_soon_threadsafe(self.runner.stopping.set)
+
     def sent_back(self, job_ids: list[str], countdown_s: float) -> None:
         """These jobs' retries go to the broker now (from any thread): this process holds them
         no more, and a message waiting in the broker's queue behind busy workers is not lost:

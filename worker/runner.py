@@ -138,6 +138,7 @@ class JobRunner:
         # many as may be in flight from this process (more would only wait, exposed to a death)
         in_flight = settings.llm.max_in_flight * len(settings.llm.all_endpoints)
         self.gate = SuspectGate(company_max=in_flight)
+        self.stopping = asyncio.Event()  # the worker stops: jobs in line go back (Engine.stop_taking)
         self._flusher: asyncio.Task[None] | None = None
         self._who = f"{socket.gethostname()}:{os.getpid()}"
         # in the fleet (``medq.state.fleet``): one per runner, two in one process included
@@ -310,13 +311,16 @@ class JobRunner:
         task = asyncio.ensure_future(self._extract(job, text))
         try:
             waiting = asyncio.ensure_future(granted.wait())
+            stopping = asyncio.ensure_future(self.stopping.wait())
             try:
-                await asyncio.wait({task, waiting}, timeout=line_s, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({task, waiting, stopping}, timeout=line_s, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiting.cancel()
+                stopping.cancel()
             if not task.done() and not granted.is_set():
-                raise NoCapacity(f"record {job.record_id}: waited {line_s:.0f}s in line for the model endpoint; "
-                                 "put back", retry_after_s=1.0)
+                why = "the worker is stopping" if self.stopping.is_set() else f"waited {line_s:.0f}s in line"
+                raise NoCapacity(f"record {job.record_id}: {why} before its turn at the model endpoint; put back",
+                                 retry_after_s=1.0)
             return await asyncio.wait_for(task, limit_s)
         finally:
             if not task.done():

@@ -22,6 +22,7 @@ from celery.signals import (
     worker_init,
     worker_process_init,
     worker_ready,
+    worker_shutting_down,
 )
 
 from medq.core.contract import TASK_EXTRACT, TASK_EXTRACT_MANY, schema_queue
@@ -141,6 +142,16 @@ def _hold_received(request: Any = None, **_: Any) -> None:
     ids = _job_ids(getattr(request, "name", ""), getattr(request, "args", None))
     if engine is not None and ids:
         engine.reserve(ids)
+
+
+@worker_shutting_down.connect
+def _stop_taking(**_: Any) -> None:
+    """A warm shutdown (SIGTERM, ``--burst`` done or stopped): the jobs of the held messages
+    that are still in line for the model go back to the broker now, uncharged, so the
+    shutdown waits only for the calls under way (a one-slot server's line can be minutes)."""
+    engine = running_engine()
+    if engine is not None:
+        engine.stop_taking()
 
 
 @task_postrun.connect
