@@ -70,7 +70,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from medq.core.tokens import estimate_text_tokens
 
 MODEL_ID = "medq-simulator"
-_CHARS_PER_CHUNK = 8  # a streamed answer's chunks: about two tokens each
+# A streamed answer's chunks: about two tokens each, at most _MAX_CHUNKS of them (a real
+# server sends a token a chunk, a few dozen a second; the simulator answers thousands of
+# requests a second in load tests, where a chunk a token would cost both sides the CPU).
+_CHARS_PER_CHUNK = 8
+_MAX_CHUNKS = 8
 SCHEMA_MARKER = "JSON Schema:"
 
 
@@ -677,7 +681,8 @@ class _Simulator:
     async def _chunks(self, doc: dict[str, Any], body: dict[str, Any]) -> Any:
         choice = doc["choices"][0]
         content = choice["message"]["content"]
-        pieces = [content[i:i + _CHARS_PER_CHUNK] for i in range(0, len(content), _CHARS_PER_CHUNK)] or [""]
+        size = max(_CHARS_PER_CHUNK, -(-len(content) // _MAX_CHUNKS))
+        pieces = [content[i:i + size] for i in range(0, len(content), size)] or [""]
         gap_s = self.config.latency_ms / 1000 / (len(pieces) + 1)
         head = {"id": doc["id"], "object": "chat.completion.chunk", "created": doc["created"], "model": doc["model"]}
         finished = False

@@ -118,10 +118,10 @@ def test_the_embedded_server_with_default_worker_settings_runs_every_job_once(
 ) -> None:
     """Issue 24's scene on the real server: llama-cpp-python (one request at a time, no
     /props, refuses json_schema) and a worker with the defaults (no MAX_IN_FLIGHT, no
-    CONTEXT_TOKENS; the fixture's TIMEOUT_S of 10 s is tighter than the default 120)."""
+    CONTEXT_TOKENS, the default TIMEOUT_S of 120 s)."""
     from medq.state.endpoints import endpoint_snapshot
 
-    worker_process(llama_server, "-c", "2", env={"MEDQ_LLM__MODEL": "smollm2"})
+    worker_process(llama_server, "-c", "2", env={"MEDQ_LLM__MODEL": "smollm2", "MEDQ_LLM__TIMEOUT_S": "120"})
     notes = tmp_path / "notes.jsonl"
     notes.write_text("".join(json.dumps({"id": f"n{i}", "text": NOTE.replace("54", str(40 + i))}) + "\n"
                              for i in range(6)), encoding="utf-8")

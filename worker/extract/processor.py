@@ -466,7 +466,8 @@ class MedicalDataProcessor:
         if self._auto_format and (known := self.client.usable_format(mode)) != mode:
             self._step_down(mode, known)  # another worker found it refused: not asked again here
             mode = self._format
-        timeout_s = self.speed.timeout_for(self._real_tokens(_estimate_prompt(messages)), max_tokens)
+        prompt_tokens = self._real_tokens(_estimate_prompt(messages))
+        timeout_s = self.speed.timeout_for(prompt_tokens, max_tokens)
         return mode, {
             "response_format": self._response_format(mode, sch),
             "max_tokens": max_tokens,
@@ -474,6 +475,7 @@ class MedicalDataProcessor:
             "fixed": fixed,
             "timeout_s": timeout_s,
             "format_mode": mode,
+            "first_token_s": self.speed.first_token_for(prompt_tokens),  # streamed calls (the engine's)
         }
 
     def _answered(self, mode: str, prov: Provenance, completion: Completion) -> Completion:

@@ -326,11 +326,13 @@ class LLMClient(_Client):
         fixed: int = 0,
         timeout_s: float | None = None,
         format_mode: str | None = None,
+        first_token_s: float | None = None,
     ) -> Completion:
         """``fixed``: how many leading messages are the same for every record (see ``_body``);
         ``timeout_s``: this call's (default: the client's); ``format_mode``: the
         RESPONSE_FORMATS mode ``response_format`` is in, so that one the endpoint refused
-        before is not sent, and one it refuses now is remembered for every worker."""
+        before is not sent, and one it refuses now is remembered for every worker.
+        ``first_token_s``: for a streamed call; this path does not stream."""
         data = self._closed(self._body(messages, response_format, max_tokens, temperature, fixed), False)
         if self.gate is None:
             return self._post(data, timeout_s)
@@ -427,21 +429,24 @@ class AsyncLLMClient(_Client):
         fixed: int = 0,
         timeout_s: float | None = None,
         format_mode: str | None = None,
+        first_token_s: float | None = None,
     ) -> Completion:
         """As :meth:`LLMClient.complete`. ``timeout_s`` bounds a plain (not streamed) answer
-        only; a streamed one is bounded by its silences (see the class)."""
+        only; a streamed one is bounded by its silences (see the class): ``first_token_s``
+        (default ``timeout_s`` of the client) for the first token, which comes after the
+        server has read the whole prompt, then the client's ``timeout_s`` between chunks."""
         body = self._body(messages, response_format, max_tokens, temperature, fixed)
         if self._known_refused(format_mode):
             raise _known_refusal(self.base_url)
         if self.gate is None:
-            return await self._send(body, timeout_s)
+            return await self._send(body, timeout_s, first_token_s)
         gate = self.gate
 
         async def call() -> tuple[Completion, int, float]:
             if self._known_refused(format_mode):  # the lease brought news: another worker learned it
                 raise _known_refusal(self.base_url)
             try:
-                return _settled(await self._send(body, timeout_s))
+                return _settled(await self._send(body, timeout_s, first_token_s))
             except FormatRejected:
                 await gate.alearn_refusal(format_rank=format_rank(format_mode))
                 raise
@@ -456,13 +461,13 @@ class AsyncLLMClient(_Client):
             result = await gate.acall(est_tokens, call, lease_s)
         return result
 
-    async def _send(self, body: str, timeout_s: float | None) -> Completion:
+    async def _send(self, body: str, timeout_s: float | None, first_token_s: float | None = None) -> Completion:
         """Streamed if the endpoint takes it; a streamed request refused with a 4xx that
         the same request, plain, does not get, marks the endpoint as not streaming."""
         if not self._streams():
             return await self._post(self._closed(body, False), timeout_s)
         try:
-            return await self._post_streamed(self._closed(body, True), timeout_s)
+            return await self._post_streamed(self._closed(body, True), timeout_s, first_token_s)
         except (FormatRejected, ContextExceeded, ModelNotFound):
             raise  # the request's fault, streamed or not
         except RequestRejected:
@@ -497,13 +502,17 @@ class AsyncLLMClient(_Client):
             raise self._failed(exc) from None
         return self._answer(status, headers, raw, started)
 
-    async def _post_streamed(self, data: bytes, timeout_s: float | None = None) -> Completion:
-        """One streamed call: its chunks read as they come, each within ``timeout_s`` of
-        the last (the first within ``timeout_s`` of sending). Leaving early (a timeout, a
-        cancelled job) closes the connection, which tells the server to stop. ``timeout_s``
-        (the call's, for a whole answer) only shortens the client's silence limit."""
+    async def _post_streamed(
+        self, data: bytes, timeout_s: float | None = None, first_token_s: float | None = None
+    ) -> Completion:
+        """One streamed call: its chunks read as they come, each within the silence limit
+        of the last, the first within ``first_token_s`` of sending (at least that limit).
+        Leaving early (a timeout, a cancelled job) closes the connection, which tells the
+        server to stop. ``timeout_s`` (the call's, for a whole answer) only shortens the
+        client's silence limit."""
         session = await self._open_session()
         silence_s = min(timeout_s or self.timeout_s, self.timeout_s)
+        first_s = max(first_token_s or silence_s, silence_s)
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         stream = _Stream()
@@ -511,14 +520,14 @@ class AsyncLLMClient(_Client):
             # sock_read: the answer's head (sent with or before the first token) within silence_s
             async with session.post(
                 self._url, data=data, headers=self._headers, allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=silence_s, sock_read=silence_s),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=silence_s, sock_read=first_s),
             ) as resp:
                 if resp.status >= 300 or "text/event-stream" not in resp.headers.get("Content-Type", ""):
                     raw = await resp.read()  # an error, or a server that answered whole
                     return self._answer(resp.status, resp.headers, raw, started)
                 heard = loop.time()  # the last chunk of the answer (pings and comments are not progress)
                 while not stream.done:
-                    left = heard + silence_s - loop.time()
+                    left = heard + (silence_s if stream.chunks or stream.usage else first_s) - loop.time()
                     if left <= 0:
                         raise asyncio.TimeoutError
                     line = await asyncio.wait_for(resp.content.readline(), left)

@@ -76,6 +76,14 @@ class SpeedModel:
         expected = rate * work_units(prompt_tokens, max_tokens)
         return min(self.ceiling_s, max(self.floor_s, SAFETY_FACTOR * expected))
 
+    def first_token_for(self, prompt_tokens: int) -> float:
+        """Seconds to allow a streamed call before its first token: the server reads the whole
+        prompt first (``SAFETY_FACTOR`` times its measured prefill time), at least ``floor_s``."""
+        rate = self.seconds_per_token()
+        if rate is None:
+            return self.floor_s
+        return min(self.ceiling_s, max(self.floor_s, SAFETY_FACTOR * rate * work_units(prompt_tokens, 0)))
+
     def describe(self) -> str:
         """One line for logs, e.g. "~35 ms per token (12 calls)"."""
         snap = self.snapshot()
