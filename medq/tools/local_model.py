@@ -127,6 +127,10 @@ def server_command(model: LocalModel, host: str, port: int, n_ctx: int = 4096, n
         "--n_threads_batch", str(threads),
         # verbose prints llama.cpp's internals and, for some chat handlers, prompts: no PHI in logs
         "--verbose", "False",
+        # The server runs one request at a time. By default a request that arrives while another
+        # is streamed ends that stream at once, with [DONE] and no finish_reason: a cut answer
+        # that looks complete. Off, the newcomer waits its turn (BENCHMARKS.md, "interrupt_requests").
+        "--interrupt_requests", "False",
     ]
     if model.chat_format:
         cmd += ["--chat_format", model.chat_format]
