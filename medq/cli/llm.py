@@ -21,7 +21,8 @@ def llm_serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (keep it on loopback or a private network)."),
     port: int = typer.Option(8080, help="Port to listen on."),
     n_ctx: int = typer.Option(4096, "--n-ctx", help="Context window in tokens."),
-    threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
+    threads: int | None = typer.Option(None, help="CPU threads that generate the answer (default: half the cores; "
+                                                  "the prompt is read with all of them)."),
 ) -> None:
     """The embedded local model: llama.cpp's OpenAI-compatible server over a GGUF from a PyPI package."""
     # the local extra (the model packages): not in the base install

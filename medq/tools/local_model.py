@@ -114,8 +114,15 @@ def check_server_installed() -> None:
 
 
 def server_command(model: LocalModel, host: str, port: int, n_ctx: int = 4096, n_threads: int | None = None) -> list[str]:
-    """The command that serves ``model``; ``--model_alias`` is the name workers send."""
-    threads = n_threads or max(os.cpu_count() or 1, 1)
+    """The command that serves ``model``; ``--model_alias`` is the name workers send.
+
+    ``n_threads`` generates the answer, one token at a time: by default half the cores.
+    Every core (the default before) measured slower on the shared 2-core machine, where
+    the worker, Redis and other processes run beside the model: llama.cpp's threads wait
+    for each other at every step, so one that is preempted stalls them all (BENCHMARKS.md,
+    "The embedded model's speed"). Reading the prompt, a batch, uses every core."""
+    cores = max(os.cpu_count() or 1, 1)
+    threads = n_threads or max(cores // 2, 1)
     cmd = [
         sys.executable, "-m", "llama_cpp.server",
         "--model", str(model.path),
@@ -124,9 +131,13 @@ def server_command(model: LocalModel, host: str, port: int, n_ctx: int = 4096, n
         "--port", str(port),
         "--n_ctx", str(n_ctx),
         "--n_threads", str(threads),
-        "--n_threads_batch", str(threads),
+        "--n_threads_batch", str(max(threads, cores)),
         # verbose prints llama.cpp's internals and, for some chat handlers, prompts: no PHI in logs
         "--verbose", "False",
+        # The server runs one request at a time. By default a request that arrives while another
+        # is streamed ends that stream at once, with [DONE] and no finish_reason: a cut answer
+        # that looks complete. Off, the newcomer waits its turn (BENCHMARKS.md, "interrupt_requests").
+        "--interrupt_requests", "False",
     ]
     if model.chat_format:
         cmd += ["--chat_format", model.chat_format]

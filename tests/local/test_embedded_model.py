@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -58,6 +63,45 @@ def test_processor_gets_schema_valid_output_from_smollm2(llama_server: str) -> N
     assert prov.llm_calls >= 1 and prov.usage["completion_tokens"] > 0
     assert prov.model == "smollm2"
     assert isinstance(prov.ungrounded_fields, list)
+
+
+def _stream(url: str, prompt: str, max_tokens: int, started: threading.Event | None = None) -> list[dict[str, Any]]:
+    """The chunks of one streamed chat completion; ``started`` is set at its first content."""
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port, timeout=300)
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    try:
+        conn.request("POST", f"{where.path}/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        chunks = []
+        for line in resp:
+            if not line.startswith(b"data: "):
+                continue
+            if line[6:].strip() == b"[DONE]":
+                break
+            chunks.append(json.loads(line[6:]))
+            if started is not None and chunks[-1]["choices"][0]["delta"].get("content"):
+                started.set()
+        return chunks
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_queued_request_does_not_cut_a_running_stream(llama_server: str) -> None:
+    """llama-cpp-python's server ends a running stream as soon as another request waits
+    (--interrupt_requests, on by default): [DONE] with no finish_reason, a cut answer that
+    looks whole. medq llm serve turns that off: the second request waits its turn."""
+    first_started = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_stream, llama_server, "Count from 1 to 300, one number per line.", 200, first_started)
+        assert first_started.wait(120)
+        second = pool.submit(_stream, llama_server, "Name three colours.", 16)
+        a, b = first.result(300), second.result(300)
+    assert a[-1]["choices"][0]["finish_reason"] in ("length", "stop"), f"cut after {len(a)} chunks"
+    assert b[-1]["choices"][0]["finish_reason"] in ("length", "stop")
 
 
 def test_extraction_through_a_real_worker(
