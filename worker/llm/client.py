@@ -468,6 +468,10 @@ class AsyncLLMClient(_Client):
             return await self._post(self._closed(body, False), timeout_s)
         try:
             return await self._post_streamed(self._closed(body, True), timeout_s, first_token_s)
+        except _EmptyStream:
+            # llama-cpp-python ends a stream empty when the request fails (a prompt over its
+            # context, a bad grammar): the plain request gets the error that says why
+            return await self._post(self._closed(body, False), timeout_s)
         except (FormatRejected, ContextExceeded, ModelNotFound):
             raise  # the request's fault, streamed or not
         except RequestRejected:
@@ -539,6 +543,8 @@ class AsyncLLMClient(_Client):
             raise self._failed(exc) from None
         if stream.error is not None:
             return self._answer(500, {}, stream.error, started)
+        if not stream.done and not stream.chunks and stream.usage is None:
+            raise _EmptyStream  # asked again plainly (_send): the server's error, or its answer
         if stream.finish_reason is None:
             metrics.incr("medq_llm_errors_total", endpoint=self.base_url, kind=StreamCut.kind)
             raise StreamCut(f"{self.base_url} ended a streamed answer before its end (another request came: "
@@ -608,6 +614,10 @@ class _Stream:
             "choices": [{"message": {"content": "".join(self.parts)}, "finish_reason": self.finish_reason}],
             "usage": usage,
         }, ensure_ascii=False).encode()
+
+
+class _EmptyStream(Exception):
+    """A streamed answer that ended without a chunk or its ``[DONE]``: ask plainly."""
 
 
 def _known_refusal(where: str) -> FormatRejected:
