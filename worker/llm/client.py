@@ -470,8 +470,13 @@ class AsyncLLMClient(_Client):
             return await self._post_streamed(self._closed(body, True), timeout_s, first_token_s)
         except _EmptyStream:
             # llama-cpp-python ends a stream empty when the request fails (a prompt over its
-            # context, a bad grammar): the plain request gets the error that says why
-            return await self._post(self._closed(body, False), timeout_s)
+            # context, a bad grammar): the plain request gets the error that says why. It
+            # also resets the connection it ended, which aiohttp has put back in its pool by
+            # then: a reset on reuse (nothing was read) is tried once more, on a new one.
+            try:
+                return await self._post(self._closed(body, False), timeout_s)
+            except EndpointUnavailable:
+                return await self._post(self._closed(body, False), timeout_s)
         except (FormatRejected, ContextExceeded, ModelNotFound):
             raise  # the request's fault, streamed or not
         except RequestRejected:
