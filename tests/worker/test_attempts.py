@@ -23,7 +23,9 @@ def test_no_capacity_deferrals_are_deliveries_not_attempts(
     worker(bases[0], env=tight)
     worker(bases[0], env=tight)
     n = 12
-    env = {**medq_env, "MEDQ_JOBS_PER_MESSAGE": "1"}  # one job a message: both workers get some
+    # four jobs a message, side by side in one process against two slots: some must wait, and
+    # three messages: both workers get some
+    env = {**medq_env, "MEDQ_JOBS_PER_MESSAGE": "4"}
     assert enqueue_wait(env, records(tmp_path / "recs.jsonl", n), "tight", timeout_s=180) == 0
     assert sum(stats(base)["requests"] for base in bases) == n  # each job asked the model once
 

@@ -78,8 +78,10 @@ def test_jobs_fail_over_from_a_dead_endpoint_and_spread_by_weight(
     heavy, light = simulator("--latency-ms", "20"), simulator("--latency-ms", "20")
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
     endpoints = f"{heavy}*3,{light},{dead}"
-    # caps high enough that no endpoint is ever full: a full one goes last, whatever its weight
-    worker(heavy, env={"MEDQ_LLM__ENDPOINTS": endpoints, "MEDQ_LLM__MAX_IN_FLIGHT": "64"})
+    # caps high enough that no endpoint is ever full, from the start (no slow start from one):
+    # a full one goes last, whatever its weight
+    worker(heavy, env={"MEDQ_LLM__ENDPOINTS": endpoints, "MEDQ_LLM__MAX_IN_FLIGHT": "64",
+                       "MEDQ_LLM__MIN_IN_FLIGHT": "64"})
     assert enqueue_wait(medq_env, records(tmp_path / "recs.jsonl", 120), "spread") == 0
     docs = _results(medq_env, "spread")
     used = Counter(d["endpoint"] for d in docs)
