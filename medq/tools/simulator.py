@@ -74,7 +74,7 @@ MODEL_ID = "medq-simulator"
 # server sends a token a chunk, a few dozen a second; the simulator answers thousands of
 # requests a second in load tests, where a chunk a token would cost both sides the CPU).
 _CHARS_PER_CHUNK = 8
-_MAX_CHUNKS = 8
+_MAX_CHUNKS = 4
 SCHEMA_MARKER = "JSON Schema:"
 
 
@@ -681,7 +681,8 @@ class _Simulator:
     async def _chunks(self, doc: dict[str, Any], body: dict[str, Any]) -> Any:
         choice = doc["choices"][0]
         content = choice["message"]["content"]
-        size = max(_CHARS_PER_CHUNK, -(-len(content) // _MAX_CHUNKS))
+        chunks = _MAX_CHUNKS if self.config.latency_ms > 0 else 1  # no time to spread it over: one
+        size = max(_CHARS_PER_CHUNK, -(-len(content) // chunks))
         pieces = [content[i:i + size] for i in range(0, len(content), size)] or [""]
         gap_s = self.config.latency_ms / 1000 / (len(pieces) + 1)
         head = {"id": doc["id"], "object": "chat.completion.chunk", "created": doc["created"], "model": doc["model"]}

@@ -371,7 +371,7 @@ def test_a_streamed_answer_is_the_plain_answer_in_chunks_with_usage_last(
         model="m", messages=messages, response_format=fmt, stream=True, stream_options={"include_usage": True}
     ))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == plain.choices[0].message.content and len(chunks) > 2
+    assert text == plain.choices[0].message.content and len(chunks) >= 2  # (one chunk at latency 0)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 

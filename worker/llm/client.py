@@ -535,14 +535,16 @@ class AsyncLLMClient(_Client):
                     raw = await resp.read()  # an error, or a server that answered whole
                     return self._answer(resp.status, resp.headers, raw, started)
                 heard = loop.time()  # the last chunk of the answer (pings and comments are not progress)
+                rest = b""
                 while not stream.done:
                     left = heard + (silence_s if stream.chunks or stream.usage else first_s) - loop.time()
                     if left <= 0:
                         raise asyncio.TimeoutError
-                    line = await asyncio.wait_for(resp.content.readline(), left)
-                    if not line:
+                    data = await asyncio.wait_for(resp.content.readany(), left)  # what came, whole lines or not
+                    if not data:
                         break
-                    if stream.feed(line):
+                    *lines, rest = (rest + data).split(b"\n")
+                    if any([stream.feed(line) for line in lines]):
                         heard = loop.time()
         except TRANSPORT_ERRORS as exc:
             raise self._failed(exc) from None
