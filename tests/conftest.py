@@ -48,6 +48,7 @@ from tests.helpers import (
     wait_http,
     wait_log,
 )
+from tests.rabbitmq import own_vhost, skip_unless_rabbitmq
 
 # A test that uses one of these fixtures starts medq processes: tier e2e.
 PROCESS_FIXTURES = {"worker_process", "simulator_process", "start_process"}
@@ -180,6 +181,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"  ({Harness.seconds[what] / Harness.counts[what]:.2f}s each)"
         )
     terminalreporter.write_line(f"{sum(Harness.seconds.values()):8.1f}s  in all")
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The broker a test runs on (tests/chaos, the fleet tests), as env additions: Redis (the default, ``{}``: the
+    broker is MEDQ_REDIS_URL), or RabbitMQ in a vhost of the test's own, deleted after
+    (``MEDQ_BROKER_URL=amqp://...``; job state and limits stay in Redis)."""
+    if request.param == "redis":
+        yield {}
+        return
+    skip_unless_rabbitmq()
+    with own_vhost() as (_, url):
+        yield {"MEDQ_BROKER_URL": url}
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import MEDQ, Harness, Proc, RedisServer, wait_log
-from tests.rabbitmq import own_vhost, restart_broker, skip_unless_rabbitmq
+from tests.rabbitmq import restart_broker
 
 
 @pytest.fixture
@@ -63,19 +63,6 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "own-redis", "--save", "", "--appendonly", "no")
     yield server
     server.kill()
-
-
-@pytest.fixture(params=["redis", "rabbitmq"])
-def broker(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
-    """The broker a test runs on, as env additions: Redis (the default, ``{}``: the
-    broker is MEDQ_REDIS_URL), or RabbitMQ in a vhost of the test's own, deleted after
-    (``MEDQ_BROKER_URL=amqp://...``; job state and limits stay in Redis)."""
-    if request.param == "redis":
-        yield {}
-        return
-    skip_unless_rabbitmq()
-    with own_vhost() as (_, url):
-        yield {"MEDQ_BROKER_URL": url}
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,6 @@ import redis.asyncio
 
 from medq.state import fleet
 from tests.helpers import InProcessWorker, Proc, run_cli
-from tests.rabbitmq import own_vhost, skip_unless_rabbitmq
 
 V1 = """name: lab_report
 version: 1
@@ -128,18 +127,6 @@ def test_with_no_capable_worker_jobs_fail_clearly_and_requeue_runs_them_once_one
     docs = _docs(producer_env, "labs")
     assert all(d["schema_version"] == 2 and d["error"] is None for d in docs)
     assert all(d["attempts"] == 1 for d in docs), [d["attempts"] for d in docs]
-
-
-@pytest.fixture(params=["redis", "rabbitmq"])
-def broker(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
-    """The broker's settings: Redis (the default), or a RabbitMQ vhost of the test's own,
-    made before the workers start and deleted after they stop (first in the arguments)."""
-    if request.param == "redis":
-        yield {}
-        return
-    skip_unless_rabbitmq()
-    with own_vhost() as (_, url):
-        yield {"MEDQ_BROKER_URL": url}
 
 
 def test_real_workers_take_the_queues_of_their_schema_versions(
